@@ -1,0 +1,450 @@
+r"""The Web Site Process Bus: a process state machine with publish/subscribe channels.
+
+A drop-in for :class:`cherrypy.process.wspbus.Bus` (CherryPy's own ``test_bus.py`` passes
+against it unchanged), with these differences:
+
+- Each channel keeps its listeners pre-sorted by ``(priority, subscription order)``, so
+  ``publish`` does no sorting and equal priorities run in the order they were subscribed.
+- ``subscribe``/``unsubscribe``/``publish`` are safe from any thread; ``publish`` takes no lock.
+- ``wait()``/``block()`` sleep on a condition variable and wake the moment the state changes;
+  they only tick (publish ``channel`` every ``interval``) while that channel has listeners, so
+  an idle process does not wake up at all.
+- A failing 'start' listener stops the bus and the original error reaches the caller of
+  ``start()`` (CherryPy calls ``os._exit(70)`` instead). ``exit()`` never kills the process: it
+  always reaches EXITING, then raises the listeners' failures to its caller.
+- ``block(timeout=...)`` logs each thread it waits for and can stop waiting for them.
+- ``defer(func)`` hands work to the thread that sits in ``wait()``/``block()`` (normally the
+  main thread); signal handlers use it so bus transitions never run inside a handler.
+
+State machine (``exit`` always passes through STOPPING/STOPPED)::
+
+    STOPPED --> STARTING --> STARTED --> STOPPING --> STOPPED --> EXITING
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import functools
+import itertools
+import os
+import sys
+import threading
+import time
+import traceback as _traceback
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+__all__ = ["Bus", "ChannelFailures", "State", "states"]
+
+# The working directory at import time: restart() returns to it before re-executing, in case
+# the application changed directory (a relative sys.executable would then be lost).
+_startup_cwd = os.getcwd()
+
+BUILTIN_CHANNELS = ("start", "stop", "exit", "graceful", "log", "main")
+
+
+class ChannelFailures(Exception):
+    """Raised by :meth:`Bus.publish` after every listener ran, when some of them failed."""
+
+    delimiter = "\n"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._exceptions: list[BaseException] = []
+
+    def handle_exception(self) -> None:
+        """Append the exception being handled to this failure."""
+        self._exceptions.append(sys.exc_info()[1])
+
+    def get_instances(self) -> list[BaseException]:
+        """Return the collected exception instances, in the order they happened."""
+        return self._exceptions[:]
+
+    def __str__(self) -> str:
+        return self.delimiter.join(map(repr, self._exceptions))
+
+    __repr__ = __str__
+
+    def __bool__(self) -> bool:
+        return bool(self._exceptions)
+
+
+class State:
+    """One state of the bus; compared by identity, named for logs and for the wire."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"states.{self.name}"
+
+
+class _States:
+    """The five bus states: ``states.STARTED`` by attribute, ``states['STARTED']`` by name."""
+
+    STOPPED = State("STOPPED")
+    STARTING = State("STARTING")
+    STARTED = State("STARTED")
+    STOPPING = State("STOPPING")
+    EXITING = State("EXITING")
+    State = State
+
+    def __iter__(self):
+        return iter((self.STOPPED, self.STARTING, self.STARTED, self.STOPPING, self.EXITING))
+
+    def __getitem__(self, name: str) -> State:
+        state = getattr(self, name, None)
+        if not isinstance(state, State):
+            raise KeyError(f"no bus state named {name!r}; expected one of {[s.name for s in self]}")
+        return state
+
+
+states = _States()
+
+
+def _as_set(state: State | Iterable[State]) -> frozenset[State]:
+    if isinstance(state, State):
+        return frozenset((state,))
+    return frozenset(state)
+
+
+class Bus:
+    """Process state machine and messenger.
+
+    All listeners of a channel are called even if some fail; each failure is logged and they
+    are raised together as one :class:`ChannelFailures` after the last listener ran. Only
+    ``KeyboardInterrupt`` and ``SystemExit`` stop a publish early.
+    """
+
+    states = states
+    max_cloexec_files = 0  # kept for CherryPy compatibility; restart() relies on O_CLOEXEC
+
+    def __init__(self) -> None:
+        self.execv = False
+        self._cond = threading.Condition(threading.RLock())
+        self._state: State = states.STOPPED
+        self.listeners: dict[str, set[Callable[..., Any]]] = {c: set() for c in BUILTIN_CHANNELS}
+        # channel -> tuple of callbacks in call order; replaced (never mutated) on change so
+        # publish() can read it without a lock.
+        self._sorted: dict[str, tuple[Callable[..., Any], ...]] = {c: () for c in BUILTIN_CHANNELS}
+        self._keys: dict[tuple[str, Callable[..., Any]], tuple[int | float, int]] = {}
+        self._counter = itertools.count()
+        self._deferred: collections.deque[Callable[[], Any]] = collections.deque()
+        self._atexit_registered = False
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The current state; setting it wakes every ``wait()`` at once."""
+        return self._state
+
+    @state.setter
+    def state(self, value: State) -> None:
+        with self._cond:
+            self._state = value
+            self._cond.notify_all()
+
+    # -- subscriptions -------------------------------------------------------------------
+
+    def subscribe(
+        self,
+        channel: str,
+        callback: Callable[..., Any] | None = None,
+        priority: int | float | None = None,
+    ) -> Any:
+        """Add ``callback`` to ``channel`` (once); return it.
+
+        Lower priorities run first (default 50, or the callback's ``priority`` attribute);
+        equal priorities run in subscription order. Without a callback, return a decorator.
+        Subscribing an existing callback again only changes its priority.
+        """
+        if callback is None:
+            return functools.partial(self.subscribe, channel, priority=priority)
+        if priority is None:
+            priority = getattr(callback, "priority", 50)
+        with self._cond:
+            key = (channel, callback)
+            old = self._keys.get(key)
+            order = old[1] if old is not None else next(self._counter)
+            self._keys[key] = (priority, order)
+            self.listeners.setdefault(channel, set()).add(callback)
+            self._resort(channel)
+            self._cond.notify_all()  # a wait() may now have a tick channel to publish
+        return callback
+
+    def unsubscribe(self, channel: str, callback: Callable[..., Any]) -> None:
+        """Remove ``callback`` from ``channel`` if it is there."""
+        with self._cond:
+            if self._keys.pop((channel, callback), None) is None:
+                return
+            self.listeners[channel].discard(callback)
+            self._resort(channel)
+
+    def _resort(self, channel: str) -> None:
+        callbacks = self.listeners.get(channel, ())
+        keys = self._keys
+        self._sorted[channel] = tuple(sorted(callbacks, key=lambda cb: keys[(channel, cb)]))
+
+    # -- publishing ----------------------------------------------------------------------
+
+    def publish(self, channel: str | None, *args: Any, **kwargs: Any) -> list[Any]:
+        """Call every listener of ``channel`` with ``*args, **kwargs``; return their results."""
+        items = self._sorted.get(channel)  # type: ignore[arg-type]
+        if not items:
+            return []
+        output = []
+        failures = None
+        for listener in items:
+            try:
+                output.append(listener(*args, **kwargs))
+            except KeyboardInterrupt:
+                raise
+            except SystemExit as e:
+                if failures and e.code == 0:
+                    e.code = 1  # an earlier listener failed: do not exit with success
+                raise
+            except Exception:
+                if failures is None:
+                    failures = ChannelFailures()
+                failures.handle_exception()
+                if channel != "log":  # a failing log listener would fail again
+                    self.log(f"Error in {channel!r} listener {listener!r}", 40, traceback=True)
+        if failures:
+            raise failures
+        return output
+
+    def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
+        """Publish ``(msg, level)`` on 'log', with the current traceback appended if asked."""
+        if traceback:
+            msg += "\n" + "".join(_traceback.format_exception(*sys.exc_info()))
+        self.publish("log", msg, level)
+
+    # -- transitions ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start all services: STOPPED -> STARTING -> STARTED.
+
+        If a 'start' listener fails, the bus is stopped again (so what did start is stopped)
+        and the original exception is raised here; several failures come as ChannelFailures.
+        KeyboardInterrupt or SystemExit during start exits the bus, then propagates.
+        """
+        if not self._atexit_registered:
+            atexit.register(self._clean_exit)
+            self._atexit_registered = True
+        self.state = states.STARTING
+        self.log("Bus STARTING")
+        try:
+            self.publish("start")
+        except (KeyboardInterrupt, SystemExit):
+            self.log("Interrupted while starting: exiting bus", level=40)
+            self._exit_quietly()
+            raise
+        except ChannelFailures as failures:
+            self.log("Shutting down due to error in start listener:", level=40, traceback=True)
+            self._stop_quietly()
+            errors = failures.get_instances()
+            if len(errors) == 1:
+                raise errors[0] from None
+            raise
+        with self._cond:
+            if self._state is not states.STARTING:
+                return  # stopped or exited by another thread while starting
+            self.state = states.STARTED
+        self.log("Bus STARTED")
+
+    def stop(self) -> None:
+        """Stop all services: -> STOPPING -> STOPPED (reached even if listeners fail)."""
+        self.state = states.STOPPING
+        self.log("Bus STOPPING")
+        try:
+            self.publish("stop")
+        finally:
+            self.state = states.STOPPED
+            self.log("Bus STOPPED")
+
+    def graceful(self) -> None:
+        """Advise all services to reload."""
+        self.log("Bus graceful")
+        self.publish("graceful")
+
+    def exit(self) -> None:
+        """Stop all services and prepare the process to exit: stop, then -> EXITING.
+
+        EXITING is always reached, so ``block()`` returns. Failures of 'stop' or 'exit'
+        listeners are logged and then raised here as ChannelFailures. Calling exit() again once
+        EXITING does nothing.
+        """
+        if self._state is states.EXITING:
+            return
+        failures = ChannelFailures()
+        try:
+            self.stop()
+        except ChannelFailures as e:
+            failures._exceptions.extend(e.get_instances())
+        self.state = states.EXITING
+        self.log("Bus EXITING")
+        try:
+            self.publish("exit")
+        except ChannelFailures as e:
+            failures._exceptions.extend(e.get_instances())
+        self.log("Bus EXITED")
+        if failures:
+            raise failures
+
+    def _stop_quietly(self) -> None:
+        try:
+            self.stop()
+        except ChannelFailures:
+            pass  # already logged by publish()
+
+    def _exit_quietly(self) -> None:
+        try:
+            self.exit()
+        except ChannelFailures:
+            pass  # already logged by publish()
+
+    def restart(self) -> None:
+        """Exit the bus and have ``block()`` (in the main thread) re-execute the process."""
+        self.execv = True
+        self.exit()
+
+    def _clean_exit(self) -> None:
+        """At interpreter exit: exit the bus if the program forgot to."""
+        if self._state is not states.EXITING:
+            warnings.warn(
+                f"The main thread is exiting, but the Bus is in the {self._state!r} state; "
+                "shutting it down automatically now. Call bus.block() after start(), or "
+                "bus.exit() before the main thread exits.",
+                RuntimeWarning,
+                stacklevel=1,
+            )
+            self._exit_quietly()
+
+    # -- waiting -------------------------------------------------------------------------
+
+    def defer(self, func: Callable[[], Any]) -> None:
+        """Run ``func()`` in the thread waiting in ``wait()``/``block()``, as soon as possible.
+
+        Safe to call from any thread and from a signal handler.
+        """
+        self._deferred.append(func)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run_deferred(self) -> None:
+        while self._deferred:
+            func = self._deferred.popleft()
+            try:
+                func()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception:
+                self.log(f"Error in deferred call {func!r}", level=40, traceback=True)
+
+    def wait(
+        self,
+        state: State | Iterable[State],
+        interval: float = 0.1,
+        channel: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        """Wait until the bus is in ``state`` (or one of several); return whether it is.
+
+        While ``channel`` has listeners it is published every ``interval`` seconds; otherwise
+        the thread sleeps until the state changes. Deferred calls run here. ``timeout`` bounds
+        the whole wait (None: forever).
+        """
+        wanted = _as_set(state)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._deferred:
+                self._run_deferred()
+            with self._cond:
+                if self._state in wanted:
+                    return True
+                ticking = channel is not None and bool(self._sorted.get(channel))
+                delay = interval if ticking else None
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    delay = remaining if delay is None else min(delay, remaining)
+                if not self._deferred:
+                    self._cond.wait(delay)
+                if self._state in wanted:
+                    return True
+            if ticking:
+                self.publish(channel)
+
+    def block(self, interval: float = 0.1, timeout: float | None = None) -> None:
+        """Wait for EXITING, then for non-daemon threads, then re-exec if restart() asked.
+
+        Meant for the main thread. KeyboardInterrupt exits the bus; SystemExit exits it and
+        propagates. Each thread waited for is logged; ``timeout`` bounds the total time spent
+        waiting for threads (None: wait for them all, like CherryPy).
+        """
+        try:
+            self.wait(states.EXITING, interval=interval, channel="main")
+        except KeyboardInterrupt:
+            self.log("Keyboard Interrupt: shutting down bus")
+            self._exit_quietly()
+        except SystemExit:
+            self.log("SystemExit raised: shutting down bus")
+            self._exit_quietly()
+            raise
+
+        self.log("Waiting for child threads to terminate...")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        current = threading.current_thread()
+        for t in threading.enumerate():
+            if t is current or t is threading.main_thread() or t.daemon:
+                continue
+            self.log(f"Waiting for thread {t.name}.")
+            if deadline is None:
+                t.join()
+            else:
+                t.join(max(0.0, deadline - time.monotonic()))
+                if t.is_alive():
+                    self.log(f"Thread {t.name} still running after {timeout}s; not waiting.", 30)
+
+        if self.execv:
+            self._do_execv()
+
+    def start_with_callback(
+        self,
+        func: Callable[..., Any],
+        args: tuple[Any, ...] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> threading.Thread:
+        """Start ``func(*args, **kwargs)`` in a new thread once STARTED, then start the bus."""
+        args = args or ()
+        kwargs = kwargs or {}
+
+        def _callback() -> None:
+            self.wait(states.STARTED)
+            func(*args, **kwargs)
+
+        t = threading.Thread(target=_callback)
+        t.name = "Bus Callback " + t.name
+        t.start()
+        self.start()
+        return t
+
+    def _do_execv(self) -> None:
+        """Re-execute the current process with its original interpreter arguments."""
+        args = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+        self.log("Re-spawning " + " ".join(args))
+        if sys.path and sys.path[0] == "":
+            # started with -m or -c: keep the current directory importable after exec
+            path = os.environ.get("PYTHONPATH", "")
+            if not path.startswith("." + os.pathsep):
+                os.environ["PYTHONPATH"] = "." + os.pathsep + path
+        os.chdir(_startup_cwd)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, args)
