@@ -24,6 +24,7 @@ State machine (``exit`` always passes through STOPPING/STOPPED)::
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import functools
 import itertools
@@ -131,7 +132,9 @@ class Bus:
         # channel -> tuple of callbacks in call order; replaced (never mutated) on change so
         # publish() can read it without a lock.
         self._sorted: dict[str, tuple[Callable[..., Any], ...]] = {c: () for c in BUILTIN_CHANNELS}
+        # (priority, subscription order) per subscription, and per channel the sorted entries
         self._keys: dict[tuple[str, Callable[..., Any]], tuple[int | float, int]] = {}
+        self._entries: dict[str, list[tuple[int | float, int, Callable[..., Any]]]] = {}
         self._counter = itertools.count()
         self._deferred: collections.deque[Callable[[], Any]] = collections.deque()
         self._atexit_registered = False
@@ -170,25 +173,28 @@ class Bus:
         with self._cond:
             key = (channel, callback)
             old = self._keys.get(key)
+            entries = self._entries.setdefault(channel, [])
+            if old is not None:
+                entries.remove((*old, callback))
             order = old[1] if old is not None else next(self._counter)
             self._keys[key] = (priority, order)
+            bisect.insort(entries, (priority, order, callback))
             self.listeners.setdefault(channel, set()).add(callback)
-            self._resort(channel)
-            self._cond.notify_all()  # a wait() may now have a tick channel to publish
+            self._sorted[channel] = tuple([e[2] for e in entries])
+            if len(entries) == 1:
+                self._cond.notify_all()  # a wait() may now have a tick channel to publish
         return callback
 
     def unsubscribe(self, channel: str, callback: Callable[..., Any]) -> None:
         """Remove ``callback`` from ``channel`` if it is there."""
         with self._cond:
-            if self._keys.pop((channel, callback), None) is None:
+            old = self._keys.pop((channel, callback), None)
+            if old is None:
                 return
+            entries = self._entries[channel]
+            entries.remove((*old, callback))
             self.listeners[channel].discard(callback)
-            self._resort(channel)
-
-    def _resort(self, channel: str) -> None:
-        callbacks = self.listeners.get(channel, ())
-        keys = self._keys
-        self._sorted[channel] = tuple(sorted(callbacks, key=lambda cb: keys[(channel, cb)]))
+            self._sorted[channel] = tuple([e[2] for e in entries])
 
     # -- publishing ----------------------------------------------------------------------
 
@@ -197,26 +203,38 @@ class Bus:
         items = self._sorted.get(channel)  # type: ignore[arg-type]
         if not items:
             return []
-        output = []
-        failures = None
-        for listener in items:
+        output: list[Any] = []
+        try:
+            if kwargs:
+                for listener in items:
+                    output.append(listener(*args, **kwargs))
+            else:  # a call without ** skips copying an empty dict per listener
+                for listener in items:
+                    output.append(listener(*args))
+            return output
+        except Exception:
+            # Slow path, only once something failed: the failed listener is the one at
+            # index len(output); collect its failure and keep calling the rest.
+            failures = ChannelFailures()
+            failures.handle_exception()
+            self._log_failure(channel, items[len(output)])
+        for listener in items[len(output) + 1:]:
             try:
                 output.append(listener(*args, **kwargs))
             except KeyboardInterrupt:
                 raise
             except SystemExit as e:
-                if failures and e.code == 0:
+                if e.code == 0:
                     e.code = 1  # an earlier listener failed: do not exit with success
                 raise
             except Exception:
-                if failures is None:
-                    failures = ChannelFailures()
                 failures.handle_exception()
-                if channel != "log":  # a failing log listener would fail again
-                    self.log(f"Error in {channel!r} listener {listener!r}", 40, traceback=True)
-        if failures:
-            raise failures
-        return output
+                self._log_failure(channel, listener)
+        raise failures
+
+    def _log_failure(self, channel: str | None, listener: Callable[..., Any]) -> None:
+        if channel != "log":  # a failing log listener would fail again
+            self.log(f"Error in {channel!r} listener {listener!r}", 40, traceback=True)
 
     def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
         """Publish ``(msg, level)`` on 'log', with the current traceback appended if asked."""
