@@ -1,0 +1,251 @@
+"""SignalHandler: turn OS signals into bus transitions, run by the main loop, not the handler.
+
+Default actions: SIGTERM -> exit, SIGINT -> exit, SIGUSR1 -> graceful, SIGHUP -> graceful when
+daemonized (parent is init or stdin is not a tty; a closed terminal sends SIGHUP), else exit.
+
+Why not act inside the handler (as CherryPy does): a Python signal handler runs in the main
+thread between two bytecodes of whatever it was doing, possibly in the middle of a publish or
+holding a lock, so running ``bus.exit()`` there can deadlock or re-enter a half-done transition.
+Here the handler only records the signal and wakes the bus; the thread in ``bus.block()`` /
+``bus.wait()`` then publishes the signal's channel (e.g. 'SIGTERM') whose listener performs the
+transition. On a multibus Bus that is ``bus.defer()``; on other buses (cherrypy.engine) a 'main'
+listener drains the queue at block()'s next tick.
+
+Wake-up robustness: a signal that lands just before the main thread blocks on the bus's
+condition variable would only run its Python handler when that wait ends. To close that window
+we set ``signal.set_wakeup_fd`` (when nobody else uses it) and a daemon thread reading that
+pipe wakes the bus from outside the main thread.
+
+SIGINT and SIGHUP that are already ignored when we subscribe (a background job of a shell
+script, ``nohup``) stay ignored: someone chose that on purpose. See ``keep_ignored``.
+
+A second SIGINT while the first is still waiting for the main loop raises KeyboardInterrupt in
+the main thread (like a default Ctrl-C), so a stuck start() can still be interrupted.
+
+``subscribe()`` must run in the main thread (``signal.signal`` only works there); elsewhere it
+raises instead of silently installing nothing as CherryPy does.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal as _signal
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+SignalSpec = int | str
+
+
+def _stdin_is_tty() -> bool:
+    try:
+        return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False  # closed or replaced stdin: not a terminal
+
+
+class SignalHandler:
+    """Map signals to bus channels and listeners (CherryPy-compatible ``handlers`` dict)."""
+
+    signals: dict[int, str] = {int(s): s.name for s in _signal.Signals}
+    """Signal numbers to (canonical) names."""
+
+    keep_ignored: frozenset[str] = frozenset({"SIGINT", "SIGHUP"})
+    """Signals left alone when their disposition is SIG_IGN at subscribe() time."""
+
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+        self.handlers: dict[str, Callable[[], Any]] = {
+            "SIGTERM": bus.exit,
+            "SIGHUP": self.handle_SIGHUP,
+            "SIGUSR1": bus.graceful,
+            "SIGINT": bus.exit,
+        }
+        # signal name -> listener subscribed to the channel of that name; edit before subscribe()
+        self._previous_handlers: dict[int, Any] = {}
+        self._listeners: list[tuple[str, Callable[[], Any]]] = []
+        self._pending: collections.deque[int] = collections.deque()
+        self._defer = getattr(bus, "defer", None)
+        self._main_listener = False
+        self._wakeup_r: int | None = None
+        self._wakeup_w: int | None = None
+        self._watcher: threading.Thread | None = None
+
+    # -- installing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _require_main_thread(what: str) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(
+                f"SignalHandler.{what}() called from thread "
+                f"{threading.current_thread().name!r}: signal handlers can only be set in the "
+                "main thread; call it from the main thread before starting the bus")
+
+    def subscribe(self) -> SignalHandler:
+        """Install handlers for every signal in ``handlers``; raise outside the main thread."""
+        self._require_main_thread("subscribe")
+        if self._defer is None and not self._main_listener:
+            self.bus.subscribe("main", self._dispatch)
+            self._main_listener = True
+        elif self._defer is not None:
+            self._start_wakeup_watcher()
+        for sig, func in self.handlers.items():
+            try:
+                self.set_handler(sig, func)
+            except ValueError:
+                pass  # not available on this platform (CherryPy ignores these too)
+        return self
+
+    def set_handler(self, signal: SignalSpec, listener: Callable[[], Any] | None = None) -> None:
+        """Handle ``signal`` (number or name); subscribe ``listener`` to its channel if given.
+
+        Raises ValueError for a signal this platform does not have.
+        """
+        self._require_main_thread("set_handler")
+        if isinstance(signal, str):
+            signum = getattr(_signal, signal, None)
+            if not isinstance(signum, int):
+                raise ValueError(f"No such signal: {signal!r}")
+            signame = signal
+        else:
+            signum = int(signal)
+            if signum not in self.signals:
+                raise ValueError(f"No such signal: {signal!r}")
+            signame = self.signals[signum]
+        if signame in self.keep_ignored and _signal.getsignal(signum) is _signal.SIG_IGN:
+            self.bus.log(f"{signame} is ignored by this process (nohup or background job); "
+                         "leaving it ignored.")
+            return
+        prev = _signal.signal(signum, self._handle_signal)
+        if prev != self._handle_signal:  # bound methods compare equal, never identical
+            self._previous_handlers.setdefault(signum, prev)
+        if listener is not None and (signame, listener) not in self._listeners:
+            self.bus.log(f"Listening for {signame}.")
+            self.bus.subscribe(signame, listener)
+            self._listeners.append((signame, listener))
+
+    def unsubscribe(self) -> None:
+        """Restore the previous handlers and remove this plugin's listeners."""
+        self._require_main_thread("unsubscribe")
+        for signum, handler in self._previous_handlers.items():
+            signame = self.signals.get(signum, str(signum))
+            if handler is None:
+                handler = _signal.SIG_DFL  # set outside Python: best we can do
+            self.bus.log(f"Restoring {signame} handler {handler!r}.")
+            _signal.signal(signum, handler)
+        self._previous_handlers.clear()
+        for signame, listener in self._listeners:
+            self.bus.unsubscribe(signame, listener)
+        self._listeners.clear()
+        if self._main_listener:
+            self.bus.unsubscribe("main", self._dispatch)
+            self._main_listener = False
+        self._stop_wakeup_watcher()
+
+    # -- wake-up pipe --------------------------------------------------------------------
+
+    def _start_wakeup_watcher(self) -> None:
+        if self._watcher is not None:
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            previous = _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            return
+        if previous != -1:  # someone (asyncio?) owns it: leave theirs, do without
+            _signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+            return
+        os.set_blocking(r, True)
+        self._wakeup_r, self._wakeup_w = r, w
+        self._spawn_watcher()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (h := ref()) and h._after_fork_in_child())
+
+    def _spawn_watcher(self) -> None:
+        self._watcher = threading.Thread(target=self._watch, args=(self._wakeup_r,),
+                                         name="SignalHandler wakeup", daemon=True)
+        self._watcher._multibus_fork_safe = True  # type: ignore[attr-defined]  # see Daemonizer
+        self._watcher.start()
+
+    def _after_fork_in_child(self) -> None:
+        """The watcher thread did not survive fork() and the pipe is shared with the parent:
+        give the child its own pipe and watcher (Daemonizer forks after we subscribed)."""
+        if self._watcher is None:
+            return
+        self._watcher = None
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # forked from a non-main thread: keep the shared pipe, no watcher
+            os.close(r)
+            os.close(w)
+            return
+        for fd in (self._wakeup_r, self._wakeup_w):
+            os.close(fd)
+        os.set_blocking(r, True)
+        self._wakeup_r, self._wakeup_w = r, w
+        self._spawn_watcher()
+
+    def _watch(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:  # write end closed by unsubscribe
+                return
+            self._defer(self._dispatch)  # a notify from this thread always wakes the waiter
+
+    def _stop_wakeup_watcher(self) -> None:
+        if self._watcher is None:
+            return
+        if _signal.set_wakeup_fd(-1) != self._wakeup_w:
+            self.bus.log("signal wakeup fd was replaced by someone else; not restoring it", 30)
+        os.close(self._wakeup_w)  # the watcher reads EOF and returns
+        self._watcher.join(5)
+        os.close(self._wakeup_r)
+        self._watcher = self._wakeup_r = self._wakeup_w = None
+
+    # -- handling ------------------------------------------------------------------------
+
+    def _handle_signal(self, signum: int, frame: Any = None) -> None:
+        """The Python-level handler: record and wake; never touch bus state here."""
+        if signum == _signal.SIGINT and _signal.SIGINT in self._pending:
+            raise KeyboardInterrupt("second SIGINT before the bus handled the first")
+        self._pending.append(signum)
+        if self._defer is not None:
+            self._defer(self._dispatch)
+
+    def _dispatch(self) -> None:
+        """Main loop side: publish each recorded signal's channel, in arrival order."""
+        while self._pending:
+            try:
+                signum = self._pending.popleft()
+            except IndexError:
+                return
+            signame = self.signals.get(signum, str(signum))
+            self.bus.log(f"Caught signal {signame}.")
+            self.bus.publish(signame)
+
+    def _is_daemonized(self) -> bool:
+        """True when re-parented to init or when stdin is not a terminal."""
+        return os.getppid() == 1 or not _stdin_is_tty()
+
+    def handle_SIGHUP(self) -> None:
+        """Graceful if daemonized (no terminal to lose), else exit (the terminal closed)."""
+        if self._is_daemonized():
+            self.bus.log("SIGHUP caught while daemonized (no tty). Graceful reload.")
+            self.bus.graceful()
+        else:
+            self.bus.log("SIGHUP caught with a controlling tty. Exiting.")
+            self.bus.exit()

@@ -1,0 +1,111 @@
+"""Test helper: a child process whose stdout/stderr lines are read by threads, with deadlines.
+
+Used by tests/test_plugins_*.py (imported as ``progs.procio``); no sleeps, every wait has a
+deadline, and ``close()`` kills and reaps whatever is left.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+PROGS = Path(__file__).resolve().parent
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; return its last truth value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(step)
+
+
+class Child:
+    """``python <args>`` with line-buffered stdout/stderr collected in the background."""
+
+    def __init__(self, *args: str, stdin: int | None = subprocess.DEVNULL,
+                 env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, *args], stdin=stdin, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr), daemon=True),
+        ]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, sink: list[str]) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            sink.append(line)
+            if sink is self.stdout:
+                self.lines.put(line)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def expect(self, predicate: Callable[[str], bool] | str, timeout: float = 10.0) -> str:
+        """Return the next stdout line matching (or starting with) ``predicate``."""
+        if isinstance(predicate, str):
+            prefix = predicate
+            predicate = lambda line: line.startswith(prefix)  # noqa: E731
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no matching line within {timeout}s; stdout={self.stdout} "
+                                     f"stderr={self.stderr[-20:]}")
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if predicate(line):
+                return line
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.proc.pid, signum)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        code = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return code
+
+    def close(self) -> None:
+        """Kill (if still running) and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for t in self._readers:
+            t.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            stream.close()
+
+    def __enter__(self) -> Child:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def prog(name: str) -> str:
+    """Path of a program in tests/progs."""
+    return str(PROGS / name)
+
+
+__all__ = ["Child", "PROGS", "prog", "signal", "wait_for"]
