@@ -137,6 +137,7 @@ class Bus:
         self._entries: dict[str, list[tuple[int | float, int, Callable[..., Any]]]] = {}
         self._counter = itertools.count()
         self._deferred: collections.deque[Callable[[], Any]] = collections.deque()
+        self._main_waiting = 0  # how many wait() calls the main thread is in (0 or 1)
         self._atexit_registered = False
 
     # -- state ---------------------------------------------------------------------------
@@ -348,7 +349,8 @@ class Bus:
     def defer(self, func: Callable[[], Any]) -> None:
         """Run ``func()`` in the thread waiting in ``wait()``/``block()``, as soon as possible.
 
-        Safe to call from any thread and from a signal handler.
+        The main thread runs it if it is waiting, else any waiting thread. Safe to call from
+        any thread and from a signal handler (the condition's lock is reentrant for that).
         """
         self._deferred.append(func)
         with self._cond:
@@ -379,25 +381,35 @@ class Bus:
         """
         wanted = _as_set(state)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._deferred:
-                self._run_deferred()
+        in_main = threading.current_thread() is threading.main_thread()
+        with self._cond:
+            self._main_waiting += in_main
+        try:
+            while True:
+                # Deferred calls belong to the main thread while it waits (that is where
+                # signals arrive); another waiting thread runs them only when it does not.
+                runs_deferred = in_main or not self._main_waiting
+                if runs_deferred and self._deferred:
+                    self._run_deferred()
+                with self._cond:
+                    if self._state in wanted:
+                        return True
+                    ticking = channel is not None and bool(self._sorted.get(channel))
+                    delay = interval if ticking else None
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            return False
+                        delay = remaining if delay is None else min(delay, remaining)
+                    if not (runs_deferred and self._deferred):
+                        self._cond.wait(delay)
+                    if self._state in wanted:
+                        return True
+                if ticking:
+                    self.publish(channel)
+        finally:
             with self._cond:
-                if self._state in wanted:
-                    return True
-                ticking = channel is not None and bool(self._sorted.get(channel))
-                delay = interval if ticking else None
-                if deadline is not None:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        return False
-                    delay = remaining if delay is None else min(delay, remaining)
-                if not self._deferred:
-                    self._cond.wait(delay)
-                if self._state in wanted:
-                    return True
-            if ticking:
-                self.publish(channel)
+                self._main_waiting -= in_main
 
     def block(self, interval: float = 0.1, timeout: float | None = None) -> None:
         """Wait for EXITING, then for non-daemon threads, then re-exec if restart() asked.

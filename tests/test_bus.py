@@ -335,3 +335,35 @@ def test_idle_blocked_process_does_not_wake(tmp_path):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def test_deferred_calls_prefer_the_waiting_main_thread(bus):
+    """With the main thread in wait(), another waiting thread leaves deferred calls to it."""
+    ran_in = []
+    other_waiting = threading.Event()
+
+    def other():
+        other_waiting.set()
+        bus.wait(states.EXITING, timeout=10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert other_waiting.wait(5)
+
+        def record_and_exit():
+            ran_in.append(threading.current_thread())
+            bus.exit()
+
+        def defer_once_main_waits():
+            deadline = time.monotonic() + 5
+            while not bus._main_waiting and time.monotonic() < deadline:
+                time.sleep(0.001)
+            bus.defer(record_and_exit)
+
+        threading.Thread(target=defer_once_main_waits, daemon=True).start()
+        assert bus.wait(states.EXITING, timeout=10)
+    finally:
+        bus.exit()
+        t.join(10)
+    assert ran_in == [threading.main_thread()]
