@@ -1,0 +1,344 @@
+"""Fleet benchmark: multibus Supervisor vs Circus 0.19 vs a bare Popen script.
+
+    python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--no-circus]
+
+Measured for each system, one run each:
+
+* ready: launch -> every worker ready. multibus: ``bus.start()`` returned (every worker bus
+  reported STARTED through the bridge). Circus / bare: every worker wrote ``ready <pid>`` to a
+  FIFO after building and starting a multibus Bus (same imports minus the bridge).
+* stop: SIGINT to the supervisor -> supervisor exited and every worker reaped.
+* idle (10 workers, ``--idle`` s): supervisor CPU time and context switches per second, all
+  threads (``/proc/PID/task/*/status`` voluntary + nonvoluntary).
+* respawn (10 workers): SIGKILL one worker -> its replacement ready (median of ``--respawns``).
+
+Targets (printed as ratios ours/circus): ready(N=50) <= 1.0; stop <= 0.5; idle wake-ups
+<= 0.2/s; respawn ratio <= 0.1. Circus is the ``bench`` extra (``pip install circus==0.19.0``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# -- worker/supervisor programs (run as: python bench_fleet.py _role ...) -----------------------
+
+def idle(bus) -> None:
+    """multibus worker target: nothing to do."""
+
+
+def _plain_worker(fifo: str) -> None:
+    """A Circus/bare worker: build and start a Bus, say ready, sleep until killed."""
+    import signal
+
+    from multibus.bus import Bus
+
+    bus = Bus()
+    bus.subscribe("log", lambda *a, **k: None)
+    bus.start()
+    fd = os.open(fifo, os.O_WRONLY)
+    os.write(fd, f"ready {os.getpid()}\n".encode())
+    os.close(fd)
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    while True:
+        signal.pause()
+
+
+def _plain_argv(fifo: str) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "_plain", fifo]
+
+
+def _bare(n: int, fifo: str) -> None:
+    """The bare Popen supervisor: spawn, respawn on death (os.wait), SIGTERM all on SIGINT."""
+    import signal
+    import subprocess
+
+    procs = {}
+    for _ in range(n):
+        p = subprocess.Popen(_plain_argv(fifo))
+        procs[p.pid] = p
+    try:
+        while True:
+            pid, _status = os.wait()
+            if procs.pop(pid, None) is not None:
+                p = subprocess.Popen(_plain_argv(fifo))
+                procs[p.pid] = p
+    except KeyboardInterrupt:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        for p in procs.values():
+            p.wait()
+
+
+def _supervise(n: int, name: str) -> int:
+    import json
+    import threading
+
+    from multibus.bus import Bus
+    from multibus.supervisor import Supervisor, WorkerSpec
+
+    lock = threading.Lock()
+
+    def emit(text: str) -> None:
+        with lock:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    bus = Bus()
+    bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
+    spec = WorkerSpec(name="b", target="bench_fleet:idle", count=n,
+                      env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])})
+    sup = Supervisor(bus, [spec], name=name, pidfile=False)
+    sup.subscribe()
+    try:
+        bus.start()
+        emit("READY")
+        bus.block()
+    except KeyboardInterrupt:
+        bus.exit()
+    return sup.exit_code
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+    import select
+    import shutil
+    import signal
+    import statistics
+    import subprocess
+    import tempfile
+    import time
+
+    import psutil
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="1,10,50")
+    ap.add_argument("--idle", type=float, default=20.0)
+    ap.add_argument("--respawns", type=int, default=5)
+    ap.add_argument("--no-circus", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    tmp = tempfile.mkdtemp(prefix="bench-fleet-")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
+    circus = None if args.no_circus else shutil.which("circusd")
+    if not args.no_circus and circus is None:
+        print("circusd not found: pip install circus==0.19.0 (or --no-circus)", file=sys.stderr)
+        return 2
+
+    class Run:
+        """One launched system: its process, and a way to learn about worker readiness."""
+
+        def __init__(self, system: str, n: int) -> None:
+            self.system, self.n = system, n
+            self.fifo = os.path.join(tmp, f"{system}-{n}.fifo")
+            if os.path.exists(self.fifo):
+                os.unlink(self.fifo)
+            os.mkfifo(self.fifo)
+            self.rfd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+            self.wfd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # never EOF
+            self.buf = b""
+            self.ready: dict[int, float] = {}  # pid -> when its ready line arrived
+            self.rows: list[dict] = []
+            self.t0 = time.monotonic()
+            if system == "multibus":
+                cmd = [sys.executable, os.path.abspath(__file__), "_supervise", str(n),
+                       f"bench{n}-{os.getpid()}"]
+                self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                             stdin=subprocess.DEVNULL)
+                self.src = self.proc.stdout.fileno()
+            elif system == "bare":
+                cmd = [sys.executable, os.path.abspath(__file__), "_bare", str(n), self.fifo]
+                self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+                self.src = self.rfd
+            else:
+                ini = os.path.join(tmp, f"circus-{n}.ini")
+                with open(ini, "w") as f:
+                    f.write(
+                        "[circus]\n"
+                        f"endpoint = ipc://{tmp}/c{n}.ctl\n"
+                        f"pubsub_endpoint = ipc://{tmp}/c{n}.pub\n"
+                        "statsd = False\n"
+                        "[watcher:w]\n"
+                        f"cmd = {' '.join(_plain_argv(self.fifo))}\n"
+                        f"numprocesses = {n}\n"
+                        "copy_env = True\n"
+                    )
+                self.proc = subprocess.Popen([circus, ini], env=env, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL)
+                self.src = self.rfd
+
+        def pump(self, timeout: float) -> None:
+            r, _, _ = select.select([self.src], [], [], max(0.0, timeout))
+            if not r:
+                return
+            data = os.read(self.src, 1 << 20)
+            now = time.monotonic()
+            self.buf += data
+            *lines, self.buf = self.buf.split(b"\n")
+            for line in lines:
+                text = line.decode()
+                if text.startswith("ready "):
+                    self.ready[int(text.split()[1])] = now
+                elif text == "READY":
+                    self.ready[-1] = now
+                elif text.startswith("WORKERS "):
+                    self.rows = json.loads(text[8:])
+                    for row in self.rows:
+                        if row["state"] == "STARTED" and row["pid"] not in self.ready:
+                            self.ready[row["pid"]] = now
+
+        def wait_until(self, pred, timeout: float = 60.0) -> float:
+            deadline = time.monotonic() + timeout
+            while not pred():
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.system}: timed out")
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"{self.system}: exited with {self.proc.returncode}")
+                self.pump(deadline - time.monotonic())
+            return time.monotonic() - self.t0
+
+        def all_ready(self) -> bool:
+            if self.system == "multibus":
+                return -1 in self.ready
+            return len(self.ready) >= self.n
+
+        def worker_pids(self) -> list[int]:
+            try:
+                kids = psutil.Process(self.proc.pid).children(recursive=True)
+            except psutil.Error:
+                return []
+            return [k.pid for k in kids]
+
+        def stop(self) -> float:
+            pids = self.worker_pids()
+            t = time.monotonic()
+            self.proc.send_signal(signal.SIGINT)
+            while self.proc.poll() is None and time.monotonic() - t < 60:
+                if self.src == self.rfd:
+                    self.proc.wait(60)
+                else:  # keep reading its stdout, or it blocks on a full pipe
+                    r, _, _ = select.select([self.src], [], [], 1.0)
+                    if r and not os.read(self.src, 1 << 20):
+                        self.proc.wait(60)
+            while any(_alive(p) for p in pids) and time.monotonic() - t < 30:
+                time.sleep(0.001)
+            return time.monotonic() - t
+
+        def close(self) -> None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.rfd)
+            os.close(self.wfd)
+
+    def _alive(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def switches(pid: int) -> int:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+    def cpu(pid: int) -> float:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+
+    systems = ["multibus", "bare"] + ([] if circus is None else ["circus"])
+    results: dict[tuple[str, str], float] = {}
+    for n in sizes:
+        for system in systems:
+            run = Run(system, n)
+            try:
+                results[(system, f"ready{n}")] = run.wait_until(run.all_ready)
+                # let the fleet settle (circus keeps starting its own machinery)
+                end = time.monotonic() + 0.5
+                while time.monotonic() < end:
+                    run.pump(end - time.monotonic())
+                if n == 10:
+                    c0, s0, t0 = cpu(run.proc.pid), switches(run.proc.pid), time.monotonic()
+                    end = t0 + args.idle
+                    while time.monotonic() < end:
+                        run.pump(end - time.monotonic())
+                    dt = time.monotonic() - t0
+                    results[(system, "idle_cpu_ms_per_s")] = (cpu(run.proc.pid) - c0) / dt * 1e3
+                    results[(system, "idle_wakeups_per_s")] = (switches(run.proc.pid) - s0) / dt
+                    times = []
+                    for _ in range(args.respawns):
+                        victims = [p for p in run.worker_pids() if p in run.ready]
+                        if not victims:
+                            break
+                        victim = victims[0]
+                        before = set(run.ready)
+                        t = time.monotonic()
+                        os.kill(victim, signal.SIGKILL)
+                        run.wait_until(lambda b=before, r=run: any(p not in b for p in r.ready
+                                                                   if p != -1))
+                        times.append(time.monotonic() - t)
+                        run.ready.pop(victim, None)
+                    if times:
+                        results[(system, "respawn")] = statistics.median(times)
+                results[(system, f"stop{n}")] = run.stop()
+            finally:
+                run.close()
+            print(f"{system:9s} N={n:<3d} ready {results[(system, f'ready{n}')]:.3f}s  "
+                  f"stop {results[(system, f'stop{n}')]:.3f}s", flush=True)
+
+    keys = sorted({k for _, k in results}, key=lambda k: (k.rstrip("0123456789"), len(k), k))
+    print()
+    header = f"{'metric':20s}" + "".join(f"{s:>12s}" for s in systems)
+    if circus:
+        header += f"{'mb/circus':>11s}"
+    print(header)
+    for k in keys:
+        row = f"{k:20s}" + "".join(
+            f"{results[(s, k)]:12.4f}" if (s, k) in results else f"{'-':>12s}" for s in systems)
+        if circus and ("circus", k) in results and results[("circus", k)]:
+            row += f"{results[('multibus', k)] / results[('circus', k)]:11.3f}"
+        print(row)
+    if circus:
+        def ratio(k: str) -> float:
+            return results[("multibus", k)] / results[("circus", k)]
+
+        checks = []
+        if 50 in sizes:
+            checks.append(("ready N=50 <= circus", ratio("ready50") <= 1.0))
+            checks.append(("stop N=50 <= half of circus", ratio("stop50") <= 0.5))
+        if 10 in sizes:
+            checks.append(("idle wake-ups <= 0.2/s",
+                           results[("multibus", "idle_wakeups_per_s")] <= 0.2))
+            if ("multibus", "respawn") in results and ("circus", "respawn") in results:
+                checks.append(("respawn >= 10x faster than circus", ratio("respawn") <= 0.1))
+        print()
+        for label, ok in checks:
+            print(f"{'PASS' if ok else 'MISS'}  {label}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_plain":
+        _plain_worker(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
+        _bare(int(sys.argv[2]), sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "_supervise":
+        sys.exit(_supervise(int(sys.argv[2]), sys.argv[3]))
+    else:
+        sys.exit(main())

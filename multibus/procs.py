@@ -1,0 +1,534 @@
+"""Child processes of a supervisor: spawn by exec, own every wait, read every output line.
+
+One long-lived thread (:class:`ProcessManager`) does all of it, because:
+
+- ``PR_SET_PDEATHSIG`` in a child fires when the *thread* that spawned it exits, so spawning
+  must happen on a thread that lives as long as the supervisor;
+- a generic ``waitpid(-1)`` steals exit codes from ``Popen.wait()``: here one component owns
+  every wait. Each known child has a pidfd in the thread's poller (death is noticed at once,
+  no polling tick); its code is written back into ``Popen.returncode`` so nothing else waits.
+  Orphaned grandchildren adopted through ``PR_SET_CHILD_SUBREAPER`` are found by scanning
+  ``/proc/self/task/*/children`` (on SIGCHLD and whenever a worker exits) and reaped too,
+  except children in the supervisor's own process group (those belong to the application);
+- stdout/stderr are read until EOF and delivered a whole line at a time, so a worker's last
+  lines are never lost and lines from different workers never interleave.
+
+Idle, the thread sleeps in ``select`` with no timeout: zero wake-ups.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Child",
+    "ProcessManager",
+    "set_child_subreaper",
+    "signal_group",
+    "stop_children",
+]
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+MAX_LINE = 64 * 1024  # a longer line is delivered in pieces of this size
+READ_SIZE = 64 * 1024
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl({option}, {value}): {os.strerror(err)}")
+
+
+def set_child_subreaper() -> None:
+    """Make orphaned descendants children of this process (so it can reap them)."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to process group ``pgid``; False if the group no longer exists."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return False
+
+
+@dataclass(eq=False)
+class Child:
+    """One spawned process. Fields after ``popen`` are updated by the manager thread only."""
+
+    name: str
+    popen: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+    returncode: int | None = None
+    ended: float | None = None
+    exited: threading.Event = field(default_factory=threading.Event)
+    drained: threading.Event = field(default_factory=threading.Event)
+    last_lines: list[str] = field(default_factory=list)  # the last few stderr/stdout lines
+    data: dict[str, Any] = field(default_factory=dict)  # free for the owner (supervisor)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def pgid(self) -> int:
+        return self.popen.pid  # spawned with process_group=0: leader of its own group
+
+    def describe_exit(self) -> str:
+        """'exit code 3' / 'killed by SIGKILL' / 'running'."""
+        rc = self.returncode
+        if rc is None:
+            return "running"
+        if rc < 0:
+            try:
+                return f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                return f"killed by signal {-rc}"
+        return f"exit code {rc}"
+
+
+class _Stream:
+    __slots__ = ("child", "name", "fd", "file", "buf")
+
+    def __init__(self, child: Child, name: str, file: Any) -> None:
+        self.child = child
+        self.name = name
+        self.file = file
+        self.fd = file.fileno()
+        self.buf = b""
+        os.set_blocking(self.fd, False)
+
+
+LineCallback = Callable[[Child, str, str], None]
+ExitCallback = Callable[[Child], None]
+
+
+class ProcessManager:
+    """The thread that spawns children, waits for them and reads their output.
+
+    ``on_line(child, stream, line)`` gets each output line ('stdout'/'stderr', without the
+    newline); ``on_exit(child)`` runs once a child is reaped. Both run in the manager thread,
+    as do callables passed to :meth:`call_soon` / :meth:`call_later`.
+    """
+
+    def __init__(
+        self,
+        on_line: LineCallback | None = None,
+        on_exit: ExitCallback | None = None,
+        on_adopted: Callable[[int, int], None] | None = None,
+        keep_lines: int = 20,
+        name: str = "multibus-procs",
+    ) -> None:
+        self.on_line = on_line
+        self.on_exit = on_exit
+        self.on_adopted = on_adopted  # (pid, returncode) of a reaped adopted orphan
+        self.keep_lines = keep_lines
+        self.children: dict[int, Child] = {}  # pid -> live (unreaped) child
+        self.adopted: dict[int, int] = {}  # pid -> pidfd of an adopted orphan
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._calls: list[tuple[float, int, Callable[[], Any]]] = []  # heap
+        self._seq = itertools.count()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._pgrp = os.getpgrp()
+        self._old_sigchld: Any = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- public, any thread ---------------------------------------------------------------
+
+    def start(self) -> ProcessManager:
+        """Start the thread; install a SIGCHLD wake-up when called from the main thread."""
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old_sigchld = signal.signal(signal.SIGCHLD, self._on_sigchld)
+            except (ValueError, OSError):
+                self._old_sigchld = None
+        self._thread.start()
+        return self
+
+    def _on_sigchld(self, signum: int, frame: Any) -> None:
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already awake, or closed
+
+    @property
+    def thread(self) -> threading.Thread:
+        return self._thread
+
+    def in_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def call_later(self, delay: float, func: Callable[[], Any]) -> list[bool]:
+        """Run ``func()`` in the manager thread after ``delay`` s; returns a cancel token."""
+        token = [False]
+
+        def run() -> None:
+            if not token[0]:
+                func()
+
+        with self._lock:
+            heapq.heappush(self._calls, (time.monotonic() + delay, next(self._seq), run))
+        if not self.in_thread():
+            self.wake()
+        return token
+
+    def call_soon(self, func: Callable[[], Any]) -> list[bool]:
+        return self.call_later(0.0, func)
+
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        pass_fds: Iterable[int] = (),
+    ) -> Child:
+        """Exec ``argv`` from the manager thread in its own process group; return its Child.
+
+        stdin is /dev/null; stdout and stderr are pipes read by the manager thread.
+        """
+        if self.in_thread():
+            return self._spawn(name, argv, env, cwd, tuple(pass_fds))
+        fut: Future[Child] = Future()
+
+        def do() -> None:
+            try:
+                fut.set_result(self._spawn(name, argv, env, cwd, tuple(pass_fds)))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(e)
+
+        self.call_soon(do)
+        return fut.result()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Kill and reap remaining adopted orphans, then stop the thread.
+
+        Known children must already be gone (see :func:`stop_children`); any still alive are
+        SIGKILLed with their process group so nothing is left behind.
+        """
+        if not self._thread.is_alive():
+            return
+        done = threading.Event()
+
+        def finish() -> None:
+            self._closing = True
+            for child in list(self.children.values()):
+                signal_group(child.pgid, signal.SIGKILL)
+            self._scan_adopted()
+            for pid in list(self.adopted):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            done.set()
+
+        self.call_soon(finish)
+        done.wait(timeout)
+        self._thread.join(timeout)
+        if self._old_sigchld is not None and threading.current_thread() is threading.main_thread():
+            try:
+                signal.signal(signal.SIGCHLD, self._old_sigchld)
+            except (ValueError, OSError):
+                pass
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None,
+        cwd: str | None,
+        pass_fds: tuple[int, ...],
+    ) -> Child:
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+            close_fds=True,
+            pass_fds=pass_fds,
+            process_group=0,
+        )
+        child = Child(name=name, popen=popen)
+        pidfd = os.pidfd_open(popen.pid)
+        child.data["_pidfd"] = pidfd
+        child.data["_streams"] = 2
+        self.children[popen.pid] = child
+        self._sel.register(pidfd, selectors.EVENT_READ, ("exit", child))
+        for sname, f in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            stream = _Stream(child, sname, f)
+            self._sel.register(stream.fd, selectors.EVENT_READ, ("out", stream))
+        return child
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                timeout = None
+                if self._calls:
+                    timeout = max(0.0, self._calls[0][0] - time.monotonic())
+            if self._closing and not self.children and not self.adopted:
+                break
+            if self._closing and timeout is None:
+                timeout = 0.05  # closing: bounded waits while the last children die
+            for key, _ in self._sel.select(timeout):
+                kind, obj = key.data
+                if kind == "out":
+                    self._read(obj)
+                elif kind == "exit":
+                    self._reap(obj)
+                elif kind == "adopted":
+                    self._reap_adopted(obj)
+                else:
+                    self._drain_wake()
+                    self._scan_adopted()
+            self._run_due()
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _run_due(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._calls or self._calls[0][0] > now:
+                    return
+                _, _, func = heapq.heappop(self._calls)
+            try:
+                func()
+            except Exception as e:  # noqa: BLE001 - never let a callback kill the reaper
+                self._emit_internal(f"error in scheduled call {func!r}: {e!r}")
+
+    def _emit_internal(self, msg: str) -> None:
+        try:
+            import sys
+
+            print(f"multibus.procs: {msg}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _read(self, stream: _Stream) -> None:
+        try:
+            data = os.read(stream.fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            buf = stream.buf + data
+            *lines, rest = buf.split(b"\n")
+            while len(rest) > MAX_LINE:
+                lines.append(rest[:MAX_LINE])
+                rest = rest[MAX_LINE:]
+            stream.buf = rest
+            for line in lines:
+                self._line(stream, line)
+            return
+        # EOF: deliver the unterminated tail, close, maybe finish the child
+        if stream.buf:
+            self._line(stream, stream.buf)
+            stream.buf = b""
+        self._sel.unregister(stream.fd)
+        stream.file.close()
+        child = stream.child
+        child.data["_streams"] -= 1
+        if child.data["_streams"] == 0:
+            child.drained.set()
+
+    def _line(self, stream: _Stream, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip("\r")
+        child = stream.child
+        if self.keep_lines:
+            child.last_lines.append(line)
+            if len(child.last_lines) > self.keep_lines:
+                del child.last_lines[0]
+        if self.on_line is not None:
+            try:
+                self.on_line(child, stream.name, line)
+            except Exception as e:  # noqa: BLE001
+                self._emit_internal(f"error in line callback: {e!r}")
+
+    def _reap(self, child: Child) -> None:
+        pidfd = child.data["_pidfd"]
+        # Signal what is left of its process group while the zombie leader still holds the
+        # group id (after reaping, the id could be reused by an unrelated group).
+        if child.data.get("term_group_on_exit", True):
+            signal_group(child.pgid, signal.SIGTERM)
+        try:
+            res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            res = None
+            rc = -signal.SIGKILL  # reaped elsewhere (must not happen): record as lost
+        else:
+            if res is None:
+                return  # spurious wake-up
+            rc = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+        self._sel.unregister(pidfd)
+        os.close(pidfd)
+        child.returncode = rc
+        child.ended = time.monotonic()
+        child.popen.returncode = rc  # so Popen never waits (and never steals a reused pid)
+        self.children.pop(child.pid, None)
+        # whatever is left of the worker's process group is now orphaned, and ours
+        self._scan_adopted()
+        child.exited.set()
+        if self.on_exit is not None:
+            try:
+                self.on_exit(child)
+            except Exception as e:  # noqa: BLE001
+                self._emit_internal(f"error in exit callback: {e!r}")
+
+    def _scan_adopted(self) -> None:
+        """Find orphaned descendants re-parented to us; reap the dead, watch the living."""
+        pids: set[int] = set()
+        for path in glob.glob("/proc/self/task/*/children"):
+            try:
+                with open(path) as f:
+                    pids.update(int(p) for p in f.read().split())
+            except OSError:
+                continue
+        for pid in pids:
+            if pid in self.children or pid in self.adopted:
+                continue
+            try:
+                if os.getpgid(pid) == self._pgrp:
+                    continue  # the application's own child (same group as us): not ours
+            except ProcessLookupError:
+                continue
+            try:
+                res = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if res is not None:
+                self._adopted_done(pid, res)
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            self.adopted[pid] = pidfd
+            self._sel.register(pidfd, selectors.EVENT_READ, ("adopted", pid))
+            if self._closing:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _reap_adopted(self, pid: int) -> None:
+        pidfd = self.adopted[pid]
+        try:
+            res = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            res = None
+        else:
+            if res is None:
+                return
+        self._sel.unregister(pidfd)
+        os.close(pidfd)
+        del self.adopted[pid]
+        if res is not None:
+            self._adopted_done(pid, res)
+        self._scan_adopted()  # its own orphans are ours now
+
+    def _adopted_done(self, pid: int, res: Any) -> None:
+        rc = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status
+        if self.on_adopted is not None:
+            try:
+                self.on_adopted(pid, rc)
+            except Exception as e:  # noqa: BLE001
+                self._emit_internal(f"error in adopted callback: {e!r}")
+
+
+def stop_children(
+    children: Iterable[Child],
+    deadlines: Mapping[Child, float] | float,
+    term_timeout: float = 2.0,
+    kill_timeout: float = 5.0,
+    log: Callable[[str, int], None] | None = None,
+) -> set[Child]:
+    """Wait for children to exit, escalating SIGTERM then SIGKILL to their process groups.
+
+    ``deadlines`` is a monotonic deadline per child (or one for all) by which it should have
+    exited on its own (the caller asked it to). A child still alive then gets SIGTERM to its
+    process group, and ``term_timeout`` later SIGKILL. A KeyboardInterrupt while waiting (a
+    second Ctrl-C) escalates to SIGKILL at once. Returns the children that had to be signalled.
+    """
+    children = [c for c in children]
+    signalled: set[Child] = set()
+
+    def say(msg: str, level: int = 30) -> None:
+        if log is not None:
+            log(msg, level)
+
+    def deadline_of(c: Child) -> float:
+        return deadlines if isinstance(deadlines, float | int) else deadlines[c]
+
+    def wait_until(cs: list[Child], when: Callable[[Child], float]) -> list[Child]:
+        for c in cs:
+            c.exited.wait(max(0.0, when(c) - time.monotonic()))
+        return [c for c in cs if not c.exited.is_set()]
+
+    def kill_all(cs: list[Child], why: str) -> None:
+        for c in cs:
+            if not c.exited.is_set():
+                say(f"{c.name} (pid {c.pid}): {why}; sending SIGKILL to its process group")
+                signal_group(c.pgid, signal.SIGKILL)
+                signalled.add(c)
+
+    left = children
+    try:
+        left = wait_until(left, deadline_of)
+        for c in left:
+            say(f"{c.name} (pid {c.pid}) did not stop in time; sending SIGTERM to its group")
+            signal_group(c.pgid, signal.SIGTERM)
+            signalled.add(c)
+        term_deadline = time.monotonic() + term_timeout
+        left = wait_until(left, lambda c: term_deadline)
+        kill_all(left, f"still alive {term_timeout:g}s after SIGTERM")
+    except KeyboardInterrupt:
+        kill_all([c for c in children if not c.exited.is_set()], "interrupted again")
+    kill_deadline = time.monotonic() + kill_timeout
+    while True:
+        try:
+            left = wait_until([c for c in children if not c.exited.is_set()],
+                              lambda c: kill_deadline)
+            break
+        except KeyboardInterrupt:
+            kill_all([c for c in children if not c.exited.is_set()], "interrupted again")
+    for c in left:
+        say(f"{c.name} (pid {c.pid}) survived SIGKILL for {kill_timeout:g}s", 40)
+    return signalled
+

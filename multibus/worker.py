@@ -1,0 +1,245 @@
+"""Child side of a supervised fleet: ``python -m multibus.worker --name N --parent-pid P ...``.
+
+Order matters and is the point of this module:
+
+1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, then exit if the parent pid we were given is no longer
+   our parent (it died before the prctl took effect). Nothing else is imported first.
+2. Build a Bus, load the target (``package.module:callable`` called with the bus so it can
+   subscribe its plugins) — *before* connecting, so the supervisor's 'start' can never reach a
+   bus whose plugins are not subscribed yet. A target that cannot be imported or called exits
+   with status 2 and one line naming it.
+3. Connect a Bridge (role='peer'); lifecycle commands arrive through it.
+4. Block until the bus exits: on an 'exit' command, on SIGTERM (also what PDEATHSIG sends),
+   or when the hub is lost ('hub.lost'). After SIGTERM or a lost hub the orderly exit gets
+   at most 0.8 s (``PARENT_GONE_EXIT``), without lingering on unsent messages, then the
+   process exits hard; after an 'exit' command the supervisor does the timing.
+
+Imports are lazy: a worker imports little before it reports STARTED.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PR_SET_PDEATHSIG = 1
+EXIT_PARENT_GONE = 3
+EXIT_BAD_TARGET = 2
+EXIT_USAGE = 64
+PARENT_GONE_EXIT = 0.8  # seconds an orphaned worker gets to exit in order
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Arrange SIGTERM when the spawning thread dies; exit if the parent is already gone."""
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        sys.stderr.write(f"multibus.worker: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}\n")
+    if parent_pid and os.getppid() != parent_pid:
+        sys.stderr.write(
+            f"multibus.worker: parent {parent_pid} is gone (ppid is {os.getppid()}); exiting\n"
+        )
+        sys.stderr.flush()
+        os._exit(EXIT_PARENT_GONE)
+
+
+def _parse(argv: list[str]) -> dict[str, object]:
+    """Tiny ``--key value`` parser (argparse costs startup time). --channel repeats."""
+    opts: dict[str, object] = {"channels": [], "stop_timeout": 5.0, "parent_pid": 0}
+    it = iter(argv)
+    for arg in it:
+        if not arg.startswith("--"):
+            raise SystemExit(f"multibus.worker: unexpected argument {arg!r}")
+        key = arg[2:].replace("-", "_")
+        try:
+            value = next(it)
+        except StopIteration:
+            raise SystemExit(f"multibus.worker: {arg} needs a value") from None
+        if key == "channel":
+            opts["channels"].append(value)  # type: ignore[union-attr]
+        elif key in ("parent_pid",):
+            opts[key] = int(value)
+        elif key in ("stop_timeout", "heartbeat", "peer_timeout"):
+            opts[key] = float(value)
+        elif key in ("name", "target", "endpoints"):
+            opts[key] = value
+        else:
+            raise SystemExit(f"multibus.worker: unknown option {arg}")
+    for key in ("name", "target"):
+        if key not in opts:
+            raise SystemExit(
+                "usage: python -m multibus.worker --name NAME --target pkg.mod:callable "
+                "[--parent-pid PID] [--endpoints E] [--channel C]... [--stop-timeout S] "
+                "[--heartbeat S] [--peer-timeout S]"
+            )
+    return opts
+
+
+class TargetError(Exception):
+    """The worker's target cannot be imported or called."""
+
+
+def load_target(target: str):
+    """Resolve ``package.module:callable``; TargetError names the target and the fix."""
+    import importlib
+
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise TargetError(f"target {target!r} must look like 'package.module:callable'")
+    try:
+        obj = importlib.import_module(module_name)
+    except Exception as e:
+        raise TargetError(
+            f"cannot import target {target!r}: {type(e).__name__}: {e} "
+            f"(check the module is on PYTHONPATH / the spec's cwd)"
+        ) from e
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise TargetError(
+                f"cannot load target {target!r}: module {module_name!r} has no {attr!r}"
+            ) from None
+    if not callable(obj):
+        raise TargetError(f"target {target!r} is not callable")
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    # 1. parent death first of all (parse only what is needed for it)
+    parent_pid = 0
+    if "--parent-pid" in args:
+        i = args.index("--parent-pid")
+        try:
+            parent_pid = int(args[i + 1])
+        except (IndexError, ValueError):
+            sys.stderr.write("multibus.worker: --parent-pid needs a pid\n")
+            return EXIT_USAGE
+    _die_with_parent(parent_pid)
+    opts = _parse(args)
+    name = str(opts["name"])
+    stop_timeout = float(opts["stop_timeout"])  # type: ignore[arg-type]
+
+    import signal
+    import threading
+
+    from multibus.bus import Bus
+
+    bus = Bus()
+    lost = threading.Event()
+
+    done = threading.Event()
+
+    def parent_gone() -> bool:
+        return bool(parent_pid) and os.getppid() != parent_pid
+
+    def hard_exit_later(why: str, limit: float) -> None:
+        def run() -> None:
+            if not done.wait(limit):
+                sys.stderr.write(f"multibus.worker {name}: {why}: exit took over {limit:g}s; "
+                                 "exiting now\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+        threading.Thread(target=run, name="exit-deadline", daemon=True).start()
+
+    fast = threading.Event()
+
+    def leave(why: str, orphaned: bool) -> None:
+        """Exit the bus from the main thread; quickly when the parent/hub is gone."""
+        if orphaned and not fast.is_set():
+            fast.set()
+            # Nobody is left to read our last words: do not linger on them.
+            # (Stop-gap until the Bridge offers this itself.)
+            mod = sys.modules.get("multibus.transport.bridge")
+            if mod is not None and hasattr(mod, "LINGER_MS"):
+                mod.LINGER_MS = 0
+            hard_exit_later(why, min(stop_timeout, PARENT_GONE_EXIT))
+        elif not lost.is_set():
+            hard_exit_later(why, stop_timeout)
+        lost.set()
+        bus.defer(bus.exit)
+
+    def on_term(signum, frame) -> None:
+        # SIGTERM is either PDEATHSIG (sent when the spawning thread dies, possibly while
+        # the rest of the dying parent still runs, so getppid() cannot tell) or the
+        # supervisor's escalation after the stop timeout: either way, exit quickly.
+        leave("SIGTERM", True)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    def on_hub_lost(reason: str = "") -> None:
+        bus.log(f"hub lost ({reason}); exiting", 30)
+        leave(f"hub lost ({reason})", True)
+
+    bus.subscribe("hub.lost", on_hub_lost)
+
+    # 2. the target subscribes its plugins before any command can arrive
+    try:
+        func = load_target(str(opts["target"]))
+    except TargetError as e:
+        sys.stderr.write(f"multibus.worker {name}: {e}\n")
+        sys.stderr.flush()
+        return EXIT_BAD_TARGET
+    try:
+        func(bus)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write(
+            f"multibus.worker {name}: target {opts['target']!r} failed when called with the "
+            f"bus: {type(e).__name__}: {e}\n"
+        )
+        sys.stderr.flush()
+        return EXIT_BAD_TARGET
+
+    # 3. connect
+    from multibus.transport.bridge import Bridge
+
+    Bridge(
+        bus,
+        role="peer",
+        name=name,
+        endpoints=opts.get("endpoints"),  # type: ignore[arg-type]
+        channels=opts["channels"],  # type: ignore[arg-type]
+        **{k: opts[k] for k in ("heartbeat", "peer_timeout") if k in opts},  # type: ignore[arg-type]
+    ).subscribe()
+
+    # 4. block until exit
+    try:
+        bus.block()
+    finally:
+        done.set()
+    return 1 if parent_gone() else 0
+
+
+def run() -> None:
+    """Entry point: main(), then exit without interpreter teardown.
+
+    The bus has exited and its plugins have stopped; atexit handlers (logging.shutdown, the
+    target's own) still run, then ``os._exit`` skips module teardown, which costs 10-20 ms of
+    CPU per worker and so slows a large fleet's stop.
+    """
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, int | None):
+            sys.stderr.write(f"{e.code}\n")
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - closed pipe: nothing left to say
+            pass
+    os._exit(code)
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Worker targets and helper programs for the supervisor/worker tests (importable in children)."""

@@ -1,0 +1,95 @@
+"""A supervisor process for the tests: one worker group, every event printed as a line.
+
+Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
+       [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T] [--env K=V]
+Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
+"FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
+children left after the bus exited: 0 expected), then exits with the supervisor's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+from multibus.bus import Bus
+from multibus.supervisor import FleetError, Supervisor, WorkerSpec
+
+
+def children_left() -> int:
+    me = os.getpid()
+    n = 0
+    for tid in os.listdir(f"/proc/{me}/task"):
+        try:
+            with open(f"/proc/{me}/task/{tid}/children") as f:
+                n += len(f.read().split())
+        except FileNotFoundError:
+            pass  # that thread has just exited
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", required=True)
+    ap.add_argument("--target", default="targets.jobs:job")
+    ap.add_argument("-n", type=int, default=1)
+    ap.add_argument("--restart", default="permanent")
+    ap.add_argument("--stop-timeout", type=float, default=5.0)
+    ap.add_argument("--start-timeout", type=float, default=10.0)
+    ap.add_argument("--term-timeout", type=float, default=2.0)
+    ap.add_argument("--intensity", default="5,10")
+    ap.add_argument("--env", action="append", default=[])
+    a = ap.parse_args()
+    lock = threading.Lock()
+
+    def emit(text: str) -> None:
+        with lock:  # one write per line: threads never interleave inside a line
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+
+    bus = Bus()
+    t0 = time.monotonic()
+    stamp = bool(os.environ.get("MB_TIMES"))
+
+    def on_log(msg: str, level: int = 20) -> None:
+        emit(f"LOG {level} {msg}" + (f"  @{time.monotonic() - t0:.3f}" if stamp else ""))
+
+    bus.subscribe("log", on_log)
+    bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
+    env = dict(kv.split("=", 1) for kv in a.env)
+    env.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = WorkerSpec(name="w", target=a.target, count=a.n, restart=a.restart,
+                      stop_timeout=a.stop_timeout, start_timeout=a.start_timeout, env=env)
+    most, period = a.intensity.split(",")
+    sup = Supervisor(bus, [spec], name=a.name, intensity=(int(most), float(period)),
+                     term_timeout=a.term_timeout)
+    try:
+        sup.subscribe()
+    except Exception as e:  # noqa: BLE001
+        emit(f"REFUSED {e}")
+        return 2
+    try:
+        try:
+            bus.start()
+            emit("FLEET STARTED")
+            bus.block()
+        except KeyboardInterrupt:
+            emit("INTERRUPTED")
+        except FleetError as e:
+            emit(f"FLEET ERROR {e}")
+    finally:
+        try:
+            bus.exit()
+        except KeyboardInterrupt:
+            bus.exit()
+    emit(f"CHILDREN {children_left()}")
+    return sup.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

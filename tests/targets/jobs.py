@@ -1,0 +1,77 @@
+"""Worker targets for the supervisor tests: ``targets.jobs:<name>`` called with the worker's bus."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+RAN = os.environ.get("MB_TEST_MARK", "")
+
+
+def job(bus) -> None:
+    """A well-behaved worker: nothing to do but follow its bus."""
+
+
+def failing(bus) -> None:
+    """Fails while the worker sets up, before it can report STARTED."""
+    raise RuntimeError("database unreachable at db.invalid:5432")
+
+
+def failing_start(bus) -> None:
+    """A plugin whose 'start' listener fails."""
+
+    def start() -> None:
+        raise RuntimeError("cannot open port 99999")
+
+    bus.subscribe("start", start)
+
+
+def stubborn(bus) -> None:
+    """Ignores SIGTERM and never finishes stopping."""
+    forever = threading.Event()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    bus.subscribe("stop", lambda: forever.wait())
+
+
+def grandchild(bus) -> None:
+    """Spawns a long-lived grandchild (pid written to $MB_PIDFILE) when started."""
+
+    def start() -> None:
+        p = subprocess.Popen(["sleep", "60"])
+        path = os.environ["MB_PIDFILE"]
+        with open(path + ".tmp", "w") as f:
+            f.write(str(p.pid))
+        os.rename(path + ".tmp", path)
+
+    bus.subscribe("start", start)
+
+
+def chatty_exit(bus) -> None:
+    """Prints 10,000 lines, then dies at once (no flush beyond the writes themselves)."""
+
+    def start() -> None:
+        def go() -> None:
+            w = sys.stdout.write
+            for i in range(10000):
+                w(f"line {i}\n")
+            sys.stdout.flush()
+            os._exit(0)
+
+        threading.Thread(target=go, daemon=True).start()
+
+    bus.subscribe("start", start)
+
+
+def chatty_on_exit(bus) -> None:
+    """Prints 10,000 lines in its 'exit' listener, just before the process exits."""
+
+    def exit_() -> None:
+        w = sys.stdout.write
+        for i in range(10000):
+            w(f"line {i}\n")
+        sys.stdout.flush()
+
+    bus.subscribe("exit", exit_)

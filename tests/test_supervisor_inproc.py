@@ -1,0 +1,122 @@
+"""Supervisor in the test process (no subreaper, no PID file): run-time API on real workers."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from multibus.bus import Bus
+from multibus.specs import SpecError, WorkerSpec
+from multibus.supervisor import FleetError, Supervisor
+
+HERE = Path(__file__).resolve().parent
+PATH = os.pathsep.join([str(HERE), str(HERE.parent)])
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.fixture
+def fleet():
+    made = []
+
+    def make(target="targets.jobs:job", count=2, **kw):
+        bus = Bus()
+        tables: list[list[dict]] = []
+        logs: list[str] = []
+        bus.subscribe("workers", tables.append)
+        bus.subscribe("log", lambda msg, level=20: logs.append(msg))
+        spec = WorkerSpec(name="w", target=target, count=count, env={"PYTHONPATH": PATH},
+                          start_timeout=kw.pop("start_timeout", 10.0))
+        sup = Supervisor(bus, [spec], name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
+                         subreaper=False, **kw)
+        sup.tables, sup.logs = tables, logs  # type: ignore[attr-defined]
+        made.append((bus, sup))
+        sup.subscribe()
+        return bus, sup
+
+    try:
+        yield make
+    finally:
+        for bus, sup in made:
+            try:
+                bus.exit()
+            finally:
+                for w in list(sup.workers.values()):
+                    if w.child is not None and w.child.returncode is None:
+                        os.killpg(w.child.pgid, 9)
+
+
+@pytest.mark.timeout(60)
+def test_table_scale_up_and_down(fleet):
+    bus, sup = fleet(count=2)
+    bus.start()
+    assert [r["state"] for r in sup.table()] == ["STARTED", "STARTED"]
+    assert sup.tables and all(r["pid"] for r in sup.tables[-1])
+    sup.scale("w", 4)
+    t = sup.table()
+    assert [r["name"] for r in t] == ["w.0", "w.1", "w.2", "w.3"]
+    assert all(r["state"] == "STARTED" for r in t)
+    gone = [r["pid"] for r in t[1:]]
+    sup.scale("w", 1)
+    assert [r["name"] for r in sup.table()] == ["w.0"]
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in gone), 5)
+    assert sup.killed == set()
+    with pytest.raises(SpecError, match="no worker group 'nope'"):
+        sup.scale("nope", 1)
+    bus.exit()
+    assert sup.exit_code == 0
+    assert sup.table()[0]["state"] == "EXITED" and sup.table()[0]["exit_code"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_stop_keeps_processes_and_start_again(fleet):
+    bus, sup = fleet(count=2)
+    bus.start()
+    pids = [r["pid"] for r in sup.table()]
+    bus.stop()
+    assert [r["state"] for r in sup.table()] == ["STOPPED", "STOPPED"]
+    assert [r["pid"] for r in sup.table()] == pids
+    bus.start()
+    assert [r["state"] for r in sup.table()] == ["STARTED", "STARTED"]
+    assert [r["pid"] for r in sup.table()] == pids
+    bus.graceful()
+    bus.exit()
+    assert sup.exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_start_timeout_names_worker_and_its_error(fleet):
+    bus, sup = fleet(target="targets.jobs:failing_start", count=1, start_timeout=3.0)
+    with pytest.raises(FleetError) as e:
+        bus.start()
+    msg = str(e.value)
+    assert "w.0" in msg and "not STARTED" in msg and "cannot open port 99999" in msg
+    bus.exit()
+    assert sup.exit_code == 1
+
+
+@pytest.mark.timeout(30)
+def test_bad_spec_fails_before_anything_runs():
+    with pytest.raises(SpecError, match="restart 'sometimes' must be one of"):
+        WorkerSpec(name="w", target="a.b:c", restart="sometimes")
+    with pytest.raises(SpecError, match="target 'abc' must look like"):
+        WorkerSpec(name="w", target="abc")
+    with pytest.raises(SpecError, match="unknown key"):
+        WorkerSpec.from_dict({"name": "w", "target": "a:b", "cuont": 3})
+    with pytest.raises(SpecError, match="cannot be mirrored"):
+        WorkerSpec(name="w", target="a:b", channels=["main"])
+    assert threading.active_count() >= 1  # nothing started
+    assert sys.modules.get("multibus.supervisor") is not None
