@@ -1,0 +1,380 @@
+"""Fleet files: a TOML description of a supervisor and its worker groups, validated up front.
+
+``load(path)`` parses the file with ``tomllib`` and returns a :class:`FleetConfig` (supervisor
+settings + :class:`~multibus.specs.WorkerSpec` list). Every unknown key, wrong type or bad
+value raises :class:`ConfigError` with ONE line naming the file, the dotted key and what was
+expected, so ``multibus run`` can refuse before anything is started. ``check_targets`` then
+imports each group's target in a throwaway interpreter with the worker's environment, so an
+unimportable target is also refused up front (and the supervisor never executes user code).
+
+Layout (every key optional except ``groups.<name>.target``; paths are relative to the file)::
+
+    [supervisor]
+    name = "fleet"            # hub/control name (--name overrides); default: "multibus"
+    pidfile = "fleet.pid"     # default: <runtime dir>/<name>.pid; false: no PID file
+    stop_timeout = 5.0        # default stop_timeout of every group
+    term_timeout = 2.0        # SIGTERM -> SIGKILL grace
+    max_restarts = 5          # restart intensity: more than max_restarts restarts ...
+    restart_period = 10.0     # ... within restart_period seconds stops the fleet
+    log_level = "info"        # debug | info | warning | error | critical
+    log_format = "text"       # text | json
+    pythonpath = ["."]        # prepended to every worker's PYTHONPATH
+
+    [groups.web]              # groups run in file order; the first is the default group
+    target = "app:serve"      # package.module:callable, called with the worker's bus
+    count = 2
+    channels = []             # mirrored channels
+    restart = "permanent"     # permanent | transient | temporary
+    stop_timeout = 5.0
+    start_timeout = 10.0
+    env = { PORT = "8080" }
+    cwd = "."
+    pythonpath = []
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from multibus.specs import Intensity, SpecError, WorkerSpec
+
+__all__ = [
+    "ConfigError",
+    "FleetConfig",
+    "LOG_LEVELS",
+    "check_targets",
+    "from_target",
+    "load",
+    "parse_level",
+    "worker_env",
+]
+
+DEFAULT_NAME = "multibus"
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+LOG_FORMATS = ("text", "json")
+CHECK_TIMEOUT = 20.0  # seconds to import one target in the checker process
+
+
+class ConfigError(ValueError):
+    """A fleet file or target is invalid; ``str()`` is one line naming file, key and fix."""
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """What ``multibus run`` starts: supervisor settings plus worker groups (in order)."""
+
+    specs: list[WorkerSpec]
+    name: str = DEFAULT_NAME
+    pidfile: str | bool | None = None  # None: default path in the runtime dir; False: none
+    term_timeout: float = 2.0
+    intensity: Intensity = field(default_factory=Intensity)
+    log_level: int = 20
+    log_format: str = "text"
+    source: str | None = None  # the file it came from (for messages)
+
+    @property
+    def default_group(self) -> str | None:
+        """The first group: the one SIGTTIN/SIGTTOU scale."""
+        return self.specs[0].name if self.specs else None
+
+    def with_name(self, name: str | None) -> FleetConfig:
+        """A copy with another supervisor name (``--name``), or self when name is None."""
+        if name is None:
+            return self
+        _check_name(name, "--name")
+        return FleetConfig(self.specs, name, self.pidfile, self.term_timeout, self.intensity,
+                           self.log_level, self.log_format, self.source)
+
+
+# --------------------------------------------------------------------------- type checks
+
+def _kind(value: Any) -> str:
+    """TOML's name for the type of ``value`` (for messages)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    return type(value).__name__  # dates and times
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    """Helpers that raise ConfigError prefixed with the file name."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str, value: Any = None, *, got: bool = True) -> ConfigError:
+        where = f"{self.source}: {key}: " if key else f"{self.source}: "
+        tail = f", got {_shown(value)} ({_kind(value)})" if got else ""
+        return ConfigError(f"{where}expected {expected}{tail}")
+
+    def table(self, key: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, "a table", value)
+        return value
+
+    def keys(self, key: str, table: Mapping[str, Any], known: Iterable[str]) -> None:
+        known = list(known)
+        for k in table:
+            if k not in known:
+                raise ConfigError(
+                    f"{self.source}: {_join(key, k)}: unknown key; expected one of "
+                    f"{', '.join(known)}"
+                )
+
+    def string(self, key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, "a non-empty string", value)
+        return value
+
+    def integer(self, key: str, value: Any, minimum: int = 0) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self.fail(key, f"an integer >= {minimum}", value)
+        return value
+
+    def seconds(self, key: str, value: Any) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise self.fail(key, "a number of seconds > 0", value)
+        return float(value)
+
+    def strings(self, key: str, value: Any) -> list[str]:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.fail(key, "an array of non-empty strings", value)
+        return list(value)
+
+    def choice(self, key: str, value: Any, choices: Iterable[str]) -> str:
+        choices = list(choices)
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise self.fail(key, "one of " + ", ".join(repr(c) for c in choices), value)
+        return value.lower()
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _check_name(name: Any, what: str) -> str:
+    from multibus.transport.endpoints import InvalidEndpoint, check_name
+
+    try:
+        return check_name(name)
+    except InvalidEndpoint as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def parse_level(value: str | int) -> int:
+    """'info' / 'WARNING' / '20' -> 20; ConfigError on anything else."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text.isdigit():
+        return int(text)
+    if text in LOG_LEVELS:
+        return LOG_LEVELS[text]
+    raise ConfigError(f"log level {value!r}: expected one of {', '.join(LOG_LEVELS)}")
+
+
+# --------------------------------------------------------------------------- loading
+
+SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_restarts",
+                   "restart_period", "log_level", "log_format", "pythonpath")
+GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
+              "cwd", "pythonpath")
+
+
+def load(path: str | os.PathLike[str]) -> FleetConfig:
+    """Read and validate a fleet file; ConfigError (one line) on any problem."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    return from_mapping(data, source=source, base=Path(path).resolve().parent)
+
+
+def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
+                 base: Path | None = None) -> FleetConfig:
+    """Validate parsed TOML data (relative paths are relative to ``base``, default: cwd)."""
+    c = _Checker(source)
+    base = base or Path.cwd()
+    c.keys("", data, ("supervisor", "groups"))
+    sup = c.table("supervisor", data.get("supervisor", {}))
+    c.keys("supervisor", sup, SUPERVISOR_KEYS)
+
+    name = DEFAULT_NAME
+    if "name" in sup:
+        name = _check_name(c.string("supervisor.name", sup["name"]), f"{source}: supervisor.name")
+    pidfile: str | bool | None = None
+    if "pidfile" in sup:
+        value = sup["pidfile"]
+        if value is False:
+            pidfile = False
+        elif isinstance(value, str) and value:
+            pidfile = str(base / value)
+        else:
+            raise c.fail("supervisor.pidfile", "a path string or false", value)
+    default_stop = None
+    if "stop_timeout" in sup:
+        default_stop = c.seconds("supervisor.stop_timeout", sup["stop_timeout"])
+    term_timeout = c.seconds("supervisor.term_timeout", sup.get("term_timeout", 2.0))
+    intensity = Intensity(
+        c.integer("supervisor.max_restarts", sup.get("max_restarts", Intensity.max_restarts)),
+        c.seconds("supervisor.restart_period", sup.get("restart_period", Intensity.period)),
+    )
+    log_level = LOG_LEVELS[c.choice("supervisor.log_level", sup.get("log_level", "info"),
+                                    LOG_LEVELS)]
+    log_format = c.choice("supervisor.log_format", sup.get("log_format", "text"), LOG_FORMATS)
+    common_path = [str(base / p) for p in c.strings("supervisor.pythonpath",
+                                                     sup.get("pythonpath", []))]
+
+    if "groups" not in data:
+        raise ConfigError(f"{source}: groups: missing; add at least one [groups.NAME] table "
+                          "with a target")
+    groups = c.table("groups", data["groups"])
+    if not groups:
+        raise ConfigError(f"{source}: groups: empty; add at least one [groups.NAME] table "
+                          "with a target")
+    specs = []
+    for gname, group in groups.items():
+        key = f"groups.{gname}"
+        group = c.table(key, group)
+        c.keys(key, group, GROUP_KEYS)
+        if "target" not in group:
+            raise ConfigError(f"{source}: {key}.target: missing; expected "
+                              "'package.module:callable'")
+        fields: dict[str, Any] = {"name": gname, "target": c.string(f"{key}.target",
+                                                                    group["target"])}
+        if "count" in group:
+            fields["count"] = c.integer(f"{key}.count", group["count"])
+        if "channels" in group:
+            fields["channels"] = tuple(c.strings(f"{key}.channels", group["channels"]))
+        if "restart" in group:
+            fields["restart"] = c.choice(f"{key}.restart", group["restart"],
+                                         ("permanent", "transient", "temporary"))
+        for k in ("stop_timeout", "start_timeout"):
+            if k in group:
+                fields[k] = c.seconds(f"{key}.{k}", group[k])
+        if "stop_timeout" not in fields and default_stop is not None:
+            fields["stop_timeout"] = default_stop
+        env: dict[str, str] = {}
+        if "env" in group:
+            table = c.table(f"{key}.env", group["env"])
+            for k, v in table.items():
+                if not isinstance(v, str):
+                    raise c.fail(f"{key}.env.{k}", "a string (quote numbers)", v)
+                env[k] = v
+        if "cwd" in group:
+            fields["cwd"] = str(base / c.string(f"{key}.cwd", group["cwd"]))
+        paths = common_path + [str(base / p) for p in c.strings(f"{key}.pythonpath",
+                                                                 group.get("pythonpath", []))]
+        if paths:
+            extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
+            env["PYTHONPATH"] = os.pathsep.join(paths + extra)
+        fields["env"] = env
+        try:
+            specs.append(WorkerSpec.from_dict(fields))
+        except SpecError as e:
+            raise ConfigError(f"{source}: {key}: {e}") from None
+    return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
+                       source)
+
+
+def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,
+                name: str | None = None) -> FleetConfig:
+    """The fleet of ``multibus run TARGET -n N``: one group, named after the target's module
+    (``app.web:serve`` -> ``web``)."""
+    group = target.partition(":")[0].rpartition(".")[2] or "worker"
+    group = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in group)[:64]
+    try:
+        spec = WorkerSpec(name=group, target=target, count=count, channels=tuple(channels))
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    return FleetConfig([spec], name=_check_name(name, "--name") if name else DEFAULT_NAME,
+                       source=target)
+
+
+# --------------------------------------------------------------------------- target checks
+
+_CHECK = """\
+import sys
+from multibus.worker import TargetError, load_target
+try:
+    load_target(sys.argv[1])
+except TargetError as e:
+    sys.stderr.write(str(e) + "\\n")
+    sys.exit(2)
+"""
+
+
+def worker_env(spec: WorkerSpec) -> dict[str, str]:
+    """The environment a worker of ``spec`` gets (as the Supervisor builds it)."""
+    env = dict(os.environ)
+    env.update(spec.env)
+    here = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        paths.append(here)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
+    """Import every group's target in a child interpreter with that group's env and cwd.
+
+    Runs the checks in parallel; raises ConfigError naming the first group that fails. The
+    target's module is executed in the checker, never in the supervisor.
+    """
+    procs = []
+    try:
+        for spec in config.specs:
+            if spec.cwd is not None and not os.path.isdir(spec.cwd):
+                raise ConfigError(f"{config.source}: groups.{spec.name}.cwd: no such directory "
+                                  f"{spec.cwd}")
+            p = subprocess.Popen(
+                [sys.executable, "-c", _CHECK, spec.target],
+                env=worker_env(spec), cwd=spec.cwd, stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            )
+            procs.append((spec, p))
+        for spec, p in procs:
+            try:
+                _, err = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise ConfigError(f"{config.source}: groups.{spec.name}.target: importing "
+                                  f"{spec.target!r} took over {timeout:g}s") from None
+            if p.returncode != 0:
+                lines = [ln for ln in (err or "").splitlines() if ln.strip()]
+                why = lines[-1] if lines else f"exit status {p.returncode}"
+                hint = "" if "PYTHONPATH" in why else (
+                    " (set pythonpath or cwd in the file, or PYTHONPATH)")
+                raise ConfigError(f"{config.source}: groups.{spec.name}.target: {why}{hint}")
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()

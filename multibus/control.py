@@ -1,0 +1,707 @@
+"""Control socket of a running supervisor: ``multibus status | stop | scale | logs ...``.
+
+Server: :class:`Control`, a plugin on the supervisor's bus. ONE daemon thread owns an ipc
+ROUTER bound at ``<runtime dir>/<name>.ctl`` (the private 0700 dir, so only this user can
+connect; bound only once this process holds the hub name, so it never steals another
+supervisor's socket). Requests and replies are msgpack maps, validated key by key (exact keys,
+types, sizes; ``MAXMSGSIZE`` on the socket); nothing is ever unpickled.
+
+Every request is answered at once. Transitions (start, stop, restart, graceful, exit, scale)
+are *queued*: they run one at a time, in arrival order, on the thread sitting in
+``bus.block()`` (via ``bus.defer``), so they never overlap each other or a signal-driven
+transition, and a command sent while the fleet is starting or stopping is never refused.
+The reply carries an operation id; ``op_status`` says queued / running / done / failed.
+
+Client: :class:`ControlClient` (one DEALER per request, bounded waits); :func:`resolve_name`
+and :func:`running_supervisors` find supervisors by name in the runtime dir.
+
+Protocol (version 1). Request: ``{"v": 1, "id": u32, "cmd": str, ...}`` with exactly these
+extra keys per command::
+
+    status     {}
+    op         {"action": "start"|"stop"|"restart"|"graceful"|"exit"}
+    scale      {"group": str, "count": int >= 0}
+    op_status  {"op": u32}
+    logs       {"since": u64, "group": str|None, "limit": 1..1000, "wait": 0..5 seconds}
+
+Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
+"error": str}``. See :meth:`Control.status` for the status document.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import psutil
+import zmq
+
+from multibus.logview import SUPERVISOR, Record, split_source
+
+__all__ = [
+    "ACTIONS",
+    "Control",
+    "ControlClient",
+    "ControlError",
+    "NotRunning",
+    "PROTOCOL",
+    "control_path",
+    "resolve_name",
+    "running_supervisors",
+]
+
+PROTOCOL = 1
+ACTIONS = ("start", "stop", "restart", "graceful", "exit")
+MAX_REQUEST = 64 * 1024
+MAX_REPLY = 4 << 20
+MAX_LOG_TEXT = 8192  # characters kept of one log record
+LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
+MAX_FOLLOWERS = 64
+MAX_OPS_KEPT = 256
+MAX_NAME = 64
+
+
+class ControlError(RuntimeError):
+    """A control request failed; the message is for the user."""
+
+
+class NotRunning(ControlError):
+    """No supervisor of that name is running."""
+
+
+# --------------------------------------------------------------------------- names and paths
+
+def _runtime_dir(create: bool) -> Path:
+    from multibus.transport.endpoints import runtime_dir
+
+    return runtime_dir(create=create)
+
+
+def control_path(name: str, create: bool = False) -> Path:
+    """``<runtime dir>/<name>.ctl``."""
+    from multibus.transport.endpoints import check_name
+
+    return _runtime_dir(create) / f"{check_name(name)}.ctl"
+
+
+def _owner(name: str) -> int | None:
+    from multibus.transport.endpoints import ipc_owner
+
+    try:
+        return ipc_owner(name)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def running_supervisors() -> dict[str, int]:
+    """name -> pid of every live supervisor with a control socket in the runtime dir."""
+    try:
+        directory = _runtime_dir(create=False)
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for path in sorted(directory.glob("*.ctl")):
+        pid = _owner(path.stem)
+        if pid:
+            found[path.stem] = pid
+    return found
+
+
+def resolve_name(name: str | None, default: str = "multibus") -> str:
+    """The supervisor a control command talks to: ``name`` if given; else ``default`` if it
+    runs or nothing runs; else the only running one; several -> ControlError naming them."""
+    if name:
+        return name
+    running = running_supervisors()
+    if default in running or not running:
+        return default
+    if len(running) == 1:
+        return next(iter(running))
+    raise ControlError(f"several supervisors are running ({', '.join(sorted(running))}); "
+                       "choose one with --name NAME")
+
+
+# --------------------------------------------------------------------------- validation
+
+def _is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _is_name(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME and v.isprintable()
+
+
+_U32 = (0, 2**32 - 1)
+_SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
+    "status": {},
+    "op": {"action": lambda v: v in ACTIONS},
+    "scale": {"group": _is_name, "count": lambda v: _is_int(v, 0, 10_000)},
+    "op_status": {"op": lambda v: _is_int(v, *_U32)},
+    "logs": {
+        "since": lambda v: _is_int(v, 0, 2**63 - 1),
+        "group": lambda v: v is None or _is_name(v),
+        "limit": lambda v: _is_int(v, 1, 1000),
+        "wait": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 5,
+    },
+}
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError("msgpack extension types are not accepted")
+
+
+def decode_request(frame: bytes) -> dict[str, Any]:
+    """Validate one request frame; ValueError says what is wrong."""
+    if len(frame) > MAX_REQUEST:
+        raise ValueError(f"request of {len(frame)} bytes is over {MAX_REQUEST}")
+    try:
+        req = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_refuse_ext,
+                              use_list=True)
+    except Exception as e:  # noqa: BLE001 - any decoding problem is a bad request
+        raise ValueError(f"not a msgpack map: {type(e).__name__}") from None
+    if not isinstance(req, dict):
+        raise ValueError("not a msgpack map")
+    if req.get("v") != PROTOCOL:
+        raise ValueError(f"protocol version {req.get('v')!r} is not {PROTOCOL}")
+    if not _is_int(req.get("id"), *_U32):
+        raise ValueError("id must be an unsigned 32-bit integer")
+    schema = _SCHEMAS.get(req.get("cmd"))  # type: ignore[arg-type]
+    if schema is None:
+        raise ValueError(f"unknown command {str(req.get('cmd'))[:40]!r}; "
+                         f"known: {', '.join(_SCHEMAS)}")
+    keys = set(req) - {"v", "id", "cmd"}
+    if keys != set(schema):
+        raise ValueError(f"{req['cmd']}: expected keys {sorted(schema)}, got {sorted(keys)}")
+    for key, ok in schema.items():
+        if not ok(req[key]):
+            raise ValueError(f"{req['cmd']}: bad value for {key!r}")
+    return req
+
+
+# --------------------------------------------------------------------------- server
+
+@dataclass(eq=False)
+class Op:
+    """One queued transition."""
+
+    id: int
+    action: str
+    args: dict[str, Any]
+    state: str = "queued"  # queued | running | done | failed
+    error: str | None = None
+    note: str | None = None
+    queued_at: float = 0.0
+    ended_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"op": self.id, "action": self.action, "args": self.args, "state": self.state,
+                "error": self.error, "note": self.note}
+
+
+class Control:
+    """Answer control requests for ``supervisor`` (a :class:`~multibus.supervisor.Supervisor`)
+    on ``<runtime dir>/<name>.ctl``.
+
+    ``exit_func`` performs an 'exit' (default ``bus.exit``; the CLI passes one that also tells
+    systemd). ``interrupt_start`` (optional) is called when an 'exit' is queued while the bus is
+    STARTING, so a slow start does not delay it (the CLI sends itself SIGTERM, which aborts the
+    start). Also keeps the last ``log_size`` records of the bus's 'log' channel for ``logs``.
+    Subscribe it AFTER the supervisor: the name must already be ours.
+    """
+
+    def __init__(self, bus: Any, supervisor: Any, *, name: str | None = None,
+                 exit_func: Callable[[], Any] | None = None,
+                 interrupt_start: Callable[[], Any] | None = None,
+                 log_size: int = 5000) -> None:
+        self.bus = bus
+        self.sup = supervisor
+        self.name = name or supervisor.name
+        self.exit_func = exit_func or bus.exit
+        self.interrupt_start = interrupt_start
+        self.path: Path | None = None
+        self.started = time.time()
+        self.counts: dict[str, int] = {n: s.count for n, s in supervisor.specs.items()}
+        self.invalid = 0
+        self._logs: collections.deque[Record] = collections.deque(maxlen=log_size)
+        self._seq = itertools.count(1)
+        self._log_lock = threading.Lock()
+        self._followers: list[tuple[bytes, dict[str, Any], float]] = []
+        self._ops: dict[int, Op] = {}
+        self._op_ids = itertools.count(1)
+        self._ops_lock = threading.Lock()
+        self._serial = threading.Lock()
+        self._procs: dict[int, psutil.Process] = {}
+        self._defer = getattr(bus, "defer", None)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._subscribed = False
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def subscribe(self) -> Control:
+        """Bind the control socket (in its own thread) and listen to 'log' and 'exit'."""
+        if self._thread is not None:
+            return self
+        owner = _owner(self.name)
+        if owner != os.getpid():
+            raise ControlError(
+                f"control socket for {self.name!r}: this process (pid {os.getpid()}) does not "
+                f"hold the hub name (owner: {owner}); subscribe the Supervisor first")
+        self.path = control_path(self.name, create=True)
+        self.bus.subscribe("log", self._on_log, 1)
+        self.bus.subscribe("exit", self._on_exit, 99)
+        self._subscribed = True
+        self._thread = threading.Thread(target=self._run, name=f"multibus-control {self.name}",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            self.unsubscribe()
+            raise ControlError(f"cannot bind control socket {self.path}: {self._error}")
+        return self
+
+    def unsubscribe(self) -> None:
+        """Stop the thread (closing its socket, removing the file) and the listeners."""
+        if self._subscribed:
+            self.bus.unsubscribe("log", self._on_log)
+            self.bus.unsubscribe("exit", self._on_exit)
+            self._subscribed = False
+        if self._thread is not None:
+            self._closing = True
+            self._wake()
+            self._thread.join(5)
+            self._thread = None
+
+    def _on_exit(self) -> None:
+        self.unsubscribe()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- the 'log' listener (any thread) --------------------------------------------------
+
+    def _on_log(self, msg: Any = "", level: Any = 20, *args: Any, **kw: Any) -> None:
+        text = msg if isinstance(msg, str) else str(msg)
+        if len(text) > MAX_LOG_TEXT:
+            text = text[:MAX_LOG_TEXT] + " [truncated]"
+        lvl = level if isinstance(level, int) and not isinstance(level, bool) else 20
+        source, text = split_source(text)
+        with self._log_lock:
+            self._logs.append((next(self._seq), time.time(), lvl, source, text))
+            followers = bool(self._followers)
+        if followers:
+            self._wake()
+
+    def records(self, since: int = 0, group: str | None = None,
+                limit: int = 1000) -> tuple[list[Record], int]:
+        """Records with seq > ``since`` (of ``group``: a group or worker name, or
+        'supervisor'), at most ``limit`` (the latest when ``since`` is 0); and the next seq."""
+        with self._log_lock:
+            recs = list(self._logs)
+        last = max(recs[-1][0] if recs else 0, since)
+        picked = [r for r in recs if r[0] > since and _matches(r[3], group)]
+        if since == 0:
+            return picked[-limit:], last
+        if len(picked) > limit:
+            return picked[:limit], picked[limit - 1][0]
+        return picked, last
+
+    # -- queued operations ----------------------------------------------------------------
+
+    def queue(self, action: str, **args: Any) -> Op:
+        """Queue a transition (``ACTIONS`` or 'scale' with group + count or delta)."""
+        with self._ops_lock:
+            op = Op(next(self._op_ids), action, args, queued_at=time.monotonic())
+            self._ops[op.id] = op
+            if len(self._ops) > MAX_OPS_KEPT:
+                for oid in [i for i, o in self._ops.items() if o.state in ("done", "failed")][
+                        :len(self._ops) - MAX_OPS_KEPT]:
+                    del self._ops[oid]
+        if self._defer is not None:
+            self._defer(lambda: self._run_op(op))
+        else:  # a bus without defer (cherrypy.engine): run on a thread, one at a time
+            threading.Thread(target=self._run_op_serial, args=(op,), daemon=True).start()
+        return op
+
+    def _run_op_serial(self, op: Op) -> None:
+        with self._serial:
+            self._run_op(op)
+
+    def _run_op(self, op: Op) -> None:
+        op.state = "running"
+        try:
+            op.note = self._perform(op)
+            op.state = "done"
+        except (KeyboardInterrupt, SystemExit):
+            op.state, op.error = "failed", "interrupted"
+            raise
+        except BaseException as e:  # noqa: BLE001 - reported to the client
+            op.state = "failed"
+            op.error = str(e) or type(e).__name__
+            self.bus.log(f"{op.action} failed: {op.error}", 40)
+        finally:
+            op.ended_at = time.monotonic()
+
+    def _state(self) -> str:
+        st = self.bus.state
+        return getattr(st, "name", None) or str(st).rpartition(".")[2]
+
+    def _perform(self, op: Op) -> str | None:
+        state = self._state()
+        if state == "EXITING":
+            raise ControlError("the supervisor is exiting")
+        action = op.action
+        if action == "exit":
+            self.exit_func()
+            return None
+        if action == "scale":
+            group = op.args["group"]
+            count = op.args.get("count")
+            if count is None:
+                count = max(0, self.counts.get(group, 0) + op.args.get("delta", 0))
+            self.sup.scale(group, count)
+            self.counts[group] = count
+            return f"{group}: {count} worker{'s' if count != 1 else ''}"
+        if action == "graceful":
+            if state != "STARTED":
+                return f"nothing to reload: the fleet is {state}"
+            self.bus.graceful()
+            return None
+        if action in ("stop", "restart") and state != "STOPPED":
+            self.bus.stop()
+        if action in ("start", "restart"):
+            if self._state() == "STARTED":
+                return "already STARTED"
+            self.bus.start()
+        elif action == "stop" and state == "STOPPED":
+            return "already STOPPED"
+        return None
+
+    def op(self, op_id: int) -> Op | None:
+        return self._ops.get(op_id)
+
+    def pending(self) -> list[Op]:
+        with self._ops_lock:
+            return [o for o in self._ops.values() if o.state in ("queued", "running")]
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _usage(self, pid: int | None) -> tuple[float | None, int | None]:
+        """(CPU %, RSS bytes) of ``pid``: CPU since the previous status call, or averaged over
+        the process's life the first time it is seen."""
+        if not pid:
+            return None, None
+        try:
+            proc = self._procs.get(pid)
+            if proc is None or not proc.is_running():
+                proc = psutil.Process(pid)
+                self._procs[pid] = proc
+                proc.cpu_percent(None)  # starts the delta for the next call
+                t = proc.cpu_times()
+                life = max(time.time() - proc.create_time(), 1e-3)
+                cpu = 100.0 * (t.user + t.system) / life
+            else:
+                cpu = proc.cpu_percent(None)
+            return round(cpu, 1), proc.memory_info().rss
+        except psutil.Error:
+            self._procs.pop(pid, None)
+            return None, None
+
+    def status(self) -> dict[str, Any]:
+        """The status document (stable keys; new keys may be added, none removed)::
+
+            {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
+             "groups": [{"name", "target", "count" (desired), "running"}],
+             "workers": [{"group", "name", "index", "pid", "state", "restarts",
+                          "exit_code", "uptime", "cpu_percent", "memory_rss"}],
+             "queue": [{"op", "action", "args", "state", "error", "note"}]}
+        """
+        rows = self.sup.table()
+        workers = []
+        live = set()
+        for r in sorted(rows, key=lambda r: (r["group"], int(r["name"].rpartition(".")[2]))):
+            cpu, rss = self._usage(r.get("pid"))
+            if r.get("pid"):
+                live.add(r["pid"])
+            workers.append({
+                "group": r["group"], "name": r["name"],
+                "index": int(r["name"].rpartition(".")[2]), "pid": r.get("pid"),
+                "state": r["state"], "restarts": r["restarts"], "exit_code": r["exit_code"],
+                "uptime": r["uptime"], "cpu_percent": cpu, "memory_rss": rss,
+            })
+        for pid in [p for p in self._procs if p not in live]:
+            del self._procs[pid]
+        groups = []
+        for gname, spec in self.sup.specs.items():
+            groups.append({
+                "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
+                "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
+            })
+        return {
+            "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": self._state(),
+            "uptime": round(time.time() - self.started, 3), "groups": groups,
+            "workers": workers, "queue": [o.as_dict() for o in self.pending()],
+        }
+
+    # -- the socket thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        ctx = zmq.Context(1)
+        sock = None
+        try:
+            assert self.path is not None
+            try:
+                self.path.unlink()  # a stale socket of a dead supervisor (the name is ours)
+            except FileNotFoundError:
+                pass
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
+            sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.bind(f"ipc://{self.path}")
+        except BaseException as e:  # noqa: BLE001 - reported by subscribe()
+            self._error = e
+            if sock is not None:
+                sock.close(0)
+            ctx.term()
+            self._ready.set()
+            return
+        self._ready.set()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._closing:
+                timeout = None
+                if self._followers:
+                    first = min(d for _, _, d in self._followers)
+                    timeout = max(0, int((first - time.monotonic()) * 1000) + 1)
+                events = dict(poller.poll(timeout))
+                if self._wake_r in events:
+                    try:
+                        while os.read(self._wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                if sock in events:
+                    for _ in range(100):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(sock, frames)
+                if self._followers:
+                    self._serve_followers(sock)
+        finally:
+            sock.close(0)
+            ctx.term()
+            try:
+                if self.path is not None:
+                    self.path.unlink()
+            except FileNotFoundError:
+                pass
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _send(self, sock: zmq.Socket, ident: bytes, reply: dict[str, Any]) -> None:
+        try:
+            sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # client gone or not reading: its own timeout tells it
+
+    def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.invalid += 1
+            return
+        ident, frame = frames
+        try:
+            req = decode_request(frame)
+        except ValueError as e:
+            self.invalid += 1
+            self._send(sock, ident, {"v": PROTOCOL, "id": 0, "ok": False,
+                                     "error": f"invalid request: {e}"})
+            return
+        try:
+            reply = self._answer(ident, req)
+        except ControlError as e:
+            reply = {"ok": False, "error": str(e)}
+        except Exception as e:  # noqa: BLE001 - never let a request kill the thread
+            reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
+        if reply is not None:
+            reply.update(v=PROTOCOL, id=req["id"])
+            self._send(sock, ident, reply)
+
+    def _answer(self, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
+        cmd = req["cmd"]
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "op":
+            op = self.queue(req["action"])
+            if op.action == "exit" and self.interrupt_start and self._state() == "STARTING":
+                self.interrupt_start()
+            return {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
+        if cmd == "scale":
+            group = req["group"]
+            if group not in self.sup.specs:
+                raise ControlError(f"no group {group!r}; groups: {', '.join(self.sup.specs)}")
+            op = self.queue("scale", group=group, count=req["count"])
+            return {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
+        if cmd == "op_status":
+            found = self.op(req["op"])
+            if found is None:
+                raise ControlError(f"no operation {req['op']} (finished long ago?)")
+            return {"ok": True, **found.as_dict()}
+        if cmd == "logs":
+            reply = self._logs_reply(req)
+            if reply["records"] or req["wait"] <= 0 or len(self._followers) >= MAX_FOLLOWERS:
+                return reply
+            self._followers.append((ident, req, time.monotonic() + float(req["wait"])))
+            return None
+        raise ControlError(f"unknown command {cmd!r}")  # unreachable: validated
+
+    def _logs_reply(self, req: dict[str, Any]) -> dict[str, Any]:
+        recs, nxt = self.records(req["since"], req["group"], req["limit"])
+        out, size = [], 0
+        for r in recs:
+            size += len(r[4]) + 64
+            if out and size > LOG_REPLY_BYTES:
+                nxt = out[-1][0]
+                break
+            out.append(list(r))
+        return {"ok": True, "records": out, "next": nxt}
+
+    def _serve_followers(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        keep = []
+        for ident, req, deadline in self._followers:
+            reply = self._logs_reply(req)
+            if reply["records"] or now >= deadline or self._closing:
+                reply.update(v=PROTOCOL, id=req["id"])
+                self._send(sock, ident, reply)
+            else:
+                keep.append((ident, req, deadline))
+        self._followers = keep
+
+
+def _matches(source: str, group: str | None) -> bool:
+    if not group:
+        return True
+    if group == SUPERVISOR:
+        return source == SUPERVISOR
+    return source == group or source.rpartition(".")[0] == group
+
+
+# --------------------------------------------------------------------------- client
+
+class ControlClient:
+    """Talk to the supervisor called ``name`` (one DEALER socket per request)."""
+
+    def __init__(self, name: str, timeout: float = 5.0) -> None:
+        self.name = name
+        self.timeout = timeout
+        self._ids = itertools.count(1)
+
+    def pid(self) -> int | None:
+        """The live supervisor's pid (from the hub lock), or None."""
+        return _owner(self.name)
+
+    def _not_running(self) -> NotRunning:
+        running = running_supervisors()
+        others = f" (running: {', '.join(sorted(running))})" if running else ""
+        return NotRunning(f"no supervisor named {self.name!r} is running{others}")
+
+    def request(self, cmd: str, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """Send one request; return the reply (``ok`` true) or raise ControlError/NotRunning."""
+        pid = self.pid()
+        try:
+            path = control_path(self.name)
+        except FileNotFoundError:
+            raise self._not_running() from None
+        if not pid or not path.exists():
+            raise self._not_running()
+        rid = next(self._ids)
+        timeout = self.timeout if timeout is None else timeout
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
+            sock.connect(f"ipc://{path}")
+            sock.send(msgpack.packb({"v": PROTOCOL, "id": rid, "cmd": cmd, **args},
+                                    use_bin_type=True))
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                    if not self.pid():
+                        raise self._not_running()
+                    raise ControlError(f"supervisor {self.name!r} (pid {pid}) did not answer "
+                                       f"{cmd!r} within {timeout:g}s")
+                reply = msgpack.unpackb(sock.recv(), raw=False, ext_hook=_refuse_ext)
+                if not isinstance(reply, dict) or reply.get("v") != PROTOCOL:
+                    raise ControlError(f"supervisor {self.name!r}: unexpected reply")
+                if reply.get("id") not in (rid, 0):
+                    continue  # a late answer to an earlier request
+                if not reply.get("ok"):
+                    raise ControlError(str(reply.get("error", "request failed")))
+                return reply
+        finally:
+            sock.close(0)
+
+    def status(self) -> dict[str, Any]:
+        return self.request("status")["status"]
+
+    def op(self, action: str) -> dict[str, Any]:
+        return self.request("op", action=action)
+
+    def scale(self, group: str, count: int) -> dict[str, Any]:
+        return self.request("scale", group=group, count=count)
+
+    def wait_op(self, op_id: int, timeout: float, poll: float = 0.05) -> dict[str, Any]:
+        """Poll until operation ``op_id`` is done or failed; ControlError on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self.request("op_status", op=op_id)
+            if reply["state"] in ("done", "failed"):
+                return reply
+            if time.monotonic() >= deadline:
+                raise ControlError(f"{reply['action']} is still {reply['state']} after "
+                                   f"{timeout:g}s (it stays queued; check `multibus status`)")
+            time.sleep(poll)
+
+    def logs(self, since: int = 0, group: str | None = None, limit: int = 1000,
+             wait: float = 0.0) -> tuple[list[Record], int]:
+        reply = self.request("logs", timeout=self.timeout + wait, since=since, group=group,
+                             limit=limit, wait=wait)
+        return [tuple(r) for r in reply["records"]], int(reply["next"])  # type: ignore[misc]
+
+    def follow(self, group: str | None = None, backlog: int = 100) -> Iterable[Record]:
+        """Yield the last ``backlog`` records, then new ones as they come, until the
+        supervisor goes away."""
+        recs, nxt = self.logs(0, group, max(1, backlog)) if backlog else ([], 0)
+        if not backlog:
+            _, nxt = self.logs(0, group, 1)
+        yield from recs
+        while True:
+            try:
+                recs, nxt = self.logs(nxt, group, 1000, wait=2.0)
+            except NotRunning:
+                return
+            yield from recs

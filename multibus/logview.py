@@ -1,0 +1,91 @@
+"""Log records of a fleet as lines for people (text) or programs (JSON lines).
+
+A record is ``(seq, time, level, source, message)``: ``source`` is the worker
+(``group.index``) a line came from, or ``"supervisor"``. The supervisor's bus carries worker
+output and worker bus logs as ``"job.0 | message"`` (see the Bridge and the Supervisor);
+:func:`split_source` takes that prefix apart. Text lines look like::
+
+    09:41:02.123  job.0 | job 3 done
+
+with the source coloured (and warnings/errors marked) only when writing to a terminal.
+JSON lines have the keys ``time`` (ISO 8601, local, with offset), ``level`` (name),
+``source``, ``group``, ``index`` (int or null) and ``message``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+from typing import IO, Any
+
+__all__ = ["Record", "SUPERVISOR", "format_json", "format_text", "level_name", "split_source",
+           "use_colour"]
+
+SUPERVISOR = "supervisor"
+Record = tuple[int, float, int, str, str]
+
+_SOURCE = re.compile(r"([A-Za-z0-9_-]{1,64})\.(\d{1,9}) \| ", re.ASCII)
+_LEVELS = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
+_PALETTE = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)  # per source, stable within a run
+_RESET = "\x1b[0m"
+
+
+def split_source(msg: str) -> tuple[str, str]:
+    """``"job.0 | text"`` -> ``("job.0", "text")``; anything else is the supervisor's."""
+    m = _SOURCE.match(msg)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}", msg[m.end():]
+    return SUPERVISOR, msg
+
+
+def level_name(level: int) -> str:
+    return _LEVELS.get(level, f"LEVEL{level}")
+
+
+def use_colour(stream: IO[str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _colour_of(source: str) -> int:
+    if source == SUPERVISOR:
+        return 1  # bold
+    return _PALETTE[sum(source.encode()) % len(_PALETTE)]
+
+
+def format_text(rec: Record, colour: bool = False, width: int = 0) -> str:
+    """One or more lines (a multi-line message repeats the prefix on every line)."""
+    _, t, level, source, msg = rec
+    stamp = datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
+    label = source.ljust(width)
+    mark = f"{level_name(level)} " if level >= 30 else ""
+    if colour:
+        label = f"\x1b[{_colour_of(source)}m{label}{_RESET}"
+        if level >= 40:
+            mark = f"\x1b[31m{mark}{_RESET}"
+        elif level >= 30:
+            mark = f"\x1b[33m{mark}{_RESET}"
+    lines = msg.splitlines() or [""]
+    return "\n".join(f"{stamp}  {label} | {mark}{line}" for line in lines)
+
+
+def format_json(rec: Record) -> str:
+    """One JSON object on one line (stable keys, see the module docstring)."""
+    _, t, level, source, msg = rec
+    group, _, index = source.rpartition(".")
+    obj: dict[str, Any] = {
+        "time": datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds"),
+        "level": level_name(level),
+        "source": source,
+        "group": group if source != SUPERVISOR else None,
+        "index": int(index) if source != SUPERVISOR else None,
+        "message": msg,
+    }
+    return json.dumps(obj, ensure_ascii=False)

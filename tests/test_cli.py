@@ -1,0 +1,509 @@
+"""The ``multibus`` command end to end: run a fleet file, control it from other processes."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from multibus.transport.endpoints import runtime_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition",
+             interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def mb(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m multibus ARGS`` (works with or without the console script)."""
+    return subprocess.run([sys.executable, "-m", "multibus", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=timeout, env=env)
+
+
+def status(name: str) -> dict | None:
+    r = mb("status", "--json", "--name", name, timeout=30)
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def states(name: str) -> list[str]:
+    st = status(name)
+    return [w["state"] for w in st["workers"]] if st else []
+
+
+def all_started(name: str, n: int) -> dict | None:
+    st = status(name)
+    if st and st["state"] == "STARTED" and len(st["workers"]) == n and all(
+            w["state"] == "STARTED" for w in st["workers"]):
+        return st
+    return None
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{os.getpid()}x{time.monotonic_ns() % 100000}"
+
+
+@contextlib.contextmanager
+def running(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``multibus run ARGS`` in the background, output in a file; always stopped and reaped."""
+    with tempfile.NamedTemporaryFile("w+", prefix="mb-run-", suffix=".log", delete=False) as f:
+        log = Path(f.name)
+    out = open(log, "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen([sys.executable, "-m", "multibus", "run", *args], cwd=ROOT,
+                            stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    descendants: set[int] = set()
+
+    def note() -> None:
+        try:
+            descendants.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
+        except psutil.Error:
+            pass
+
+    try:
+        yield proc, log
+        note()
+    finally:
+        note()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        out.close()
+        # workers are grandchildren: they must not outlive their supervisor
+        left = []
+        for pid in descendants:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+        gone, alive = psutil.wait_procs(left, timeout=5)
+        for p in alive:
+            p.kill()
+        log.unlink(missing_ok=True)
+        assert not alive, f"processes left behind: {[p.pid for p in alive]}"
+
+
+def output(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
+# --------------------------------------------------------------------------- fleet.toml
+
+
+@pytest.mark.timeout(90)
+def test_fleet_toml_lifecycle():
+    name = unique("tf")
+    with running(str(EXAMPLES / "fleet.toml"), "--name", name) as (proc, log):
+        st = wait_for(lambda: all_started(name, 3), 30, "3 workers STARTED")
+        assert st["name"] == name and st["pid"] == proc.pid and st["version"] == 1
+        assert [g["name"] for g in st["groups"]] == ["job"]
+        w0 = st["workers"][0]
+        assert set(w0) == {"group", "name", "index", "pid", "state", "restarts", "exit_code",
+                           "uptime", "cpu_percent", "memory_rss"}
+        assert w0["memory_rss"] > 1_000_000 and w0["cpu_percent"] >= 0
+        pids = {w["pid"] for w in st["workers"]}
+        assert all(psutil.pid_exists(p) for p in pids)
+
+        table = mb("status", "--name", name)
+        assert table.returncode == 0
+        assert "GROUP" in table.stdout and "job.2" in table.stdout and "STARTED" in table.stdout
+
+        r = mb("scale", "job", "5", "--name", name)
+        assert r.returncode == 0, r.stderr
+        st = all_started(name, 5)
+        assert st and st["groups"][0]["count"] == 5
+        r = mb("scale", "job", "2", "--name", name)
+        assert r.returncode == 0, r.stderr
+        st = wait_for(lambda: all_started(name, 2), 10, "2 workers")
+        assert [w["name"] for w in st["workers"]] == ["job.0", "job.1"]
+        two = {w["pid"] for w in st["workers"]}
+
+        r = mb("stop", "--name", name)
+        assert r.returncode == 0, r.stderr
+        st = status(name)
+        assert st["state"] == "STOPPED"
+        assert [w["state"] for w in st["workers"]] == ["STOPPED", "STOPPED"]
+        assert {w["pid"] for w in st["workers"]} == two  # processes stay
+
+        r = mb("start", "--name", name)
+        assert r.returncode == 0, r.stderr
+        assert all_started(name, 2)
+
+        r = mb("restart", "--name", name)
+        assert r.returncode == 0, r.stderr
+        st = all_started(name, 2)
+        assert st and {w["pid"] for w in st["workers"]} == two  # bus transitions, same processes
+
+        r = mb("scale", "nosuch", "1", "--name", name)
+        assert r.returncode == 1 and "no group 'nosuch'" in r.stderr
+
+        r = mb("exit", "--name", name)
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(20) == 0
+        for pid in pids | two:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        text = output(log)
+        assert "job 1 done" in text and "stopped after" in text  # jobs finished, not cut
+    r = mb("status", "--name", name)
+    assert r.returncode == 1 and f"no supervisor named {name!r} is running" in r.stderr
+
+
+def test_control_commands_without_supervisor():
+    name = unique("none")
+    for args in (["status"], ["status", "--json"], ["stop"], ["graceful"], ["exit"],
+                 ["scale", "job", "2"], ["logs"]):
+        r = mb(*args, "--name", name, timeout=30)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        assert r.stderr.strip() == f"multibus: no supervisor named {name!r} is running" or \
+            r.stderr.startswith(f"multibus: no supervisor named {name!r} is running (running:")
+
+
+# --------------------------------------------------------------------------- bad files
+
+
+def _nothing_started(name: str) -> bool:
+    d = runtime_dir()
+    return not (d / f"{name}.pid").exists() and not (d / f"{name}.ctl").exists()
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('[groups.w]\ntarget = "jobs:worker"\ncuont = 3\n', "groups.w.cuont: unknown key"),
+    ('[groups.w]\ntarget = "jobs:worker"\ncount = "3"\n',
+     "groups.w.count: expected an integer >= 0, got '3' (string)"),
+    ('[groups.w]\ncount = 3\n', "groups.w.target: missing"),
+    ('[groups.w]\ntarget = "no_such_module_q:worker"\n',
+     "groups.w.target: cannot import target 'no_such_module_q:worker'"),
+    ('[groups.w]\ntarget = "jobs:nothere"\n', "has no 'nothere'"),
+])
+def test_bad_fleet_file_exits_2_with_one_line(tmp_path, body, expected):
+    name = unique("bad")
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[supervisor]\nname = "{name}"\npythonpath = ["{EXAMPLES}"]\n' + body)
+    t0 = time.monotonic()
+    r = mb("run", str(path), timeout=30)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"multibus: {path}: ") and expected in lines[0]
+    assert r.stdout == ""
+    assert _nothing_started(name)
+    assert time.monotonic() - t0 < 10
+
+
+def test_bad_usage_exits_2():
+    r = mb("run", "not-a-target")
+    assert r.returncode == 2 and "neither a .toml file nor" in r.stderr
+    r = mb("run", str(EXAMPLES / "fleet.toml"), "-n", "3")
+    assert r.returncode == 2 and "-n and --mirror apply to a TARGET" in r.stderr
+    r = mb("run", "jobs:worker", "--name", "a/b")
+    assert r.returncode == 2 and "invalid hub name" in r.stderr
+    r = mb("scale", "job", "-1", "--name", unique("x"))
+    assert r.returncode == 2
+
+
+# --------------------------------------------------------------------------- signals, logs, systemd
+
+
+@pytest.mark.timeout(90)
+def test_signals_logs_and_systemd_notify(tmp_path):
+    name = unique("ts")
+    sock_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    notify.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path))
+    try:
+        with running(str(EXAMPLES / "fleet.toml"), "--name", name, "--log-format", "json",
+                     env=env) as (proc, log):
+            assert notify.recv(4096).decode().startswith("READY=1")
+            assert all_started(name, 3)  # READY=1 came once every worker was STARTED
+
+            proc.send_signal(signal.SIGTTIN)
+            wait_for(lambda: all_started(name, 4), 20, "4 workers after SIGTTIN")
+            proc.send_signal(signal.SIGTTOU)
+            wait_for(lambda: all_started(name, 3), 20, "3 workers after SIGTTOU")
+
+            proc.send_signal(signal.SIGHUP)
+
+            def reloaded() -> bool:
+                r = mb("logs", "job", "--name", name, "-n", "1000")
+                return r.stdout.count("Bus graceful") >= 3 and r.stdout.count(
+                    "reloaded after job") >= 3
+            wait_for(reloaded, 20, "every job worker reloaded (graceful)")
+
+            r = mb("logs", "job.1", "--name", name, "--log-format", "json", "-n", "5")
+            recs = [json.loads(line) for line in r.stdout.splitlines()]
+            assert recs and all(rec["source"] == "job.1" and rec["group"] == "job" and
+                                rec["index"] == 1 for rec in recs)
+            assert proc.poll() is None  # SIGHUP did not end it
+
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+            msgs = []
+            while True:
+                try:
+                    msgs.append(notify.recv(4096).decode())
+                except TimeoutError:
+                    break
+                if "STOPPING=1" in msgs[-1]:
+                    break
+            assert any("STOPPING=1" in m for m in msgs), msgs
+            lines = output(log).splitlines()
+            recs = [json.loads(line) for line in lines]  # every line is a JSON record
+            assert {"time", "level", "source", "group", "index", "message"} <= set(recs[0])
+            assert any(r["source"] == "supervisor" and r["message"] == "Bus EXITED"
+                       for r in recs)
+    finally:
+        notify.close()
+
+
+@pytest.mark.timeout(60)
+def test_logs_follow_and_level_filter():
+    name = unique("tl")
+    with running(str(EXAMPLES / "fleet.toml"), "--name", name, "--log-level", "warning") as (
+            proc, log):
+        wait_for(lambda: all_started(name, 3), 30, "3 workers STARTED")
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "multibus", "logs", "-f", "job.0", "--name", name, "-n", "0"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines: list[str] = []
+            got = threading.Event()
+
+            def read() -> None:
+                for line in follower.stdout:
+                    lines.append(line)
+                    if "job" in line and "done" in line:
+                        got.set()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert got.wait(15), lines
+            assert all("| " in ln and "job.0" in ln for ln in lines)
+            assert mb("exit", "--name", name).returncode == 0
+            assert follower.wait(15) == 0  # -f ends when the supervisor is gone
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+            follower.wait(5)
+        assert proc.wait(20) == 0
+        text = output(log)
+        assert "job 1 done" not in text and "Bus STARTED" not in text  # INFO filtered out
+
+
+# --------------------------------------------------------------------------- cherrypy
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base >= 65535:
+            continue
+        with socket.socket() as s2:
+            try:
+                s2.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no two consecutive free ports")
+
+
+def _get(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}")
+        return body
+    finally:
+        conn.close()
+
+
+def _answers(port: int) -> bool:
+    try:
+        _get(port)
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_cherrypy_site_graceful_without_failed_requests(tmp_path):
+    name = unique("tw")
+    base = _free_port_pair()
+    text = (EXAMPLES / "cherrypy_site.toml").read_text()
+    assert 'HTTP_PORT_BASE = "8080"' in text and 'pythonpath = ["."]' in text
+    text = text.replace('HTTP_PORT_BASE = "8080"', f'HTTP_PORT_BASE = "{base}"')
+    text = text.replace('pythonpath = ["."]', f'pythonpath = ["{EXAMPLES}"]')
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    ports = (base, base + 1)
+    with running(str(path), "--name", name) as (proc, log):
+        wait_for(lambda: all_started(name, 2), 40, "2 cherrypy workers STARTED")
+        assert all(_answers(p) for p in ports)
+        assert "generation 0" in _get(base) and "web.1" in _get(base + 1)
+
+        ok = [0, 0]
+        failures: list[str] = []
+        seen: list[set[str]] = [set(), set()]
+        stop = threading.Event()
+
+        def hammer(i: int) -> None:
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline and ok[i] < 20000:
+                try:
+                    body = _get(ports[i])
+                    ok[i] += 1
+                    seen[i].add(body.rsplit("generation ", 1)[1].strip())
+                except Exception as e:  # noqa: BLE001 - every failure counts
+                    failures.append(f"{ports[i]}: {e!r}")
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: min(ok) >= 20, 20, "requests before graceful")
+            r = mb("graceful", "--name", name)
+            assert r.returncode == 0, r.stderr
+            wait_for(lambda: all("1" in s for s in seen), 20, "generation 1 on both ports")
+            after = list(ok)
+            wait_for(lambda: all(ok[i] >= after[i] + 20 for i in (0, 1)), 20,
+                     "requests after graceful")
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        print(f"requests ok per port: {ok}, failed: {len(failures)}")
+        assert failures == [], failures[:5]
+        assert all(s == {"0", "1"} for s in seen), seen
+
+        r = mb("stop", "--name", name)
+        assert r.returncode == 0, r.stderr
+        assert not any(_answers(p) for p in ports)  # stop closed the ports
+        assert states(name) == ["STOPPED", "STOPPED"]
+        r = mb("start", "--name", name)
+        assert r.returncode == 0, r.stderr
+        assert all(_answers(p) for p in ports)
+
+        r = mb("exit", "--name", name)
+        assert r.returncode == 0, r.stderr
+        assert proc.wait(30) == 0
+        assert "cherrypy: Serving on" in output(log)
+
+
+# --------------------------------------------------------------------------- a slow start
+
+SLOW = '''
+import threading
+
+def slow(bus):
+    """A worker whose start takes a minute."""
+    gate = threading.Event()
+    bus.subscribe("start", lambda: gate.wait(60))
+'''
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["SIGTERM", "exit"])
+def test_exit_is_not_delayed_by_a_slow_start(tmp_path, how):
+    """Answered while starting, and an exit request aborts the start instead of queueing
+    behind it for start_timeout."""
+    (tmp_path / "slowmod.py").write_text(SLOW)
+    name = unique("tz")
+    path = tmp_path / "slow.toml"
+    path.write_text(f'[supervisor]\nname = "{name}"\nterm_timeout = 1\n'
+                    f'pythonpath = ["{tmp_path}"]\n'
+                    '[groups.s]\ntarget = "slowmod:slow"\ncount = 2\nstart_timeout = 50\n'
+                    'stop_timeout = 2\n')
+    with running(str(path)) as (proc, log):
+        st = wait_for(lambda: (s := status(name)) and s["state"] == "STARTING" and all(
+            w["state"] == "STARTING" for w in s["workers"]) and s, 30, "workers STARTING")
+        assert len(st["workers"]) == 2
+        queued = mb("stop", "--name", name, "--no-wait")  # queued, not refused
+        assert queued.returncode == 0 and "queued" in queued.stdout
+        t0 = time.monotonic()
+        if how == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            r = mb("exit", "--name", name)
+            assert r.returncode == 0, r.stderr
+        proc.wait(20)
+        assert time.monotonic() - t0 < 15  # not start_timeout (50 s)
+
+
+@pytest.mark.timeout(60)
+def test_bank_broker_toml():
+    name = unique("tb")
+    with running(str(EXAMPLES / "bank_broker.toml"), "--name", name) as (proc, log):
+        wait_for(lambda: all_started(name, 2), 30, "bank and broker STARTED")
+        wait_for(lambda: "order placed for" in mb("logs", "broker", "--name", name).stdout, 20,
+                 "an order mirrored from the bank to the broker")
+        assert mb("exit", "--name", name).returncode == 0
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("toml", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
+def test_example_files_are_valid(toml):
+    from multibus.config import check_targets, load
+
+    check_targets(load(toml))
+
+
+@pytest.mark.timeout(60)
+def test_run_target_with_count_and_mirror():
+    name = unique("tt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(EXAMPLES), str(ROOT)]))
+    with running("jobs:worker", "-n", "2", "--mirror", "orders", "--name", name, env=env) as (
+            proc, log):
+        st = wait_for(lambda: all_started(name, 2), 30, "2 workers STARTED")
+        assert st["groups"] == [{"name": "jobs", "target": "jobs:worker", "count": 2,
+                                 "running": 2}]
+        assert [w["name"] for w in st["workers"]] == ["jobs.0", "jobs.1"]
+        assert "--channel orders" in " ".join(psutil.Process(st["workers"][0]["pid"]).cmdline())
+        assert mb("exit", "--name", name).returncode == 0
+        assert proc.wait(20) == 0
+
+
+@pytest.mark.timeout(60)
+def test_second_ctrl_c_kills_a_stuck_stop():
+    name = unique("tk")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    with running("targets.jobs:stubborn", "-n", "2", "--name", name, env=env) as (proc, log):
+        wait_for(lambda: all_started(name, 2), 30, "2 workers STARTED")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: (s := status(name)) and s["state"] == "STOPPING", 10, "STOPPING")
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 1  # workers had to be killed
+        assert time.monotonic() - t0 < 4  # not stop_timeout (5 s) + term_timeout (2 s)
+        assert "interrupted again" in output(log)

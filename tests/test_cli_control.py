@@ -1,0 +1,263 @@
+"""The control socket in-process: validation, queued transitions, answers while busy."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from multibus.bus import Bus, states
+from multibus.cli import format_status, sd_notify
+from multibus.control import (
+    Control,
+    ControlClient,
+    ControlError,
+    NotRunning,
+    control_path,
+    decode_request,
+    resolve_name,
+    running_supervisors,
+)
+from multibus.logview import format_json, format_text, split_source
+from multibus.specs import WorkerSpec
+from multibus.transport.endpoints import private_ipc, remove_ipc
+
+
+class FakeSupervisor:
+    """Enough of a Supervisor for the Control plugin; its 'stop' can be held."""
+
+    def __init__(self, bus: Bus, name: str) -> None:
+        self.bus = bus
+        self.name = name
+        self.specs = {"job": WorkerSpec(name="job", target="m:f", count=2)}
+        self.rows = [{"name": f"job.{i}", "group": "job", "pid": os.getpid(), "state": "STARTED",
+                      "restarts": 0, "exit_code": None, "uptime": 1.0} for i in range(2)]
+        self.hold = threading.Event()
+        self.hold.set()
+        self.stopping = threading.Event()
+        self.scaled: list[tuple[str, int]] = []
+        bus.subscribe("stop", self.stop)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        assert self.hold.wait(10)
+
+    def table(self):
+        return list(self.rows)
+
+    def scale(self, group: str, count: int) -> None:
+        self.scaled.append((group, count))
+
+
+@pytest.fixture
+def served():
+    name = f"ctl{os.getpid()}x{time.monotonic_ns() % 100000}"
+    endpoints = private_ipc(name)  # the hub name is ours, as after Supervisor.subscribe()
+    bus = Bus()
+    sup = FakeSupervisor(bus, name)
+    control = Control(bus, sup, name=name).subscribe()
+    bus.start()
+    waiter = threading.Thread(target=bus.wait, args=(states.EXITING,), daemon=True)
+    waiter.start()  # runs the queued transitions, like the main thread in block()
+    try:
+        yield bus, sup, control, ControlClient(name, timeout=5)
+    finally:
+        sup.hold.set()
+        bus.defer(bus.exit)
+        waiter.join(10)
+        if bus.state is not states.EXITING:
+            bus.exit()
+        control.unsubscribe()
+        remove_ipc(endpoints)
+
+
+def test_status_and_queued_transitions(served):
+    bus, sup, control, client = served
+    st = client.status()
+    assert st["name"] == client.name and st["state"] == "STARTED" and st["pid"] == os.getpid()
+    assert [w["name"] for w in st["workers"]] == ["job.0", "job.1"]
+    assert st["workers"][0]["memory_rss"] > 0
+    assert client.name in running_supervisors()
+    assert resolve_name(client.name) == client.name
+
+    sup.hold.clear()
+    stop = client.op("stop")
+    assert sup.stopping.wait(5)
+    # the fleet is busy stopping: every command is still answered at once
+    t0 = time.monotonic()
+    assert client.status()["state"] == "STOPPING"
+    start = client.op("start")
+    scale = client.scale("job", 5)
+    assert client.request("op_status", op=start["op"])["state"] == "queued"
+    queue = client.status()["queue"]
+    assert [q["action"] for q in queue] == ["stop", "start", "scale"]
+    assert queue[0]["state"] == "running"
+    assert time.monotonic() - t0 < 2
+    sup.hold.set()
+    assert client.wait_op(stop["op"], 10)["state"] == "done"
+    assert client.wait_op(start["op"], 10)["state"] == "done"
+    assert client.wait_op(scale["op"], 10)["note"] == "job: 5 workers"
+    assert sup.scaled == [("job", 5)] and bus.state is states.STARTED
+    assert client.status()["groups"][0]["count"] == 5
+
+    again = client.wait_op(client.op("start")["op"], 10)
+    assert (again["state"], again["note"]) == ("done", "already STARTED")
+    with pytest.raises(ControlError, match="no group 'web'; groups: job"):
+        client.scale("web", 1)
+    with pytest.raises(ControlError, match="no operation 99999"):
+        client.request("op_status", op=99999)
+
+
+def test_logs_buffer_and_long_poll(served):
+    bus, sup, control, client = served
+    bus.log("job.0 | first")
+    bus.log("job.1 | second", 30)
+    bus.log("web.3 | other")
+    recs, nxt = client.logs(0, "job")
+    assert [(r[3], r[4], r[2]) for r in recs][-2:] == [("job.0", "first", 20),
+                                                       ("job.1", "second", 30)]
+    assert [r[4] for r in client.logs(0, "job.1")[0]] == ["second"]
+    assert all(r[3] == "supervisor" for r in client.logs(0, "supervisor")[0])
+
+    # a long poll returns as soon as a record arrives (not at the end of its wait)
+    threading.Timer(0.2, lambda: bus.log("job.0 | late")).start()
+    t0 = time.monotonic()
+    recs, nxt2 = client.logs(nxt, "job", wait=5.0)
+    assert [r[4] for r in recs] == ["late"] and nxt2 > nxt
+    assert time.monotonic() - t0 < 2.5
+    recs, _ = client.logs(nxt2, "job", wait=0.2)  # nothing new: empty after the wait
+    assert recs == []
+
+
+def test_invalid_requests_are_answered_and_counted(served):
+    bus, sup, control, client = served
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{control_path(client.name)}")
+    try:
+        bad = [
+            b"\xc1garbage",
+            msgpack.packb([1, 2, 3]),
+            msgpack.packb({"v": 2, "id": 1, "cmd": "status"}),
+            msgpack.packb({"v": 1, "id": -1, "cmd": "status"}),
+            msgpack.packb({"v": 1, "id": 1, "cmd": "shutdown"}),
+            msgpack.packb({"v": 1, "id": 1, "cmd": "status", "extra": 1}),
+            msgpack.packb({"v": 1, "id": 1, "cmd": "op", "action": "reboot"}),
+            msgpack.packb({"v": 1, "id": 1, "cmd": "scale", "group": "job", "count": "3"}),
+            msgpack.packb({"v": 1, "id": 1, "cmd": "logs", "since": 0, "group": None,
+                           "limit": 10**6, "wait": 0}),
+            msgpack.packb({"v": 1, "id": 1, "cmd": "status", "x": msgpack.ExtType(1, b"")}),
+        ]
+        for frame in bad:
+            sock.send(frame)
+            assert sock.poll(5000), frame
+            reply = msgpack.unpackb(sock.recv())
+            assert reply["ok"] is False and reply["error"].startswith("invalid request: ")
+        sock.send(b"x" * (70 * 1024))  # over MAXMSGSIZE: the connection is dropped, no reply
+    finally:
+        sock.close(0)
+    assert control.invalid >= len(bad)
+    assert client.status()["state"] == "STARTED"  # the server survived all of it
+
+
+def test_decode_request_accepts_each_command():
+    for req in ({"cmd": "status"}, {"cmd": "op", "action": "graceful"},
+                {"cmd": "scale", "group": "job", "count": 0}, {"cmd": "op_status", "op": 3},
+                {"cmd": "logs", "since": 5, "group": "job.1", "limit": 1, "wait": 1.5}):
+        assert decode_request(msgpack.packb({"v": 1, "id": 7, **req}))["cmd"] == req["cmd"]
+
+
+def test_not_running_and_name_resolution():
+    client = ControlClient("nobody-here-xyz", timeout=1)
+    with pytest.raises(NotRunning, match="no supervisor named 'nobody-here-xyz' is running"):
+        client.status()
+    assert resolve_name("given") == "given"
+
+
+def test_log_formats():
+    assert split_source("job.12 | hello | world") == ("job.12", "hello | world")
+    assert split_source("Bus STARTED") == ("supervisor", "Bus STARTED")
+    rec = (1, 0.0, 40, "job.1", "boom\nline two")
+    text = format_text(rec, colour=False, width=8)
+    assert text.splitlines()[0].endswith("  job.1    | ERROR boom")
+    assert text.splitlines()[1].endswith("  job.1    | ERROR line two")
+    assert "\x1b[" in format_text(rec, colour=True) and "\x1b[" not in text
+    import json
+
+    obj = json.loads(format_json(rec))
+    assert (obj["level"], obj["source"], obj["group"], obj["index"], obj["message"]) == (
+        "ERROR", "job.1", "job", 1, "boom\nline two")
+    assert json.loads(format_json((1, 0.0, 20, "supervisor", "x")))["group"] is None
+
+
+def test_format_status_table():
+    st = {"name": "f", "pid": 1, "state": "STARTED", "uptime": 75.0, "queue": [
+        {"op": 1, "action": "stop", "args": {}, "state": "running"}], "workers": [
+        {"group": "job", "name": "job.0", "index": 0, "pid": 42, "state": "STARTED",
+         "restarts": 2, "exit_code": None, "uptime": 3725.0, "cpu_percent": 1.25,
+         "memory_rss": 20 * 1024 * 1024},
+        {"group": "job", "name": "job.1", "index": 1, "pid": None, "state": "EXITED",
+         "restarts": 0, "exit_code": 3, "uptime": 0.0, "cpu_percent": None,
+         "memory_rss": None}]}
+    lines = format_status(st).splitlines()
+    assert lines[0] == "f (pid 1): STARTED, 2 workers, up 1m15s"
+    assert lines[1] == "  running: stop"
+    assert lines[2].split() == ["GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%",
+                                "MEM"]
+    assert lines[3].split() == ["job", "job.0", "42", "STARTED", "2", "1h02m", "1.2", "20.0M"]
+    assert lines[4].split() == ["job", "job.1", "-", "EXITED", "(3)", "0", "-", "-", "-"]
+
+
+def test_sd_notify(tmp_path):
+    import socket
+
+    path = tmp_path / "n.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(path))
+        assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(path)})
+        assert s.recv(100) == b"READY=1"
+    assert not sd_notify("READY=1", {})
+    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(tmp_path / "gone")})
+    name = f"mbtest{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind("\0" + name)
+        assert sd_notify("STOPPING=1", {"NOTIFY_SOCKET": "@" + name})
+        assert s.recv(100) == b"STOPPING=1"
+
+
+def test_log_printer_never_blocks_the_caller():
+    from multibus.cli import LogPrinter
+
+    class Stuck:
+        def __init__(self) -> None:
+            self.gate = threading.Event()
+            self.lines: list[str] = []
+
+        def write(self, text: str) -> None:
+            assert self.gate.wait(10)
+            self.lines.append(text)
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return False
+
+    stream = Stuck()
+    printer = LogPrinter(20, "text", stream, max_queue=100).start()
+    t0 = time.monotonic()
+    for i in range(1000):
+        printer(f"job.0 | line {i}", 20)
+    printer("debug line", 10)  # below the level: filtered
+    assert time.monotonic() - t0 < 1  # the terminal is stuck; the listener is not
+    assert printer.dropped >= 800
+    stream.gate.set()
+    printer.close()
+    text = "".join(stream.lines)
+    assert "line 0\n" in text and "debug line" not in text
+    assert f"{printer.dropped} log lines dropped (output too slow)" in text
