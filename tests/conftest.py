@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 import psutil
 import pytest
+
+# Every test (and every process it starts) gets a private runtime dir for ipc sockets and
+# PID files, so tests never touch the user's real one and leave nothing behind in it.
+# mkdtemp makes it 0700; a short /tmp path keeps ipc socket paths under the 107-byte limit.
+_RUNTIME_DIR = tempfile.mkdtemp(prefix="mbt-")
+os.environ["XDG_RUNTIME_DIR"] = _RUNTIME_DIR
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_RUNTIME_DIR, ignore_errors=True)
 
 
 def _children() -> list[psutil.Process]:

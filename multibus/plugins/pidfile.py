@@ -142,7 +142,7 @@ class PIDFile(SimplePlugin):
     def start(self) -> None:
         """Lock the file, take over stale content, write ``"pid create_time"``."""
         if self.fd is not None:
-            self.bus.log(f"PID {os.getpid()} already written to {self.pidfile!r}.")
+            self.bus.log(f"PID {os.getpid()} already written to {self.pidfile!r}.", 10)
             return
         fd = self._open_locked()
         try:

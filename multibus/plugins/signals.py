@@ -123,7 +123,7 @@ class SignalHandler:
         if prev != self._handle_signal:  # bound methods compare equal, never identical
             self._previous_handlers.setdefault(signum, prev)
         if listener is not None and (signame, listener) not in self._listeners:
-            self.bus.log(f"Listening for {signame}.")
+            self.bus.log(f"Listening for {signame}.", 10)
             self.bus.subscribe(signame, listener)
             self._listeners.append((signame, listener))
 
@@ -134,7 +134,7 @@ class SignalHandler:
             signame = self.signals.get(signum, str(signum))
             if handler is None:
                 handler = _signal.SIG_DFL  # set outside Python: best we can do
-            self.bus.log(f"Restoring {signame} handler {handler!r}.")
+            self.bus.log(f"Restoring {signame} handler {handler!r}.", 10)
             _signal.signal(signum, handler)
         self._previous_handlers.clear()
         for signame, listener in self._listeners:
