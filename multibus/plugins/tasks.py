@@ -24,6 +24,19 @@ def _log(bus: Any, msg: str, level: int = 20, traceback: bool = False) -> None:
         bus.log(msg, level=level, traceback=traceback)
 
 
+def _repeat(task: Any, kind: str) -> None:
+    """Call ``task.function`` every ``task.interval`` until ``task.finished`` is set; the first
+    failure is logged on ``task.bus`` (or raised without a bus) and ends the loop."""
+    while not task.finished.wait(task.interval):
+        try:
+            task.function(*task.args, **task.kwargs)
+        except Exception:
+            if task.bus is None:
+                raise
+            _log(task.bus, f"Error in {kind} thread function {task.function!r}.", 40, True)
+            return
+
+
 class PerpetualTimer(threading.Timer):
     """A threading.Timer that repeats every ``interval`` until ``cancel()``.
 
@@ -37,15 +50,7 @@ class PerpetualTimer(threading.Timer):
         self.daemon = True
 
     def run(self) -> None:
-        while not self.finished.wait(self.interval):
-            try:
-                self.function(*self.args, **self.kwargs)
-            except Exception:
-                if self.bus is None:
-                    raise
-                _log(self.bus, f"Error in perpetual timer thread function {self.function!r}.",
-                     40, True)
-                return
+        _repeat(self, "perpetual timer")
 
 
 class BackgroundTask(threading.Thread):
@@ -76,15 +81,7 @@ class BackgroundTask(threading.Thread):
         self.finished.set()
 
     def run(self) -> None:
-        while not self.finished.wait(self.interval):
-            try:
-                self.function(*self.args, **self.kwargs)
-            except Exception:
-                if self.bus is None:
-                    raise
-                _log(self.bus, f"Error in background task thread function {self.function!r}.",
-                     40, True)
-                return
+        _repeat(self, "background task")
 
 
 class Monitor(SimplePlugin):
