@@ -12,7 +12,8 @@ One parent, one child started by exec (``sys.executable``, never fork). Each rou
   rate = messages / (child's last receipt - parent's first send), on the system-wide monotonic
   clock both processes share.
 * raw ROUTER/DEALER ping-pong over ipc (parent sends, child answers).
-* lifecycle round trip: ``hub.command('graceful', [peer])`` until the ack is seen on the hub.
+* lifecycle round trip: ``hub.command('graceful', [peer], wait=...)`` until the ack is seen on
+  the hub (target); also until the peer's 'Bus graceful' log reaches the hub (info).
 
 Rows report the best round. Targets: mirrored >= 0.5x raw; round trip <= 2x raw. Every wait
 has a deadline (``--timeout``), so a lost message or a stuck peer ends the run with a report.
@@ -394,6 +395,24 @@ class HubSide:
             samples.append(clock() - t)
         return _latency(samples)
 
+    def ack_rtt(self, count: int) -> dict[str, Any]:
+        """``hub.command('graceful', [peer], wait=...)``: until the peer's ack reached the hub
+        (the round trip issue 3 names). The peer applies each graceful after acking it."""
+        samples = []
+        clock = time.perf_counter
+        command = self.bridge.command
+        timeout = self.timeout
+        key = ("log", "Bus graceful")
+        start = self._count(key)
+        for _ in range(count):
+            t = clock()
+            if not command("graceful", [PEER], wait=timeout):
+                raise TimeoutError(f"no ack within {timeout}s for command('graceful')")
+            samples.append(clock() - t)
+        # let the last applies finish before the next measurement
+        self._wait_count(key, start + count - 1, f"{count} gracefuls to be applied")
+        return _latency(samples)
+
     def command_rtt(self, count: int) -> dict[str, Any]:
         """graceful: the peer acks, applies it and its 'Bus graceful' log reaches the hub."""
         return self.roundtrip("graceful", ("log", "Bus graceful"), count)
@@ -408,6 +427,88 @@ class HubSide:
 
     def close(self) -> None:
         self.bus.exit()
+
+
+# --------------------------------------------------------------------------- idle cost
+
+
+def _ctx_switches(pid: int) -> dict[int, tuple[str, int]]:
+    """tid -> (thread name, voluntary context switches) of every thread of ``pid``."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+        out[int(tid)] = (fields.get("Name", "?").strip(),
+                         int(fields.get("voluntary_ctxt_switches", "0")))
+    return out
+
+
+def idle_child(endpoints: str, count: int, heartbeat: float | None) -> int:
+    """``count`` idle peers (each with its own context) until stdin closes."""
+    Bus, Bridge = _bridge_classes()
+    buses = []
+    for i in range(count):
+        bus = Bus()
+        Bridge(bus, role="peer", name=f"idle{i}", endpoints=endpoints,
+               heartbeat=heartbeat).subscribe()
+        bus.start()
+        buses.append(bus)
+    sys.stdin.read()
+    for bus in buses:
+        bus.exit()
+    return 0
+
+
+def idle_main(seconds: float, peers: int, heartbeat: float | None) -> int:
+    """Wake-ups per second of an idle hub with ``peers`` idle peers (another process), per
+    thread, from /proc voluntary context switches over ``seconds``."""
+    Bus, Bridge = _bridge_classes()
+    bus = Bus()
+    joined = threading.Semaphore(0)
+    bus.subscribe("peer.joined", lambda name, pid: joined.release())
+    bridge = Bridge(bus, role="hub", name=f"idle-{os.getpid()}", heartbeat=heartbeat)
+    bridge.subscribe()
+    bus.start()
+    hb = "none" if heartbeat is None else str(heartbeat)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--idle-child", bridge.endpoints.to_string(), str(peers), hb],
+        stdin=subprocess.PIPE, process_group=0,
+    )
+    try:
+        for _ in range(peers):
+            if not joined.acquire(timeout=20):
+                raise TimeoutError("idle peers did not join in 20 s")
+        time.sleep(1.0)  # let the joins settle (sync probes, state reports)
+        before = _ctx_switches(os.getpid())
+        cbefore = _ctx_switches(proc.pid)
+        time.sleep(seconds)
+        after = _ctx_switches(os.getpid())
+        cafter = _ctx_switches(proc.pid)
+        print(f"idle: hub + {peers} peers (other process), heartbeat={hb}, {seconds:g} s")
+        for label, b, a in (("hub", before, after), ("peers", cbefore, cafter)):
+            total = 0
+            for tid, (name, n) in sorted(a.items()):
+                if tid in b:
+                    d = n - b[tid][1]
+                    if label == "hub" and name.startswith("python") and tid == os.getpid():
+                        continue  # this measuring thread (sleeping)
+                    total += d
+                    if d:
+                        print(f"  {label} {name:18} tid {tid}: {d / seconds:8.2f} wakes/s")
+            print(f"  {label} process total (bridge threads): {total / seconds:.2f} wakes/s")
+        return 0
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        bus.exit()
 
 
 # --------------------------------------------------------------------------- main
@@ -438,17 +539,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=20.0, help="deadline per wait (s)")
     parser.add_argument("--raw-only", action="store_true", help="skip the Bridge rows")
+    parser.add_argument("--idle", type=float, metavar="SECONDS",
+                        help="instead: measure an idle hub's wake-ups per second")
+    parser.add_argument("--idle-peers", type=int, default=10)
+    parser.add_argument("--heartbeat", default="0.5", help="for --idle: seconds or 'none'")
     parser.add_argument("--child", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--idle-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return child_main(*args.child)
+    if args.idle_child:
+        ep, n, hb = args.idle_child
+        return idle_child(ep, int(n), None if hb == "none" else float(hb))
+    if args.idle:
+        hb = None if args.heartbeat == "none" else float(args.heartbeat)
+        return idle_main(args.idle, args.idle_peers, hb)
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-", dir=runtime_dir()))
     proc, chan = spawn_child()
     ctx = zmq.Context()
     hub: HubSide | None = None
     rows: dict[str, list[dict[str, Any]]] = {
-        k: [] for k in ("raw", "mirror", "ping", "cmd", "state")
+        k: [] for k in ("raw", "mirror", "ping", "ack", "cmd", "state")
     }
     bridge_error = None
     try:
@@ -465,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             rows["ping"].append(raw_pingpong(ctx, chan, f"ipc://{tmp}/rtr{r}", args.pings,
                                              args.timeout))
             if hub:
+                rows["ack"].append(hub.ack_rtt(args.commands))
                 rows["cmd"].append(hub.command_rtt(args.commands))
                 rows["state"].append(hub.stop_start_rtt(args.commands // 3))
         report(args, rows, bridge_error)
@@ -508,14 +621,17 @@ def report(args, rows: dict[str, list[dict[str, Any]]], bridge_error: str | None
     else:
         print(f"{'raw PUB/SUB (msg/s)':44} {'-':>14} {fmt_rate(raw['rate']):>14}")
     if rows["cmd"]:
-        cmd = min(rows["cmd"], key=lambda r: r["p50"])
-        ratio = cmd["p50"] / ping["p50"]
-        print(f"{'lifecycle command round trip p50 (us)':44} {cmd['p50'] * 1e6:14.1f} "
+        ack = min(rows["ack"], key=lambda r: r["p50"])
+        ratio = ack["p50"] / ping["p50"]
+        print(f"{'command(graceful, wait=) ack round trip p50':44} {ack['p50'] * 1e6:14.1f} "
               f"{ping['p50'] * 1e6:14.1f} {ratio:6.2f}x  <= 2x "
               f"{'OK' if ratio <= 2 else 'MISS'}")
         for q in ("p90", "p99", "mean"):
-            print(f"{'  ' + q + ' (us)':44} {cmd[q] * 1e6:14.1f} {ping[q] * 1e6:14.1f} "
-                  f"{cmd[q] / ping[q]:6.2f}x")
+            print(f"{'  ' + q + ' (us)':44} {ack[q] * 1e6:14.1f} {ping[q] * 1e6:14.1f} "
+                  f"{ack[q] / ping[q]:6.2f}x")
+        cmd = min(rows["cmd"], key=lambda r: r["p50"])
+        print(f"{'graceful applied + logged on hub p50 (us)':44} {cmd['p50'] * 1e6:14.1f} "
+              f"{ping['p50'] * 1e6:14.1f} {cmd['p50'] / ping['p50']:6.2f}x  (info)")
         st = min(rows["state"], key=lambda r: r["p50"])
         print(f"{'stop->STOPPED / start->STARTED p50 (us)':44} {st['p50'] * 1e6:14.1f} "
               f"{ping['p50'] * 1e6:14.1f} {st['p50'] / ping['p50']:6.2f}x  (info)")

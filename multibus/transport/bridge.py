@@ -37,6 +37,14 @@ Delivery rules (see ``wire.py`` for the frame format):
 * Liveness: application heartbeats both ways (plus ZMTP heartbeats). The hub publishes
   ``peer.lost`` when a peer misses ``peer_timeout`` or its connection is gone; a peer publishes
   ``hub.lost`` on the control socket's DISCONNECTED event or a heartbeat timeout.
+  ``heartbeat=None`` (for local ipc peers whose death the owner learns
+  otherwise, e.g. a pidfd) sends no heartbeats at all: an idle bridge then has no timer and
+  its threads (and libzmq's) sleep until there is work. Death is still seen through the
+  connection: a peer's DISCONNECTED -> ``hub.lost``; on the hub a control disconnect makes it
+  probe its peers (ROUTER_MANDATORY names the gone one) -> ``peer.lost(name, 'disconnected')``.
+  A hung-but-connected process is then not detected by the bridge. Mixed set-ups work: a
+  side without heartbeats answers each heartbeat it gets, so the other side's timeout holds.
+* After ``hub.lost`` a peer closes with linger 0 (nobody is left to read its last words).
 * Every received frame is validated; anything else is dropped and counted in ``stats()``.
   The I/O thread survives any input; it exits on the bus's 'exit' (listener priority 95, after
   the others), flushing what it can within a bounded LINGER.
@@ -53,6 +61,7 @@ import collections
 import os
 import queue
 import random
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -61,7 +70,6 @@ from typing import Any
 
 import msgpack
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from multibus.transport import wire
 from multibus.transport.endpoints import (
@@ -89,6 +97,8 @@ PENDING_FRAMES = 16  # frames waiting for a socket before we stop building/readi
 DISPATCH_BACKLOG = 64  # frames waiting for the dispatch thread before we stop reading
 APPLIER_IDLE = 1.0  # seconds the command thread waits for the next command before ending
 SEQ_TABLE = 1024  # (origin, epoch) pairs remembered for gap detection
+_NEVER = float("inf")  # no timer due (heartbeat=None and nothing pending): poll without timeout
+PROBE_DELAYS = (0.0, 0.1, 0.5)  # hub, heartbeat=None: probe peers after a control disconnect
 
 _MONITOR_EVENTS = (
     zmq.EVENT_CONNECTED
@@ -104,6 +114,17 @@ _HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+
+
+_MONITOR_HEAD = struct.Struct("=hi")  # libzmq monitor event: u16 event, i32 value (+ address)
+
+
+def _monitor_event(frames: list[bytes]) -> int:
+    """The event number of a socket-monitor message (zmq.utils.monitor.parse_monitor_message
+    without its import, which pulls in asyncio: ~30 ms of every worker's start-up)."""
+    if len(frames) != 2 or len(frames[0]) != 6:
+        raise ValueError("not a socket-monitor message")
+    return _MONITOR_HEAD.unpack(frames[0])[0]
 
 
 class BridgeError(RuntimeError):
@@ -154,9 +175,11 @@ class Bridge:
     ``role`` 'hub' binds ``endpoints`` (default: ``private_ipc(name)``, removed again on exit);
     'peer' connects to them (required). ``channels`` are mirrored both ways. ``heartbeat`` is
     the application heartbeat interval and ``peer_timeout`` the silence after which the other
-    side is reported lost. ``max_message`` is the frame size limit (ZMQ MAXMSGSIZE on every
-    receiving socket): a publish whose packed size exceeds ``max_message - 512`` raises in the
-    publisher; both sides should use the same value (a peer adopts the hub's if smaller).
+    side is reported lost; ``heartbeat=None`` turns heartbeats off (this side then only
+    answers the other side's; see the module docstring). ``max_message`` is the frame size
+    limit (ZMQ MAXMSGSIZE on every receiving socket): a publish whose packed size exceeds
+    ``max_message - 512`` raises in the publisher; both sides should use the same value (a
+    peer adopts the hub's if smaller).
     """
 
     def __init__(
@@ -167,7 +190,7 @@ class Bridge:
         name: str,
         endpoints: Endpoints | str | None = None,
         channels: Iterable[str] = (),
-        heartbeat: float = 0.5,
+        heartbeat: float | None = 0.5,
         peer_timeout: float = 2.0,
         curve: CurveConfig | None = None,
         max_message: int = wire.MAX_MESSAGE,
@@ -194,7 +217,7 @@ class Bridge:
                     "(Bridge.command), 'log' goes upstream by itself, 'main' and the bridge's "
                     "own peer.*/hub.* channels stay local; pick another channel name"
                 )
-        if not heartbeat > 0 or not peer_timeout > heartbeat:
+        if heartbeat is not None and (not heartbeat > 0 or not peer_timeout > heartbeat):
             raise ValueError(
                 f"need 0 < heartbeat < peer_timeout, got heartbeat={heartbeat}, "
                 f"peer_timeout={peer_timeout}"
@@ -208,7 +231,7 @@ class Bridge:
         self.role = role
         self.name = name
         self.channels = chans
-        self.heartbeat = float(heartbeat)
+        self.heartbeat = None if heartbeat is None else float(heartbeat)
         self.peer_timeout = float(peer_timeout)
         self.curve = curve
         self.max_message = int(max_message)
@@ -222,7 +245,10 @@ class Bridge:
         self._owns_ipc = False
         self._limit = wire.entry_limit(self.max_message)  # read by publisher threads
         self._frame_limit = self.max_message
-        self._retry = max(0.05, min(0.25, self.heartbeat / 2))
+        self._retry = 0.25 if heartbeat is None else max(0.05, min(0.25, heartbeat / 2))
+        self._hub_gone = False  # peer: hub.lost seen; close with linger 0 (nobody reads)
+        self._probe_at = 0.0  # hub: look for gone peers (a control pipe disconnected)
+        self._probe_start = 0.0
         self._tls = _Local()
 
         # handed from any thread to the I/O thread
@@ -250,7 +276,7 @@ class Bridge:
         self._default_desired: str | None = None
         self._default_graceful = 0
         self._cmd_seq = 0
-        self._ack_waiters: list[tuple[threading.Event, dict[str, int]]] = []  # I/O thread
+        self._ack_waiters: list[tuple[Any, dict[str, int]]] = []  # (held Lock, name->seq)
 
         # peer side
         self._hub_epoch = 0
@@ -397,9 +423,13 @@ class Bridge:
         if wait is None:
             self._call(self._do_command, action, names, None)
             return None
-        done = threading.Event()
-        self._call(self._do_command, action, names, done)
-        return done.wait(wait)
+        # A held lock the I/O thread releases on the last ack: the least work between waking
+        # the I/O thread and blocking, and on the way back (an Event is a Condition + lock).
+        done = threading.Lock()
+        done.acquire()
+        self._calls.append((self._do_command, (action, names, done)))
+        self._wake()
+        return done.acquire(timeout=max(0.0, wait))
 
     def peers(self) -> dict[str, dict[str, Any]]:
         """(hub) name -> {'pid', 'state', 'desired', 'connected', 'joined', 'last_seen'}."""
@@ -535,7 +565,7 @@ class Bridge:
         self._sockets: list[zmq.Socket] = []
         ep = self.endpoints
         assert ep is not None
-        hb_ms = int(self.heartbeat * 1000)
+        hb_ms = 0 if self.heartbeat is None else int(self.heartbeat * 1000)
         timeout_ms = int(self.peer_timeout * 1000)
 
         def make(kind: int, label: str) -> zmq.Socket:
@@ -543,9 +573,10 @@ class Bridge:
             self._sockets.append(s)
             s.linger = LINGER_MS
             s.maxmsgsize = self.max_message
-            s.setsockopt(zmq.HEARTBEAT_IVL, hb_ms)
-            s.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
-            s.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)
+            if hb_ms:  # no ZMTP heartbeats: libzmq's I/O thread then has no idle timers
+                s.setsockopt(zmq.HEARTBEAT_IVL, hb_ms)
+                s.setsockopt(zmq.HEARTBEAT_TIMEOUT, timeout_ms)
+                s.setsockopt(zmq.HEARTBEAT_TTL, timeout_ms)
             s.reconnect_ivl = 50
             s.reconnect_ivl_max = 1000
             if self.curve is not None:
@@ -634,12 +665,17 @@ class Bridge:
             if self._calls or self._states:
                 timeout = 0
         else:
-            timeout = max(0, int((self._next_tick - now) * 1000) + 1)
+            nt = self._next_tick
+            timeout = -1 if nt == _NEVER else max(0, int((nt - now) * 1000) + 1)
             self._sleeping = True  # from here on publishers wake us; then re-check the queues
             if self._calls or self._states or self._out or self._logs:
                 timeout = 0
         events = self._poller.poll(timeout)
         self._sleeping = False
+        calls = self._calls
+        while calls:  # commands first: a command is sent before a batch of input is read
+            func, args = calls.popleft()
+            func(*args)
         for sock, _ in events:
             if sock is self._control:
                 self._recv_control()
@@ -800,12 +836,11 @@ class Bridge:
         label = self._monitors[mon]
         for _ in range(64):
             try:
-                event = parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))
+                ev = _monitor_event(mon.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
             except Exception:
                 return
-            ev = event["event"]
             if ev & _HANDSHAKE_FAILED:
                 self._stats["handshake_failed"] += 1
                 if ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -819,6 +854,12 @@ class Bridge:
                 self._stats["disconnects"] += 1
                 if not self._hub and label == "control" and self._welcomed:
                     self._hub_lost("disconnected")
+                elif self._hub and label == "control" and self.heartbeat is None:
+                    # no heartbeat will notice: probe every peer now (and a bit later, as
+                    # the ROUTER may drop the pipe after the event), EHOSTUNREACH names it
+                    now = time.monotonic()
+                    self._probe_start = self._probe_at = now
+                    self._next_tick = now
             elif ev == zmq.EVENT_ACCEPTED:
                 self._stats["accepted"] += 1
             elif ev == zmq.EVENT_HANDSHAKE_SUCCEEDED and not self._hub and label == "control":
@@ -847,6 +888,9 @@ class Bridge:
             if msg["epoch"] != self.epoch:
                 self._send_to(ident, wire.encode("who"))
                 return
+            if self.heartbeat is None:  # a peer that uses heartbeats: answer, it times us out
+                self._send_to(ident, wire.encode(
+                    "hb", epoch=self.epoch, state=_state_name(self.bus.state)))
             self._peer_state(rec, msg["state"])
         elif kind == "state":
             self._peer_state(rec, msg["state"])
@@ -944,16 +988,21 @@ class Bridge:
         )
         if self._send_to(rec.ident, frame):
             self._stats["cmd_sent"] += 1
-        rec.next_send = now + self._retry
+        rec.next_send = t = now + self._retry
+        if t < self._next_tick:
+            self._next_tick = t  # resend until acked (the only timer of an idle hub)
 
     def _send_sync(self, rec: _Peer) -> None:
+        t = time.monotonic() + SYNC_INTERVAL
+        if t < self._next_tick:
+            self._next_tick = t
         try:
             self._down.send(wire.encode("sync", target=rec.name, token=rec.token), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
     def _do_command(
-        self, action: str, names: list[str] | None, done: threading.Event | None
+        self, action: str, names: list[str] | None, done: Any | None
     ) -> None:
         desired = ACTIONS[action]
         now = time.monotonic()
@@ -990,7 +1039,7 @@ class Bridge:
             if needed:
                 self._ack_waiters.append((done, needed))
             else:
-                done.set()
+                done.release()
 
     def _acked(self, name: str, seq: int) -> None:
         keep = []
@@ -1000,7 +1049,7 @@ class Bridge:
             if needed:
                 keep.append((done, needed))
             else:
-                done.set()
+                done.release()
         self._ack_waiters = keep
 
     def _do_forget(self, name: str) -> None:
@@ -1017,6 +1066,7 @@ class Bridge:
             self._hub_seen = now
             was = self._welcomed
             self._welcomed = True
+            self._hub_gone = False
             self._frame_limit = min(self.max_message, msg["max_message"])
             self._limit = wire.entry_limit(self._frame_limit)
             with self._apply_lock:
@@ -1034,6 +1084,9 @@ class Bridge:
                 self._send_hello()
             else:
                 self._hub_seen = now
+                if self.heartbeat is None:  # a hub that uses heartbeats: answer it
+                    self._send_control(wire.encode(
+                        "hb", epoch=self._hub_epoch, state=_state_name(self.bus.state)))
             return
         if kind == "cmd":
             if msg["epoch"] != self._hub_epoch:
@@ -1061,7 +1114,9 @@ class Bridge:
             return False
 
     def _send_hello(self) -> None:
-        self._next_hello = time.monotonic() + self._retry
+        self._next_hello = t = time.monotonic() + self._retry
+        if t < self._next_tick:
+            self._next_tick = t  # retried until welcomed
         self._send_control(
             wire.encode(
                 "hello", name=self.name, pid=os.getpid(), epoch=self.epoch,
@@ -1071,6 +1126,8 @@ class Bridge:
 
     def _hub_lost(self, reason: str) -> None:
         self._welcomed = False
+        self._hub_gone = True  # nobody reads our last words: close with linger 0
+        self._next_tick = min(self._next_tick, self._next_hello)
         self._emit("hub.lost", reason)
 
     def _send_states(self) -> None:
@@ -1145,39 +1202,64 @@ class Bridge:
     # -- timers
 
     def _tick(self, now: float) -> None:
+        """Timers. With heartbeats: every min(retry, heartbeat). With ``heartbeat=None`` only
+        what is pending (command resends, sync probes, hello retries, disconnect probes) sets
+        a timer, so an idle bridge sleeps in poll() without a timeout."""
         hub = self._hub
-        next_tick = now + min(self._retry, self.heartbeat)
+        hb_ivl = self.heartbeat
+        if hb_ivl is None:
+            next_tick = _NEVER
+            self._next_hb = _NEVER
+        else:
+            next_tick = now + min(self._retry, hb_ivl)
         if hub:
             syncing = False
             with self._peers_lock:
                 recs = list(self._peers.values())
             beat = now >= self._next_hb
-            if beat:
-                self._next_hb = now + self.heartbeat
+            probe = self._probe_at and now >= self._probe_at
+            if probe:
+                self._probe_at = 0.0
+                for delay in PROBE_DELAYS:  # the next scheduled probe, if any
+                    if now + 0.001 < self._probe_start + delay:
+                        self._probe_at = self._probe_start + delay
+                        next_tick = min(next_tick, self._probe_at)
+                        break
+            if beat or probe:
+                if hb_ivl is not None and beat:
+                    self._next_hb = now + hb_ivl
                 hb = wire.encode("hb", epoch=self.epoch, state=_state_name(self.bus.state))
             for rec in recs:
                 if not rec.connected:
                     continue
-                if now - rec.last_seen > self.peer_timeout:
+                if hb_ivl is not None and now - rec.last_seen > self.peer_timeout:
                     self._lose_peer(rec, "heartbeat timeout")
                     continue
-                if beat:
+                if beat or probe:
+                    # ROUTER_MANDATORY: a peer whose pipe is gone fails -> 'disconnected'
                     self._send_to(rec.ident, hb)
-                if rec.pending and now >= rec.next_send and rec.connected:
-                    self._stats["cmd_retries"] += 1
-                    self._send_cmd(rec, now)
+                    if not rec.connected:
+                        continue
+                if rec.pending:
+                    if now >= rec.next_send:
+                        self._stats["cmd_retries"] += 1
+                        self._send_cmd(rec, now)
+                    next_tick = min(next_tick, rec.next_send)
                 if not rec.joined and rec.connected:
                     syncing = True
                     self._send_sync(rec)
             if syncing:
                 next_tick = min(next_tick, now + SYNC_INTERVAL)
         else:
-            if self._welcomed and now - self._hub_seen > self.peer_timeout:
+            if (hb_ivl is not None and self._welcomed
+                    and now - self._hub_seen > self.peer_timeout):
                 self._hub_lost("heartbeat timeout")
-            if not self._welcomed and now >= self._next_hello:
-                self._send_hello()
+            if not self._welcomed:
+                if now >= self._next_hello:
+                    self._send_hello()
+                next_tick = min(next_tick, self._next_hello)
             if now >= self._next_hb:
-                self._next_hb = now + self.heartbeat
+                self._next_hb = now + hb_ivl
                 if self._welcomed:
                     self._send_control(
                         wire.encode("hb", epoch=self._hub_epoch, state=_state_name(self.bus.state))
@@ -1264,7 +1346,7 @@ class Bridge:
 
     def _flush_on_close(self) -> None:
         """Last words, bounded: queued publishes/logs/states, then bye (peer)."""
-        deadline = time.monotonic() + min(LINGER_MS / 1000, self.send_timeout)
+        deadline = time.monotonic() + min(self._linger_ms() / 1000, self.send_timeout)
         if not self._hub:
             self._note_state()
             self._send_states()
@@ -1274,6 +1356,11 @@ class Bridge:
                 time.sleep(0.002)
         if not self._hub:
             self._send_control(wire.encode("bye"))
+
+    def _linger_ms(self) -> int:
+        """LINGER for closing: 0 once the hub is lost (peer), since nobody reads our last
+        words and a dead ipc/tcp peer would only make us wait; else LINGER_MS."""
+        return 0 if self._hub_gone else LINGER_MS
 
     def _close_sockets(self) -> None:
         ctx = getattr(self, "_ctx", None)
@@ -1286,8 +1373,9 @@ class Bridge:
                 pass
         for mon in list(getattr(self, "_monitors", {})):
             mon.close(linger=0)
+        linger = self._linger_ms()
         for s in getattr(self, "_sockets", []):
-            s.close(linger=LINGER_MS)
+            s.close(linger=linger)
         if self._auth is not None:
             self._auth.stop()
         ctx.term()

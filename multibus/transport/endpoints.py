@@ -15,7 +15,6 @@ DIR`` makes a keypair.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import json
@@ -24,16 +23,18 @@ import os
 import re
 import stat
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+
+if TYPE_CHECKING:  # zmq.auth, tempfile and argparse are imported where used: a worker's
+    # start-up pays for them only when it uses CURVE, key files or the CLI
+    from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = [
     "CurveConfig",
@@ -605,6 +606,10 @@ def make_keys(
             f"key {secret} already exists; pass --force to replace it (peers using the old "
             "public key will be refused)"
         )
+    import tempfile
+
+    import zmq.auth
+
     with tempfile.TemporaryDirectory(dir=directory, prefix=".keygen-") as tmp:  # mode 0700
         tmp_public, tmp_secret = zmq.auth.create_certificates(tmp, name)
         os.chmod(tmp_secret, 0o600)
@@ -634,6 +639,8 @@ def load_keys(path: str | os.PathLike[str], name: str = "multibus") -> CurveKeys
     if path.suffix == ".key_secret":
         _check_secret_file(path)
     try:
+        import zmq.auth
+
         public, secret = zmq.auth.load_certificate(path)
     except (ValueError, OSError) as exc:
         raise TransportSecurityError(f"cannot read CURVE key {path}: {exc}") from None
@@ -705,6 +712,8 @@ def write_key_file(curve: CurveConfig, path: str | os.PathLike[str] | None = Non
     return its path, for a child that cannot inherit an fd. The reader should remove it."""
     data = dump_curve(curve)
     if path is None:
+        import tempfile
+
         fd, name = tempfile.mkstemp(prefix="keys-", suffix=".json", dir=runtime_dir())
         path = Path(name)
     else:
@@ -780,6 +789,8 @@ def start_authenticator(
     the allow-list (without one, a CURVE server accepts any client key). One per context;
     call ``.stop()`` on it before ``ctx.term()``. The allow-list is configured before the
     handler starts, so no client slips in during start-up."""
+    from zmq.auth.thread import ThreadAuthenticator
+
     allowed = _allow_list(allowed_public_keys, require=True)
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("multibus.transport.auth"))
     auth.configure_curve_callback("*", _AllowList(allowed))
@@ -814,6 +825,8 @@ def apply_client(
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="python -m multibus.transport.endpoints", description=__doc__.splitlines()[0]
     )
