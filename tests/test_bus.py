@@ -312,13 +312,14 @@ def test_concurrent_subscribe_and_publish():
     bus.exit()
 
 
-def test_idle_blocked_process_does_not_wake(tmp_path):
+@pytest.mark.parametrize("start", [False, True], ids=["stopped", "started"])
+def test_idle_blocked_process_does_not_wake(start):
     """A process in block() with no 'main' listener sleeps: < 1 wake-up per second."""
-    code = textwrap.dedent("""
-        import sys
+    code = textwrap.dedent(f"""
         from multibus import Bus
         bus = Bus()
-        bus.start()
+        if {start}:
+            bus.start()
         print("ready", flush=True)
         bus.block()
     """)
