@@ -5,25 +5,16 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 
 import msgpack
 import pytest
 import zmq
+from progs.procio import wait_for
 
 from multibus.bus import Bus, ChannelFailures, states
 from multibus.transport import wire
 from multibus.transport.bridge import Bridge
 from multibus.transport.endpoints import Endpoints, runtime_dir
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def unique(prefix: str) -> str:

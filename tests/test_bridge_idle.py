@@ -10,19 +10,11 @@ import time
 
 import pytest
 import zmq
+from progs.procio import wait_for
 
 from multibus.bus import Bus
 from multibus.transport import wire
 from multibus.transport.bridge import Bridge
-
-
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def unique(prefix: str) -> str:

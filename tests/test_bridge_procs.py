@@ -16,6 +16,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from progs.procio import wait_for
 
 from multibus.bus import Bus, states
 from multibus.transport.bridge import Bridge
@@ -24,13 +25,6 @@ PEERS = Path(__file__).parent / "peers"
 CHANNELS = ["data", "done", "report", "burst"]
 
 
-def wait_for(predicate, timeout: float = 5.0, interval: float = 0.005):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 class Child:

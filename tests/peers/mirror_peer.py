@@ -15,6 +15,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 import time
 
 PR_SET_PDEATHSIG = 1
@@ -52,8 +53,14 @@ def main() -> int:
 
         bus = Bus()
 
+    out_lock = threading.Lock()
+
     def out(*words: object) -> None:
-        print(*words, flush=True)
+        # one write per line under a lock: print() from several threads interleaves words
+        line = " ".join(map(str, words)) + "\n"
+        with out_lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
     expected = [0]
     in_order = [True]

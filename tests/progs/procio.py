@@ -15,18 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 PROGS = Path(__file__).resolve().parent
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.01) -> bool:
-    """Poll ``predicate`` until true or ``timeout``; return its last truth value."""
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.005) -> Any:
+    """Poll ``predicate`` until it returns something true or ``timeout`` passes; return its
+    last value (so a test can both wait for a value and use it)."""
     deadline = time.monotonic() + timeout
     while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
         time.sleep(step)
 
 
