@@ -1,6 +1,9 @@
 """Fleet benchmark: multibus Supervisor vs Circus 0.19 vs a bare Popen script.
 
     python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--no-circus]
+                                     [--no-exec]
+
+"multibus" forks workers from a zygote (``Supervisor(zygote=True)``); "mb-exec" execs each.
 
 Measured for each system, one run each:
 
@@ -74,7 +77,7 @@ def _bare(n: int, fifo: str) -> None:
             p.wait()
 
 
-def _supervise(n: int, name: str) -> int:
+def _supervise(n: int, name: str, zygote: bool = True) -> int:
     import json
     import threading
 
@@ -92,7 +95,7 @@ def _supervise(n: int, name: str) -> int:
     bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
     spec = WorkerSpec(name="b", target="bench_fleet:idle", count=n,
                       env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])})
-    sup = Supervisor(bus, [spec], name=name, pidfile=False)
+    sup = Supervisor(bus, [spec], name=name, pidfile=False, zygote=zygote)
     sup.subscribe()
     try:
         bus.start()
@@ -101,6 +104,9 @@ def _supervise(n: int, name: str) -> int:
     except KeyboardInterrupt:
         bus.exit()
     return sup.exit_code
+
+
+MB = ("multibus", "mb-exec")  # workers forked from a zygote / each one exec'd
 
 
 # -- the driver --------------------------------------------------------------------------------
@@ -123,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=20.0)
     ap.add_argument("--respawns", type=int, default=5)
     ap.add_argument("--no-circus", action="store_true")
+    ap.add_argument("--no-exec", action="store_true", help="skip multibus without zygote")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="bench-fleet-")
@@ -147,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             self.ready: dict[int, float] = {}  # pid -> when its ready line arrived
             self.rows: list[dict] = []
             self.t0 = time.monotonic()
-            if system == "multibus":
+            if system in MB:
                 cmd = [sys.executable, os.path.abspath(__file__), "_supervise", str(n),
-                       f"bench{n}-{os.getpid()}"]
+                       f"bench{n}-{os.getpid()}", "zygote" if system == "multibus" else "exec"]
                 self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                              stdin=subprocess.DEVNULL)
                 self.src = self.proc.stdout.fileno()
@@ -206,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             return time.monotonic() - self.t0
 
         def all_ready(self) -> bool:
-            if self.system == "multibus":
+            if self.system in MB:
                 return -1 in self.ready
             return len(self.ready) >= self.n
 
@@ -261,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         t = psutil.Process(pid).cpu_times()
         return t.user + t.system
 
-    systems = ["multibus", "bare"] + ([] if circus is None else ["circus"])
+    systems = ["multibus"] + ([] if args.no_exec else ["mb-exec"]) + ["bare"]
+    systems += [] if circus is None else ["circus"]
     results: dict[tuple[str, str], float] = {}
     for n in sizes:
         for system in systems:
@@ -339,6 +347,6 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
         _bare(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_supervise":
-        sys.exit(_supervise(int(sys.argv[2]), sys.argv[3]))
+        sys.exit(_supervise(int(sys.argv[2]), sys.argv[3], sys.argv[4:5] != ["exec"]))
     else:
         sys.exit(main())

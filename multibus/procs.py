@@ -75,7 +75,7 @@ class Child:
     """One spawned process. Fields after ``popen`` are updated by the manager thread only."""
 
     name: str
-    popen: subprocess.Popen
+    popen: Any  # subprocess.Popen, or a zygote.ForkedProcess (pid, stdout, stderr, returncode)
     started: float = field(default_factory=time.monotonic)
     returncode: int | None = None
     ended: float | None = None
@@ -224,6 +224,13 @@ class ProcessManager:
         self.call_soon(do)
         return fut.result()
 
+    def register(self, name: str, proc: Any) -> Child:
+        """Own a process started elsewhere (manager thread only): ``proc`` is Popen-like
+        (``pid``, ``stdout``/``stderr`` pipe files, ``returncode``) and must be our child
+        (re-parented to us as subreaper, say), leader of its own process group."""
+        assert self.in_thread(), "register() runs in the manager thread"
+        return self._register(name, proc)
+
     def close(self, timeout: float = 5.0) -> None:
         """Kill and reap remaining adopted orphans, then stop the thread.
 
@@ -276,6 +283,9 @@ class ProcessManager:
             pass_fds=pass_fds,
             process_group=0,
         )
+        return self._register(name, popen)
+
+    def _register(self, name: str, popen: Any) -> Child:
         child = Child(name=name, popen=popen)
         pidfd = os.pidfd_open(popen.pid)
         child.data["_pidfd"] = pidfd

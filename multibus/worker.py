@@ -62,6 +62,8 @@ def _parse(argv: list[str]) -> dict[str, object]:
             opts["channels"].append(value)  # type: ignore[union-attr]
         elif key in ("parent_pid",):
             opts[key] = int(value)
+        elif key == "heartbeat" and value.lower() in ("none", "off"):
+            opts[key] = None  # no heartbeats: the supervisor watches our pidfd instead
         elif key in ("stop_timeout", "heartbeat", "peer_timeout"):
             opts[key] = float(value)
         elif key in ("name", "target", "endpoints"):
@@ -153,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         """Exit the bus from the main thread; quickly when the parent/hub is gone."""
         if orphaned and not fast.is_set():
             fast.set()
-            # Nobody is left to read our last words: do not linger on them.
-            # (Stop-gap until the Bridge offers this itself.)
+            # Nobody is left to read our last words: do not linger on them. (The Bridge
+            # does this itself after 'hub.lost', not yet after SIGTERM/PDEATHSIG.)
             mod = sys.modules.get("multibus.transport.bridge")
             if mod is not None and hasattr(mod, "LINGER_MS"):
                 mod.LINGER_MS = 0

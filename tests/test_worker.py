@@ -77,3 +77,11 @@ def test_worker_imports_little_before_connecting():
     r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
                        timeout=10)
     assert r.stdout.strip() == "[]", r.stderr
+
+
+def test_heartbeat_none_turns_heartbeats_off():
+    from multibus.worker import _parse
+
+    base = ["--name", "w.0", "--target", "a.b:c"]
+    assert _parse([*base, "--heartbeat", "none"])["heartbeat"] is None
+    assert _parse([*base, "--heartbeat", "2.5"])["heartbeat"] == 2.5

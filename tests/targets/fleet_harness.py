@@ -43,6 +43,9 @@ def main() -> int:
     ap.add_argument("--term-timeout", type=float, default=2.0)
     ap.add_argument("--intensity", default="5,10")
     ap.add_argument("--env", action="append", default=[])
+    ap.add_argument("--zygote", action="store_true", help="fork workers from a zygote")
+    ap.add_argument("--zygote-preload", action="append", default=[])
+    ap.add_argument("--cwd", default=None, help="the workers' working directory")
     a = ap.parse_args()
     lock = threading.Lock()
 
@@ -64,10 +67,12 @@ def main() -> int:
     env = dict(kv.split("=", 1) for kv in a.env)
     env.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = WorkerSpec(name="w", target=a.target, count=a.n, restart=a.restart,
-                      stop_timeout=a.stop_timeout, start_timeout=a.start_timeout, env=env)
+                      stop_timeout=a.stop_timeout, start_timeout=a.start_timeout, env=env,
+                      cwd=a.cwd)
     most, period = a.intensity.split(",")
     sup = Supervisor(bus, [spec], name=a.name, intensity=(int(most), float(period)),
-                     term_timeout=a.term_timeout)
+                     term_timeout=a.term_timeout, zygote=a.zygote,
+                     zygote_preload=a.zygote_preload)
     try:
         sup.subscribe()
     except Exception as e:  # noqa: BLE001

@@ -1,0 +1,376 @@
+"""Zygote: a preloaded process that forks workers on request (like multiprocessing's forkserver).
+
+A fresh worker interpreter costs ~250 ms of CPU (startup, multibus, zmq, the bridge); a fleet
+of 50 on two cores waits seconds for that. The supervisor instead execs
+``python -m multibus.zygote`` once (from its ProcessManager thread); the zygote imports the
+worker's code once and forks each worker from that warm state.
+
+The rules that make forking safe, and keep DESIGN.md's process rules intact:
+
+- the zygote never creates a zmq Context and stays single-threaded (it refuses to serve if a
+  preloaded module started a thread); it has ``PDEATHSIG=SIGKILL`` towards the supervisor;
+- requests come over a SOCK_SEQPACKET socket pair: JSON (never pickle) plus the worker's
+  stdout/stderr pipe ends as SCM_RIGHTS fds; the reply is the worker's pid;
+- the zygote forks an intermediate that forks the worker and exits at once, so the worker is
+  re-parented to the supervisor (a child subreaper), which then owns its wait (pidfd) as for
+  an exec'd worker; the zygote reaps only the intermediate;
+- the worker leads its own process group, gets default signal handling, /dev/null stdin and
+  the given pipes, and only *after* re-parenting runs ``multibus.worker``'s main, which sets
+  ``PDEATHSIG`` (the kernel would send it on the re-parenting itself) and checks that its
+  parent is the supervisor.
+
+Forked workers share the zygote's hash seed and show the zygote's command line in ``ps``.
+:class:`ZygoteClient` is the supervisor's end; it is used from the ProcessManager thread only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+__all__ = ["ZygoteClient", "ForkedProcess", "can_fork"]
+
+PRELOAD = ("multibus.worker", "multibus.bus", "multibus.transport.bridge")
+MAX_MESSAGE = 1 << 20
+EXIT_PARENT_GONE = 3
+EXIT_UNSAFE = 4
+EXIT_WORKER_SETUP = 70
+PR_SET_PDEATHSIG = 1
+READY_TIMEOUT = 5.0  # seconds the zygote gets to preload before workers are exec'd instead
+REPLY_TIMEOUT = 10.0
+
+
+# -- the zygote process -----------------------------------------------------------------------
+
+def _die_with_parent(parent_pid: int, sig: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        sys.stderr.write("multibus.zygote: prctl(PR_SET_PDEATHSIG) failed\n")
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_PARENT_GONE)
+
+
+def _reset_signals() -> None:
+    """What a fresh interpreter has: defaults, SIGINT raising KeyboardInterrupt, SIGPIPE off."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2,
+                signal.SIGQUIT, signal.SIGALRM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+
+def _wait_reparented(intermediate: int, timeout: float = 5.0) -> None:
+    """Return once ``intermediate`` (our parent) has exited and we have a new parent."""
+    import select
+    import time
+
+    try:
+        pidfd = os.pidfd_open(intermediate)
+    except OSError:
+        pidfd = -1  # already gone
+    if pidfd >= 0:
+        select.select([pidfd], [], [], timeout)  # readable once it has exited
+        os.close(pidfd)
+    deadline = time.monotonic() + timeout
+    while os.getppid() == intermediate and time.monotonic() < deadline:
+        time.sleep(0.0005)  # not reached in practice: the pidfd wakes after re-parenting
+
+
+def _become_worker(sock: socket.socket, req: dict[str, Any], fds: list[int],
+                   intermediate: int) -> None:
+    """In the forked worker: set up like a fresh ``python -m multibus.worker``, run it, exit."""
+    code = EXIT_WORKER_SETUP
+    try:
+        sock.close()
+        try:
+            os.setpgid(0, 0)
+        except OSError:
+            pass
+        _reset_signals()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        os.closerange(3, 1 << 16)  # nothing of the zygote's leaks into the worker
+        _wait_reparented(intermediate)
+        env = req["env"]
+        os.environ.clear()
+        os.environ.update(env)
+        if req.get("cwd"):
+            os.chdir(req["cwd"])
+        # what `python -m` would have: cwd first, then PYTHONPATH
+        sys.path[0] = os.getcwd()
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                 if p and p not in sys.path]
+        sys.path[1:1] = extra
+        import importlib
+
+        importlib.invalidate_caches()
+        sys.argv = [sys.argv[0], *req["args"]]
+        from multibus import worker
+
+        worker.run()  # ends with os._exit
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001 - report, never return into the zygote's loop
+        try:
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    os._exit(code)
+
+
+def _fork_worker(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> int:
+    """Fork an intermediate that forks the worker and exits; return the worker's pid."""
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    a = os.fork()
+    if a == 0:
+        code = 1
+        try:
+            os.close(r)
+            me = os.getpid()
+            b = os.fork()
+            if b == 0:
+                os.close(w)
+                _become_worker(sock, req, fds, me)
+                os._exit(EXIT_WORKER_SETUP)  # not reached
+            try:
+                os.setpgid(b, b)  # both sides: the group exists before the pid is reported
+            except OSError:
+                pass
+            os.write(w, str(b).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 64):
+        data += chunk
+    os.close(r)
+    os.waitpid(a, 0)
+    if not data:
+        raise OSError("the intermediate process failed to fork the worker")
+    return int(data)
+
+
+def serve(sock: socket.socket) -> int:
+    """Answer fork requests until the supervisor closes its end."""
+    import threading
+
+    if threading.active_count() != 1:
+        names = ", ".join(t.name for t in threading.enumerate())
+        sock.send(json.dumps({"error": f"zygote is not single-threaded ({names})"}).encode())
+        return EXIT_UNSAFE
+    sock.send(json.dumps({"ready": os.getpid()}).encode())
+    while True:
+        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            return 0
+        try:
+            if len(fds) != 2:
+                raise ValueError(f"expected 2 fds, got {len(fds)}")
+            reply: dict[str, Any] = {"pid": _fork_worker(sock, json.loads(msg), fds)}
+        except Exception as e:  # noqa: BLE001 - one bad request must not end the zygote
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            for fd in fds:
+                os.close(fd)
+        sock.send(json.dumps(reply).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    opts: dict[str, list[str]] = {}
+    for key, value in zip(args[::2], args[1::2], strict=False):
+        opts.setdefault(key, []).append(value)
+    try:
+        parent_pid = int(opts["--parent-pid"][0])
+        fd = int(opts["--fd"][0])
+    except (KeyError, ValueError):
+        sys.stderr.write("usage: python -m multibus.zygote --parent-pid PID --fd FD "
+                         "[--preload MODULE]...\n")
+        return 64
+    import signal
+
+    _die_with_parent(parent_pid, int(signal.SIGKILL))
+    sock = socket.socket(fileno=fd)
+    import importlib
+
+    for name in (*PRELOAD, *opts.get("--preload", [])):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - the worker will report it properly
+            sys.stderr.write(f"multibus.zygote: cannot preload {name}: {e}\n")
+    code = serve(sock)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # nothing to tear down: skip the interpreter's (slow with all it preloaded)
+
+
+# -- the supervisor's end ---------------------------------------------------------------------
+
+class ForkedProcess:
+    """What :class:`~multibus.procs.Child` needs of a Popen, for a worker the zygote forked."""
+
+    def __init__(self, pid: int, stdout: Any, stderr: Any, args: list[str]) -> None:
+        self.pid = pid
+        self.stdout = stdout
+        self.stderr = stderr
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode  # the ProcessManager owns the wait and writes it here
+
+
+def can_fork(env: dict[str, str], base_env: dict[str, str]) -> bool:
+    """A forked worker cannot honour interpreter/loader settings that differ from the zygote's
+    (PYTHON* other than PYTHONPATH, LD_*): such workers are exec'd."""
+    for key in set(env) | set(base_env):
+        if (key.startswith("PYTHON") and key != "PYTHONPATH") or key.startswith("LD_"):
+            if env.get(key) != base_env.get(key):
+                return False
+    return True
+
+
+class ZygoteClient:
+    """Start a zygote through a ProcessManager and ask it for workers (manager thread only).
+
+    :meth:`spawn` returns ``None`` whenever the zygote cannot serve (not started, died,
+    refused): the caller then execs the worker as usual.
+    """
+
+    def __init__(self, procs: Any, python: str, env: dict[str, str],
+                 preload: tuple[str, ...] = (), log: Any = None) -> None:
+        self.procs = procs
+        self.python = python
+        self.env = env
+        self.preload = preload
+        self._log = log
+        self.sock: socket.socket | None = None
+        self.child: Any = None
+        self.ready = False
+        self.dead = False
+
+    def log(self, msg: str, level: int = 30) -> None:
+        if self._log is not None:
+            self._log(msg, level)
+
+    def start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            argv = [self.python, "-m", "multibus.zygote", "--parent-pid", str(os.getpid()),
+                    "--fd", str(theirs.fileno())]
+            for name in self.preload:
+                argv += ["--preload", name]
+            self.child = self.procs.spawn("zygote", argv, self.env,
+                                          pass_fds=(theirs.fileno(),))
+            self.child.data["term_group_on_exit"] = False
+        except BaseException:
+            ours.close()
+            self.dead = True
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+
+    def _fail(self, why: str) -> None:
+        if not self.dead:
+            self.log(f"zygote unavailable ({why}); exec'ing workers instead", 30)
+        self.dead = True
+        self.close(wait=0)
+
+    def _recv(self, timeout: float) -> dict[str, Any] | None:
+        assert self.sock is not None
+        self.sock.settimeout(timeout)
+        try:
+            msg = self.sock.recv(MAX_MESSAGE)
+        except OSError as e:
+            self._fail(f"no answer: {e or type(e).__name__}")
+            return None
+        if not msg:
+            tail = " / ".join(self.child.last_lines[-2:]) if self.child else ""
+            self._fail("it exited" + (f": {tail}" if tail else ""))
+            return None
+        return json.loads(msg)
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str],
+              cwd: str | None) -> Any:
+        """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it."""
+        if self.dead or self.sock is None or not can_fork(env, self.env):
+            return None
+        if not self.ready:
+            hello = self._recv(READY_TIMEOUT)
+            if hello is None:
+                return None
+            if "ready" not in hello:
+                self._fail(str(hello.get("error")))
+                return None
+            self.ready = True
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            req = {"args": args, "env": env, "cwd": cwd}
+            try:
+                socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
+            except OSError as e:
+                self._fail(f"cannot send a request: {e}")
+                return None
+            finally:
+                os.close(out_w)
+                os.close(err_w)
+            reply = self._recv(REPLY_TIMEOUT)
+            if reply is None:
+                return None
+            if "pid" not in reply:
+                self.log(f"zygote could not fork {name}: {reply.get('error')}; exec'ing it", 30)
+                return None
+            proc = ForkedProcess(int(reply["pid"]), os.fdopen(out_r, "rb"),
+                                 os.fdopen(err_r, "rb"),
+                                 [self.python, "-m", "multibus.worker", *args])
+            out_r = err_r = -1
+            return self.procs.register(name, proc)
+        finally:
+            for fd in (out_r, err_r):
+                if fd >= 0:
+                    os.close(fd)
+
+    def shutdown(self) -> None:
+        """Close our end (manager thread): the zygote sees EOF and exits."""
+        self.dead = True
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def close(self, wait: float = 1.0) -> None:
+        """:meth:`shutdown`, give the zygote ``wait`` s to exit, then SIGKILL it.
+
+        Waiting needs the manager thread to reap it: call with ``wait=0`` from that thread.
+        """
+        self.shutdown()
+        child = self.child
+        if child is not None and child.returncode is None:
+            if wait <= 0 or not child.exited.wait(wait):
+                try:
+                    os.kill(child.pid, 9)
+                except ProcessLookupError:
+                    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Workers forked from a zygote: started, reaped, restarted, killed with the supervisor,
+stopped by Ctrl-C; exec fallback when the zygote is gone or cannot serve a spec."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+from test_supervisor import Fleet, alive, started
+
+from multibus.zygote import can_fork
+
+
+@pytest.fixture
+def fleets():
+    made: list[Fleet] = []
+
+    def make(*args: str, **kw) -> Fleet:
+        f = Fleet("--zygote", *args, **kw)
+        made.append(f)
+        return f
+
+    try:
+        yield made, make
+    finally:
+        for f in made:
+            zyg = [p.pid for p in _zygotes(f)]
+            f.close()
+            for pid in zyg:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _zygotes(f: Fleet) -> list[psutil.Process]:
+    """The supervisor's zygote (forked workers share its command line: not in the table)."""
+    with f.cond:
+        workers = set(f.pids)
+    try:
+        kids = psutil.Process(f.proc.pid).children()
+    except psutil.Error:
+        return []
+    out = []
+    for p in kids:
+        try:
+            if p.pid not in workers and "multibus.zygote" in p.cmdline():
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _is_forked(pid: int) -> bool:
+    return "multibus.zygote" in psutil.Process(pid).cmdline()
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_are_supervisor_children_in_own_groups_and_ctrl_c_stops_all(fleets):
+    _, make = fleets
+    f = make(n=10)
+    f.wait_line("^FLEET STARTED", 30)
+    t = f.table()
+    assert started(t) and len(t) == 10
+    zyg = _zygotes(f)
+    assert len(zyg) == 1
+    assert zyg[0].num_threads() == 1  # single-threaded: no zmq Context (its I/O thread)
+    for row in t:
+        p = psutil.Process(row["pid"])
+        assert _is_forked(row["pid"]), p.cmdline()  # forked, not exec'd
+        assert p.ppid() == f.proc.pid  # re-parented to the supervisor: it owns the wait
+        assert os.getpgid(row["pid"]) == row["pid"]  # own process group: ^C is not theirs
+    f.ctrl_c()
+    assert f.wait() == 0, "\n".join(f.lines[-20:])
+    f.wait_line("^CHILDREN 0$", 1)
+    f.assert_all_gone()
+    assert not zyg[0].is_running() or zyg[0].status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_starting_forked_fleet_exit_0(fleets):
+    _, make = fleets
+    f = make(n=10)
+    f.wait_line(r"^WORKERS .*SPAWNING", 20)
+    f.ctrl_c()
+    assert f.wait() == 0, "\n".join(f.lines[-20:])
+    f.wait_line("^CHILDREN 0$", 1)
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_of_supervisor_takes_forked_workers_and_zygote_within_1s(fleets):
+    _, make = fleets
+    f = make(n=10)
+    f.wait_line("^FLEET STARTED", 30)
+    pids = set(f.pids) | {p.pid for p in _zygotes(f)}
+    assert len(pids) == 11
+    os.kill(f.proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    f.proc.wait(5)
+    while any(alive(p) for p in pids) and time.monotonic() - t0 < 1.0:
+        time.sleep(0.005)
+    assert not [p for p in pids if alive(p)], "processes outlived the supervisor by 1 s"
+
+
+@pytest.mark.timeout(60)
+def test_killed_forked_worker_is_reaped_and_replaced(fleets):
+    _, make = fleets
+    f = make("--intensity", "1000,1", n=3)
+    f.wait_line("^FLEET STARTED", 30)
+    for i in (1, 2):
+        victim = f.table()[1]
+        os.kill(victim["pid"], signal.SIGKILL)
+        t = f.wait_table(lambda t, i=i: t[1]["restarts"] == i and t[1]["state"] == "STARTED",
+                         10)
+        assert t[1]["exit_code"] == -signal.SIGKILL  # our own wait saw the real status
+        assert t[1]["pid"] != victim["pid"] and _is_forked(t[1]["pid"])
+        assert not alive(victim["pid"])
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_workers_are_execd_once_the_zygote_is_gone(fleets):
+    _, make = fleets
+    f = make("--intensity", "1000,1", n=2)
+    f.wait_line("^FLEET STARTED", 30)
+    (zyg,) = _zygotes(f)
+    zyg.kill()
+    zyg.wait(5)
+    victim = f.table()[0]
+    assert alive(victim["pid"])  # workers do not depend on the zygote
+    os.kill(victim["pid"], signal.SIGKILL)
+    t = f.wait_table(lambda t: t[0]["restarts"] == 1 and t[0]["state"] == "STARTED", 15)
+    assert not _is_forked(t[0]["pid"])  # exec'd instead
+    f.wait_line("zygote unavailable", 1)
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.wait_line("^CHILDREN 0$", 1)
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_bad_target_fails_the_same_way_when_forked(fleets):
+    _, make = fleets
+    f = make("--target", "targets.jobs:failing", "--intensity", "3,30", n=2)
+    err = f.wait_line("^FLEET ERROR", 30)
+    assert "restart intensity reached" in err and "database unreachable" in err
+    assert f.wait() == 1
+    f.wait_line("^CHILDREN 0$", 1)
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_spec_env_with_interpreter_settings_is_execd(fleets):
+    _, make = fleets
+    f = make("--env", "PYTHONHASHSEED=7", n=1)
+    f.wait_line("^FLEET STARTED", 30)
+    assert not _is_forked(f.table()[0]["pid"])
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_preloaded_target_module_serves_forked_workers(fleets):
+    _, make = fleets
+    f = make("--zygote-preload", "targets.jobs", n=2)
+    f.wait_line("^FLEET STARTED", 30)
+    assert all(_is_forked(r["pid"]) for r in f.table())
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_zygote_that_is_not_single_threaded_refuses_and_workers_are_execd(fleets):
+    _, make = fleets
+    f = make("--zygote-preload", "targets.threaded_preload", n=2)
+    f.wait_line("^FLEET STARTED", 30)
+    assert not any(_is_forked(r["pid"]) for r in f.table())
+    f.wait_line("zygote unavailable.*not single-threaded", 1)
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.wait_line("^CHILDREN 0$", 1)
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_forked_worker_imports_its_target_from_the_spec_cwd_like_python_m(fleets, tmp_path):
+    (tmp_path / "cwd_only_mod.py").write_text(
+        "import os\n\ndef job(bus):\n    print('cwd', os.getcwd(), flush=True)\n")
+    _, make = fleets
+    f = make("--target", "cwd_only_mod:job", "--cwd", str(tmp_path), n=1)
+    f.wait_line("^FLEET STARTED", 30)
+    assert _is_forked(f.table()[0]["pid"])
+    f.wait_line(f"w.0 \\| cwd {tmp_path}$", 5)
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+def test_can_fork_only_without_interpreter_settings():
+    base = {"PATH": "/bin", "PYTHONPATH": "/a", "PYTHONUNBUFFERED": "1"}
+    assert can_fork(dict(base, PYTHONPATH="/a:/b", FOO="x"), base)
+    assert not can_fork(dict(base, PYTHONHASHSEED="0"), base)
+    assert not can_fork(dict(base, LD_PRELOAD="/x.so"), base)
+    assert not can_fork({k: v for k, v in base.items() if k != "PYTHONUNBUFFERED"}, base)
