@@ -29,6 +29,7 @@ import collections
 import functools
 import itertools
 import os
+import signal
 import sys
 import threading
 import time
@@ -111,6 +112,59 @@ def _as_set(state: State | Iterable[State]) -> frozenset[State]:
     if isinstance(state, State):
         return frozenset((state,))
     return frozenset(state)
+
+
+class _SignalWaker:
+    """Wakes the main thread's unbounded ``wait()`` when a signal arrives.
+
+    A process-directed signal (Ctrl-C's SIGINT) may be delivered to any thread. CPython then
+    only flags it; the Python handler runs when the main thread next executes bytecode, which
+    a main thread asleep on a condition variable never does, so the Ctrl-C would be lost.
+    ``signal.set_wakeup_fd`` makes the C handler write to a pipe from whichever thread it runs
+    in; a daemon thread blocked on that pipe notifies the condition, the main thread wakes and
+    runs the handler. Installed only when nobody else owns the wakeup fd (SignalHandler,
+    asyncio): their own waker does the same. Costs no wake-up while nothing arrives.
+    """
+
+    def __init__(self, cond: threading.Condition, r: int, w: int) -> None:
+        self.cond, self.r, self.w = cond, r, w
+        self.thread = threading.Thread(target=self._watch, name="Bus signal waker", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def install(cls, cond: threading.Condition) -> _SignalWaker | None:
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            previous = None
+        if previous != -1:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+            return None
+        os.set_blocking(r, True)
+        return cls(cond, r, w)
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self.r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.cond:
+                self.cond.notify_all()
+
+    def remove(self) -> None:
+        current = signal.set_wakeup_fd(-1)
+        if current not in (self.w, -1):
+            signal.set_wakeup_fd(current)  # replaced by someone meanwhile: theirs stays
+        os.close(self.w)  # the watcher reads EOF and returns
+        self.thread.join(1)
+        os.close(self.r)
 
 
 class Bus:
@@ -382,6 +436,7 @@ class Bus:
         wanted = _as_set(state)
         deadline = None if timeout is None else time.monotonic() + timeout
         in_main = threading.current_thread() is threading.main_thread()
+        watcher = None
         with self._cond:
             self._main_waiting += in_main
         try:
@@ -402,12 +457,16 @@ class Bus:
                             return False
                         delay = remaining if delay is None else min(delay, remaining)
                     if not (runs_deferred and self._deferred):
+                        if in_main and delay is None and watcher is None:
+                            watcher = _SignalWaker.install(self._cond)
                         self._cond.wait(delay)
                     if self._state in wanted:
                         return True
                 if ticking:
                     self.publish(channel)
         finally:
+            if watcher is not None:
+                watcher.remove()
             with self._cond:
                 self._main_waiting -= in_main
 

@@ -150,16 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=run, name="exit-deadline", daemon=True).start()
 
     fast = threading.Event()
+    bridge: list = []  # the Bridge, once connected
 
     def leave(why: str, orphaned: bool) -> None:
         """Exit the bus from the main thread; quickly when the parent/hub is gone."""
         if orphaned and not fast.is_set():
             fast.set()
-            # Nobody is left to read our last words: do not linger on them. (The Bridge
-            # does this itself after 'hub.lost', not yet after SIGTERM/PDEATHSIG.)
-            mod = sys.modules.get("multibus.transport.bridge")
-            if mod is not None and hasattr(mod, "LINGER_MS"):
-                mod.LINGER_MS = 0
+            # Nobody is left to read our last words: do not linger on them.
+            if bridge:
+                bridge[0].abandon()
             hard_exit_later(why, min(stop_timeout, PARENT_GONE_EXIT))
         elif not lost.is_set():
             hard_exit_later(why, stop_timeout)
@@ -203,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     # 3. connect
     from multibus.transport.bridge import Bridge
 
-    Bridge(
+    bridge.append(Bridge(
         bus,
         role="peer",
         name=name,
         endpoints=opts.get("endpoints"),  # type: ignore[arg-type]
         channels=opts["channels"],  # type: ignore[arg-type]
         **{k: opts[k] for k in ("heartbeat", "peer_timeout") if k in opts},  # type: ignore[arg-type]
-    ).subscribe()
+    ).subscribe())
 
     # 4. block until exit
     try:

@@ -327,6 +327,12 @@ def test_idle_blocked_process_does_not_wake(start):
     try:
         assert proc.stdout.readline().strip() == "ready"
         p = psutil.Process(proc.pid)
+        # block() starts its signal-waker thread first; measure once it is settled
+        deadline = time.monotonic() + 5
+        while p.num_threads() < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert p.num_threads() == 2
+        time.sleep(0.2)  # let the thread start-up handshake finish before counting
         window = 2.0
         before = p.num_ctx_switches().voluntary
         time.sleep(window)  # measuring an idle interval, not synchronising
@@ -368,3 +374,41 @@ def test_deferred_calls_prefer_the_waiting_main_thread(bus):
         bus.exit()
         t.join(10)
     assert ran_in == [threading.main_thread()]
+
+
+def test_ctrl_c_reaches_block_when_another_thread_gets_the_signal():
+    """SIGINT delivered to a non-main thread still wakes block() at once (no polling tick)."""
+    code = textwrap.dedent("""
+        import signal, threading
+        from multibus import Bus
+        bus = Bus()
+        bus.start()
+        ready = threading.Event()
+        def other():
+            # only this thread accepts SIGINT, so the kernel must deliver it here
+            ready.set()
+            threading.Event().wait()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        t = threading.Thread(target=other, daemon=True)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        # the thread inherits the mask at creation: create it while unblocked, then block
+        # SIGINT in the main thread only
+        t.start()
+        ready.wait()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        print("ready", flush=True)
+        bus.block()
+        print("exited", bus.state, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(2)
+        out, _ = proc.communicate(timeout=10)
+        assert "exited states.EXITING" in out
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()

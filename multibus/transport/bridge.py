@@ -247,6 +247,7 @@ class Bridge:
         self._frame_limit = self.max_message
         self._retry = 0.25 if heartbeat is None else max(0.05, min(0.25, heartbeat / 2))
         self._hub_gone = False  # peer: hub.lost seen; close with linger 0 (nobody reads)
+        self._abandoned = False  # abandon() called: close with linger 0, whatever happens
         self._probe_at = 0.0  # hub: look for gone peers (a control pipe disconnected)
         self._probe_start = 0.0
         self._tls = _Local()
@@ -339,6 +340,14 @@ class Bridge:
                 self._listen("log", self._on_log, 50)
             self._listen("exit", self._on_exit, EXIT_PRIORITY)
             return self
+
+    def abandon(self) -> None:
+        """Leave without last words: when this bridge closes, it lingers on nothing.
+
+        For a peer whose hub is known to be gone (PDEATHSIG, the supervisor's SIGTERM): the
+        bridge already does this itself after 'hub.lost'. Safe from any thread.
+        """
+        self._abandoned = True
 
     def unsubscribe(self) -> None:
         """Leave: unsubscribe from the bus, flush what is queued (bounded), close the sockets
@@ -1360,7 +1369,7 @@ class Bridge:
     def _linger_ms(self) -> int:
         """LINGER for closing: 0 once the hub is lost (peer), since nobody reads our last
         words and a dead ipc/tcp peer would only make us wait; else LINGER_MS."""
-        return 0 if self._hub_gone else LINGER_MS
+        return 0 if self._hub_gone or self._abandoned else LINGER_MS
 
     def _close_sockets(self) -> None:
         ctx = getattr(self, "_ctx", None)
