@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent(parent_pid)
     opts = _parse(args)
     name = str(opts["name"])
+    # the target (and anything it starts) can tell which worker it is, e.g. to pick a port
+    os.environ["MULTIBUS_WORKER"] = name
     stop_timeout = float(opts["stop_timeout"])  # type: ignore[arg-type]
 
     import signal
