@@ -35,6 +35,15 @@ SYMBOLS = ("DXBZ", "ACME", "QQQX")
 PR_SET_PDEATHSIG = 1
 
 
+def place_random_order(bus: Bus) -> None:
+    """Publish one random order on the mirrored 'order' channel."""
+    side = random.choice(("BUY", "SELL"))
+    quantity = random.randrange(10, 110, 10)
+    symbol = random.choice(SYMBOLS)
+    bus.log(f"placing {side} {quantity} {symbol}")
+    bus.publish("order", side, quantity, symbol)
+
+
 def say(who: str, msg: str) -> None:
     print(f"{who:<6} | {msg}", flush=True)
 
@@ -93,13 +102,6 @@ def bank(tick: float) -> int:
         process_group=0,
     )
 
-    def place_order() -> None:
-        side = random.choice(("BUY", "SELL"))
-        quantity = random.randrange(10, 110, 10)
-        symbol = random.choice(SYMBOLS)
-        bus.log(f"placing {side} {quantity} {symbol}")
-        bus.publish("order", side, quantity, symbol)
-
     def stop_broker() -> None:
         """Before our bridge closes (it listens at priority 95): ask, wait, then insist."""
         bridge.command("exit", [BROKER])
@@ -116,7 +118,7 @@ def bank(tick: float) -> int:
         bus.log(f"broker exited with code {code}")
 
     bus.subscribe("exit", stop_broker, priority=40)
-    Monitor(bus, place_order, frequency=tick, name="orders").subscribe()
+    Monitor(bus, lambda: place_random_order(bus), frequency=tick, name="orders").subscribe()
     bridge.command("start")  # the broker starts when it joins, whenever that is
     bus.start()
     bus.block()  # our own "Bus EXITED" is logged (and printed) by the bus itself

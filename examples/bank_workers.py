@@ -11,25 +11,17 @@ process: the Bridge in each worker does the crossing.
 from __future__ import annotations
 
 import os
-import random
 from typing import Any
-
-SYMBOLS = ("DXBZ", "ACME", "QQQX")
 
 
 def bank(bus: Any) -> None:
     """Target ``bank_workers:bank``: place a random order every ``ORDER_TICK`` seconds."""
+    from bank_broker import place_random_order
+
     from multibus.plugins import Monitor
 
-    def place_order() -> None:
-        side = random.choice(("BUY", "SELL"))
-        quantity = random.randrange(10, 110, 10)
-        symbol = random.choice(SYMBOLS)
-        bus.log(f"placing {side} {quantity} {symbol}")
-        bus.publish("order", side, quantity, symbol)
-
     tick = float(os.environ.get("ORDER_TICK", "1.0"))
-    Monitor(bus, place_order, frequency=tick, name="orders").subscribe()
+    Monitor(bus, lambda: place_random_order(bus), frequency=tick, name="orders").subscribe()
 
 
 def broker(bus: Any) -> None:

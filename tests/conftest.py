@@ -10,6 +10,8 @@ import time
 import psutil
 import pytest
 
+from multibus import Bus
+
 # Every test (and every process it starts) gets a private runtime dir for ipc sockets and
 # PID files, so tests never touch the user's real one and leave nothing behind in it.
 # mkdtemp makes it 0700; a short /tmp path keeps ipc socket paths under the 107-byte limit.
@@ -51,3 +53,11 @@ def no_leftover_children():
                 pass
         psutil.wait_procs(left, timeout=3)
         pytest.fail(f"test left child processes running: {described}")
+
+
+@pytest.fixture
+def bus():
+    """A fresh Bus, exited after the test (exit() on an EXITING bus does nothing)."""
+    b = Bus()
+    yield b
+    b.exit()

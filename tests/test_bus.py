@@ -15,13 +15,6 @@ from multibus import Bus, ChannelFailures, states
 
 
 @pytest.fixture
-def bus():
-    b = Bus()
-    yield b
-    b.exit()
-
-
-@pytest.fixture
 def logs(bus):
     records: list[tuple[str, int]] = []
     bus.subscribe("log", lambda msg, level: records.append((msg, level)))

@@ -12,7 +12,7 @@ import threading
 import pytest
 from progs.procio import Child, prog
 
-from multibus.bus import Bus, states
+from multibus.bus import states
 from multibus.plugins import SignalHandler
 
 pytestmark = pytest.mark.timeout(30)
@@ -89,13 +89,6 @@ def test_sighup_with_tty_exits():
 
 
 # -- in-process (pytest runs tests in the main thread) ----------------------------------------
-
-@pytest.fixture
-def bus():
-    b = Bus()
-    yield b
-    if b.state is not states.EXITING:
-        b.exit()
 
 
 def test_handler_only_records_and_main_loop_transitions(bus):

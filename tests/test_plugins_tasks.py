@@ -10,7 +10,7 @@ import time
 import pytest
 from progs.procio import wait_for
 
-from multibus.bus import Bus, states
+from multibus.bus import Bus
 from multibus.plugins import (
     Autoreloader,
     BackgroundTask,
@@ -23,13 +23,6 @@ from multibus.plugins import (
 
 pytestmark = pytest.mark.timeout(20)
 
-
-@pytest.fixture
-def bus():
-    b = Bus()
-    yield b
-    if b.state is not states.EXITING:
-        b.exit()
 
 
 # -- SimplePlugin -----------------------------------------------------------------------------
