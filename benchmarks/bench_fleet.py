@@ -78,7 +78,6 @@ def _bare(n: int, fifo: str) -> None:
 
 
 def _supervise(n: int, name: str, zygote: bool = True) -> int:
-    import json
     import threading
 
     from multibus.bus import Bus
@@ -92,7 +91,17 @@ def _supervise(n: int, name: str, zygote: bool = True) -> int:
             sys.stdout.flush()
 
     bus = Bus()
-    bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
+    announced: set[int] = set()
+
+    def on_state(name: str, state: str) -> None:
+        """Say ``ready PID`` once per worker process whose bus reported STARTED."""
+        w = sup.workers.get(name)
+        pid = w.pid if w is not None else None
+        if state == "STARTED" and pid is not None and pid not in announced:
+            announced.add(pid)
+            emit(f"ready {pid}")
+
+    bus.subscribe("peer.state", on_state)
     spec = WorkerSpec(name="b", target="bench_fleet:idle", count=n,
                       env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])})
     sup = Supervisor(bus, [spec], name=name, pidfile=False, zygote=zygote)
@@ -113,7 +122,6 @@ MB = ("multibus", "mb-exec")  # workers forked from a zygote / each one exec'd
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import json
     import select
     import shutil
     import signal
@@ -152,7 +160,6 @@ def main(argv: list[str] | None = None) -> int:
             self.wfd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # never EOF
             self.buf = b""
             self.ready: dict[int, float] = {}  # pid -> when its ready line arrived
-            self.rows: list[dict] = []
             self.t0 = time.monotonic()
             if system in MB:
                 cmd = [sys.executable, os.path.abspath(__file__), "_supervise", str(n),
@@ -196,11 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                     self.ready[int(text.split()[1])] = now
                 elif text == "READY":
                     self.ready[-1] = now
-                elif text.startswith("WORKERS "):
-                    self.rows = json.loads(text[8:])
-                    for row in self.rows:
-                        if row["state"] == "STARTED" and row["pid"] not in self.ready:
-                            self.ready[row["pid"]] = now
 
         def wait_until(self, pred, timeout: float = 60.0) -> float:
             deadline = time.monotonic() + timeout
@@ -347,6 +349,9 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "_bare":
         _bare(int(sys.argv[2]), sys.argv[3])
     elif len(sys.argv) > 1 and sys.argv[1] == "_supervise":
-        sys.exit(_supervise(int(sys.argv[2]), sys.argv[3], sys.argv[4:5] != ["exec"]))
+        from multibus.fastexit import exit_now
+
+        # as the ``multibus`` command ends: the fleet is reaped, skip interpreter teardown
+        exit_now(_supervise(int(sys.argv[2]), sys.argv[3], sys.argv[4:5] != ["exec"]))
     else:
         sys.exit(main())

@@ -86,4 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from multibus.fastexit import exit_now
+
+    exit_now(main())  # the fleet is reaped: skip the interpreter's teardown

@@ -1,7 +1,5 @@
 """``python -m multibus``: the ``multibus`` command (see :mod:`multibus.cli`)."""
 
-import sys
+from multibus.cli import console
 
-from multibus.cli import main
-
-sys.exit(main())
+console()

@@ -193,6 +193,7 @@ class Bus:
         self._deferred: collections.deque[Callable[[], Any]] = collections.deque()
         self._main_waiting = 0  # how many wait() calls the main thread is in (0 or 1)
         self._atexit_registered = False
+        self._exiting = False
 
     # -- state ---------------------------------------------------------------------------
 
@@ -206,6 +207,13 @@ class Bus:
         with self._cond:
             self._state = value
             self._cond.notify_all()
+
+    @property
+    def exiting(self) -> bool:
+        """True from the moment ``exit()`` begins, so a 'stop' listener can tell the stop
+        that opens an exit (and, say, have its children exit in one step) from a plain stop.
+        Not in CherryPy's bus: read it with ``getattr(bus, "exiting", False)``."""
+        return self._exiting
 
     # -- subscriptions -------------------------------------------------------------------
 
@@ -354,6 +362,7 @@ class Bus:
         """
         if self._state is states.EXITING:
             return
+        self._exiting = True
         failures = ChannelFailures()
         try:
             self.stop()

@@ -525,5 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
+def console() -> None:
+    """The ``multibus`` console script: main(), then leave without interpreter teardown
+    (a supervisor that has reaped its fleet has nothing left for it; see ``exit_now``)."""
+    from multibus.fastexit import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -45,6 +45,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 MAX_LINE = 64 * 1024  # a longer line is delivered in pieces of this size
 READ_SIZE = 64 * 1024
+SCAN_GAP = 0.02  # s between two scans for adopted orphans while exits keep coming
 
 
 def _prctl(option: int, value: int) -> None:
@@ -150,6 +151,8 @@ class ProcessManager:
         self._seq = itertools.count()
         self._lock = threading.Lock()
         self._closing = False
+        self._scan_due = False  # look for adopted orphans (at most every SCAN_GAP s)
+        self._next_scan = 0.0
         self._pgrp = os.getpgrp()
         self._old_sigchld: Any = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -303,6 +306,12 @@ class ProcessManager:
                 timeout = None
                 if self._calls:
                     timeout = max(0.0, self._calls[0][0] - time.monotonic())
+            if self._scan_due:
+                if self._closing or time.monotonic() >= self._next_scan:
+                    self._scan_adopted()
+                else:
+                    left = self._next_scan - time.monotonic()
+                    timeout = left if timeout is None else min(timeout, left)
             if self._closing and not self.children and not self.adopted:
                 break
             if self._closing and timeout is None:
@@ -317,7 +326,7 @@ class ProcessManager:
                     self._reap_adopted(obj)
                 else:
                     self._drain_wake()
-                    self._scan_adopted()
+                    self._scan_due = True  # SIGCHLD may be an orphan's
             self._run_due()
         self._sel.close()
         os.close(self._wake_r)
@@ -413,7 +422,7 @@ class ProcessManager:
         child.popen.returncode = rc  # so Popen never waits (and never steals a reused pid)
         self.children.pop(child.pid, None)
         # whatever is left of the worker's process group is now orphaned, and ours
-        self._scan_adopted()
+        self._scan_due = True
         child.exited.set()
         if self.on_exit is not None:
             try:
@@ -422,7 +431,12 @@ class ProcessManager:
                 self._emit_internal(f"error in exit callback: {e!r}")
 
     def _scan_adopted(self) -> None:
-        """Find orphaned descendants re-parented to us; reap the dead, watch the living."""
+        """Find orphaned descendants re-parented to us; reap the dead, watch the living.
+
+        Reads a file per thread and checks each child: run once per burst of exits (a fleet
+        of 50 stopping), not once per exit."""
+        self._scan_due = False
+        self._next_scan = time.monotonic() + SCAN_GAP
         pids: set[int] = set()
         for path in glob.glob("/proc/self/task/*/children"):
             try:
@@ -471,7 +485,7 @@ class ProcessManager:
         del self.adopted[pid]
         if res is not None:
             self._adopted_done(pid, res)
-        self._scan_adopted()  # its own orphans are ours now
+        self._scan_due = True  # its own orphans are ours now
 
     def _adopted_done(self, pid: int, res: Any) -> None:
         rc = res.si_status if res.si_code == os.CLD_EXITED else -res.si_status

@@ -147,6 +147,7 @@ class Supervisor:
         self._hurry = False  # a second Ctrl-C arrived while stopping: kill, do not wait
         self._hurry_said = False
         self._interrupted = 0
+        self._exit_sent = False  # the stop that opened the exit already told workers to exit
         self._prev_sigint: Any = None
         for spec in self.specs.values():
             for n in spec.instance_names():
@@ -262,6 +263,8 @@ class Supervisor:
     def _changed(self) -> None:
         with self._cond:
             self._cond.notify_all()
+            if not self.bus.listeners.get("workers"):
+                return  # nobody listens: a 50-row table per change is a fleet stop's main cost
             rows = self.table()
         try:
             self.bus.publish("workers", rows)
@@ -493,7 +496,16 @@ class Supervisor:
         with self._cond:
             self._running = False
             self._cancel_pending()
-        self.bridge.command("stop")
+        # When this stop opens the bus's exit, workers exit at once: one round instead of
+        # 'stop' then 'exit' (a worker's exit() stops its bus first, so its stop listeners
+        # still run before we go on; a stopped worker passes STOPPED or goes to EXITING).
+        done = ("STOPPED", "EXITING", EXITED)
+        if getattr(self.bus, "exiting", False):
+            self._exit_sent = True
+            self.bridge.command("exit")
+        else:
+            done = ("STOPPED", EXITED)
+            self.bridge.command("stop")
         deadline: dict[str, float] = {}
         try:
             with self._cond:
@@ -502,7 +514,7 @@ class Supervisor:
                     waiting = []
                     for w in self._live():  # re-read: a spawn may have been in flight
                         limit = deadline.setdefault(w.name, now + w.spec.stop_timeout)
-                        if w.state not in ("STOPPED", EXITED) and limit > now:
+                        if w.state not in done and limit > now:
                             waiting.append(w)
                     if not waiting or self._hurry:
                         break
@@ -513,7 +525,7 @@ class Supervisor:
             self._say_hurry()
             self._escalate(self._live(), hurry=True)
             return
-        late = [w for w in self._live() if w.state not in ("STOPPED", EXITED)]
+        late = [w for w in self._live() if w.state not in done]
         if late:
             self._escalate(late, hurry=False)
 
@@ -528,7 +540,7 @@ class Supervisor:
         with self._cond:
             self._running = False
             self._cancel_pending()
-        if self.bridge is not None:
+        if self.bridge is not None and not self._exit_sent:
             try:
                 self.bridge.command("exit")
             except Exception as e:  # noqa: BLE001 - still escalate below

@@ -33,7 +33,7 @@ from typing import Any
 
 __all__ = ["ZygoteClient", "ForkedProcess", "can_fork"]
 
-PRELOAD = ("multibus.worker", "multibus.bus", "multibus.transport.bridge")
+PRELOAD = ("multibus.worker", "multibus.fastexit", "multibus.bus", "multibus.transport.bridge")
 MAX_MESSAGE = 1 << 20
 EXIT_PARENT_GONE = 3
 EXIT_UNSAFE = 4

@@ -75,6 +75,18 @@ def test_unknown_channel_publishes_nothing(bus):
     assert bus.publish(None) == []
 
 
+def test_exiting_tells_the_stop_that_opens_an_exit(bus):
+    seen = []
+    bus.subscribe("stop", lambda: seen.append(bus.exiting))
+    assert bus.exiting is False
+    bus.start()
+    bus.stop()
+    bus.start()
+    bus.exit()
+    assert seen == [False, True]
+    assert bus.exiting is True
+
+
 def test_failures_collected_and_all_listeners_run(bus, logs):
     ran = []
 

@@ -82,6 +82,23 @@ def test_table_scale_up_and_down(fleet):
 
 
 @pytest.mark.timeout(60)
+def test_parent_exit_is_one_round_and_waits_for_worker_stops(fleet):
+    """The stop that opens the parent's exit sends 'exit' at once: each worker stops its bus
+    once (not 'stop' and then again inside 'exit'), and the parent's stop phase still ends
+    only after every worker has stopped."""
+    bus, sup = fleet(count=3)
+    bus.start()
+    after_stop = []
+    bus.subscribe("stop", lambda: after_stop.append([r["state"] for r in sup.table()]), 90)
+    bus.exit()
+    assert sup.exit_code == 0
+    assert len(after_stop) == 1
+    assert all(s in ("STOPPED", "EXITING", "EXITED") for s in after_stop[0]), after_stop
+    for name in ("w.0", "w.1", "w.2"):
+        assert sum(1 for m in sup.logs if m == f"{name} | Bus STOPPING") == 1, sup.logs
+
+
+@pytest.mark.timeout(60)
 def test_stop_keeps_processes_and_start_again(fleet):
     bus, sup = fleet(count=2)
     bus.start()

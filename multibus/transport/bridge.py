@@ -577,7 +577,7 @@ class Bridge:
         hb_ms = 0 if self.heartbeat is None else int(self.heartbeat * 1000)
         timeout_ms = int(self.peer_timeout * 1000)
 
-        def make(kind: int, label: str) -> zmq.Socket:
+        def make(kind: int, label: str, monitor: bool = True) -> zmq.Socket:
             s = ctx.socket(kind)
             self._sockets.append(s)
             s.linger = LINGER_MS
@@ -594,9 +594,10 @@ class Bridge:
                 else:
                     assert self.curve.server_public is not None
                     apply_client(s, self.curve.keys, self.curve.server_public)
-            mon = s.get_monitor_socket(_MONITOR_EVENTS)
-            self._monitors[mon] = label
-            self._poller.register(mon, zmq.POLLIN)
+            if monitor:
+                mon = s.get_monitor_socket(_MONITOR_EVENTS)
+                self._monitors[mon] = label
+                self._poller.register(mon, zmq.POLLIN)
             return s
 
         if self._hub:
@@ -626,10 +627,12 @@ class Bridge:
             self._control = make(zmq.DEALER, "control")
             self._control.routing_id = self.name.encode()
             self._control.immediate = 1  # control frames go to a live hub or fail at once
-            self._down = make(zmq.SUB, "down")
+            # A peer watches its control connection only (hub lost, handshake and CURVE
+            # failures); two more monitors would cost every worker start and exit.
+            self._down = make(zmq.SUB, "down", monitor=False)
             self._down.rcvhwm = DATA_HWM
             self._down.setsockopt(zmq.SUBSCRIBE, b"")
-            self._up = make(zmq.PUSH, "up")
+            self._up = make(zmq.PUSH, "up", monitor=False)
             self._up.sndhwm = DATA_HWM
             self._control.connect(ep.control)
             self._down.connect(ep.down)
