@@ -1,11 +1,12 @@
 """Fleet benchmark: multibus Supervisor vs Circus 0.19 vs a bare Popen script.
 
-    python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--no-circus]
-                                     [--no-exec]
+    python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--repeat 3]
+                                     [--no-circus] [--no-exec]
 
 "multibus" forks workers from a zygote (``Supervisor(zygote=True)``); "mb-exec" execs each.
 
-Measured for each system, one run each:
+Measured for each system; ready and stop are the median of ``--repeat`` launches, the
+systems taking turns (idle and respawn: the first launch of 10):
 
 * ready: launch -> every worker ready. multibus: ``bus.start()`` returned (every worker bus
   reported STARTED through the bridge). Circus / bare: every worker wrote ``ready <pid>`` to a
@@ -136,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,10,50")
     ap.add_argument("--idle", type=float, default=20.0)
     ap.add_argument("--respawns", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="launch/stop each fleet this many times, systems interleaved; report "
+                         "the median (one sample each is at the mercy of a noisy machine)")
     ap.add_argument("--no-circus", action="store_true")
     ap.add_argument("--no-exec", action="store_true", help="skip multibus without zygote")
     args = ap.parse_args(argv)
@@ -273,43 +277,46 @@ def main(argv: list[str] | None = None) -> int:
     systems = ["multibus"] + ([] if args.no_exec else ["mb-exec"]) + ["bare"]
     systems += [] if circus is None else ["circus"]
     results: dict[tuple[str, str], float] = {}
-    for n in sizes:
-        for system in systems:
-            run = Run(system, n)
-            try:
-                results[(system, f"ready{n}")] = run.wait_until(run.all_ready)
-                # let the fleet settle (circus keeps starting its own machinery)
-                end = time.monotonic() + 0.5
+    samples: dict[tuple[str, str], list[float]] = {}
+    for n, rnd, system in ((n, r, s) for n in sizes for r in range(args.repeat)
+                           for s in systems):
+        run = Run(system, n)
+        try:
+            samples.setdefault((system, f"ready{n}"), []).append(run.wait_until(run.all_ready))
+            # let the fleet settle (circus keeps starting its own machinery)
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                run.pump(end - time.monotonic())
+            if n == 10 and rnd == 0:
+                c0, s0, t0 = cpu(run.proc.pid), switches(run.proc.pid), time.monotonic()
+                end = t0 + args.idle
                 while time.monotonic() < end:
                     run.pump(end - time.monotonic())
-                if n == 10:
-                    c0, s0, t0 = cpu(run.proc.pid), switches(run.proc.pid), time.monotonic()
-                    end = t0 + args.idle
-                    while time.monotonic() < end:
-                        run.pump(end - time.monotonic())
-                    dt = time.monotonic() - t0
-                    results[(system, "idle_cpu_ms_per_s")] = (cpu(run.proc.pid) - c0) / dt * 1e3
-                    results[(system, "idle_wakeups_per_s")] = (switches(run.proc.pid) - s0) / dt
-                    times = []
-                    for _ in range(args.respawns):
-                        victims = [p for p in run.worker_pids() if p in run.ready]
-                        if not victims:
-                            break
-                        victim = victims[0]
-                        before = set(run.ready)
-                        t = time.monotonic()
-                        os.kill(victim, signal.SIGKILL)
-                        run.wait_until(lambda b=before, r=run: any(p not in b for p in r.ready
-                                                                   if p != -1))
-                        times.append(time.monotonic() - t)
-                        run.ready.pop(victim, None)
-                    if times:
-                        results[(system, "respawn")] = statistics.median(times)
-                results[(system, f"stop{n}")] = run.stop()
-            finally:
-                run.close()
-            print(f"{system:9s} N={n:<3d} ready {results[(system, f'ready{n}')]:.3f}s  "
-                  f"stop {results[(system, f'stop{n}')]:.3f}s", flush=True)
+                dt = time.monotonic() - t0
+                results[(system, "idle_cpu_ms_per_s")] = (cpu(run.proc.pid) - c0) / dt * 1e3
+                results[(system, "idle_wakeups_per_s")] = (switches(run.proc.pid) - s0) / dt
+                times = []
+                for _ in range(args.respawns):
+                    victims = [p for p in run.worker_pids() if p in run.ready]
+                    if not victims:
+                        break
+                    victim = victims[0]
+                    before = set(run.ready)
+                    t = time.monotonic()
+                    os.kill(victim, signal.SIGKILL)
+                    run.wait_until(lambda b=before, r=run: any(p not in b for p in r.ready
+                                                               if p != -1))
+                    times.append(time.monotonic() - t)
+                    run.ready.pop(victim, None)
+                if times:
+                    results[(system, "respawn")] = statistics.median(times)
+            samples.setdefault((system, f"stop{n}"), []).append(run.stop())
+        finally:
+            run.close()
+        print(f"{system:9s} N={n:<3d} ready {samples[(system, f'ready{n}')][-1]:.3f}s  "
+              f"stop {samples[(system, f'stop{n}')][-1]:.3f}s", flush=True)
+    for key, values in samples.items():
+        results[key] = statistics.median(values)
 
     keys = sorted({k for _, k in results}, key=lambda k: (k.rstrip("0123456789"), len(k), k))
     print()

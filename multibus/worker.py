@@ -131,44 +131,48 @@ def main(argv: list[str] | None = None) -> int:
 
     import signal
     import threading
+    import time
 
     from multibus.bus import Bus
 
     bus = Bus()
-    lost = threading.Event()
-
-    done = threading.Event()
+    bridge: list = []  # the Bridge, once connected
+    # Plain values, never locks: leave() runs inside a signal handler, which may interrupt
+    # this very thread while it holds a lock (an Event's, say) and would then deadlock.
+    leaving = {"why": "", "deadline": False, "exit_deferred": False}
 
     def parent_gone() -> bool:
         return bool(parent_pid) and os.getppid() != parent_pid
 
-    def hard_exit_later(why: str, limit: float) -> None:
-        def run() -> None:
-            if not done.wait(limit):
-                sys.stderr.write(f"multibus.worker {name}: {why}: exit took over {limit:g}s; "
-                                 "exiting now\n")
-                sys.stderr.flush()
-                os._exit(1)
+    def hard_exit() -> None:
+        os.write(2, f"multibus.worker {name}: {leaving['why']}: the exit took too long; "
+                    "exiting now\n".encode())
+        os._exit(1)
 
-        threading.Thread(target=run, name="exit-deadline", daemon=True).start()
-
-    fast = threading.Event()
-    bridge: list = []  # the Bridge, once connected
+    def arm_deadline(limit: float) -> None:
+        """Exit hard ``limit`` s from now, whatever the exit is stuck on."""
+        if threading.current_thread() is threading.main_thread():
+            # maybe in a signal handler: a timer signal, no thread, no lock
+            signal.signal(signal.SIGALRM, lambda signum, frame: hard_exit())
+            signal.setitimer(signal.ITIMER_REAL, limit)
+        else:
+            threading.Thread(target=lambda: (time.sleep(limit), hard_exit()),
+                             name="exit-deadline", daemon=True).start()
 
     def leave(why: str, orphaned: bool) -> None:
-        """Exit the bus from the main thread; quickly when the parent/hub is gone."""
-        if orphaned and not fast.is_set():
-            fast.set()
-            # Nobody is left to read our last words: do not linger on them.
-            if bridge:
-                bridge[0].abandon()
-            hard_exit_later(why, min(stop_timeout, PARENT_GONE_EXIT))
-        elif not lost.is_set():
-            hard_exit_later(why, stop_timeout)
-        lost.set()
-        bus.defer(bus.exit)
+        """Exit the bus from the main thread within a deadline, a short one when the
+        parent/hub is gone. Safe in a signal handler."""
+        if orphaned and bridge:
+            bridge[0].abandon()  # nobody is left to read our last words: do not linger
+        if not leaving["deadline"]:
+            leaving["deadline"] = True
+            leaving["why"] = why
+            arm_deadline(min(stop_timeout, PARENT_GONE_EXIT) if orphaned else stop_timeout)
+        if not leaving["exit_deferred"]:
+            leaving["exit_deferred"] = True
+            bus.defer(bus.exit)
 
-    def on_term(signum, frame) -> None:
+    def on_term(signum: int, frame: object) -> None:
         # SIGTERM is either PDEATHSIG (sent when the spawning thread dies, possibly while
         # the rest of the dying parent still runs, so getppid() cannot tell) or the
         # supervisor's escalation after the stop timeout: either way, exit quickly.
@@ -215,10 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     ).subscribe())
 
     # 4. block until exit
-    try:
-        bus.block()
-    finally:
-        done.set()
+    bus.block()
     return 1 if parent_gone() else 0
 
 

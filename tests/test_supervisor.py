@@ -34,13 +34,13 @@ class Fleet:
     """The harness running as session leader of a fresh pty (like a shell's foreground job)."""
 
     def __init__(self, *args: str, n: int = 3, name: str | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, program: str | None = None) -> None:
         self.name = name or f"t{uuid.uuid4().hex[:8]}"
         self.master, slave = os.openpty()
         env = dict(ENV, **(extra_env or {}))
         # setsid -c: new session whose controlling terminal is the pty on stdin
-        cmd = ["setsid", "-c", PY, "-m", "targets.fleet_harness", "--name", self.name,
-               "-n", str(n), *args]
+        prog = ["-m", "targets.fleet_harness"] if program is None else [program]
+        cmd = ["setsid", "-c", PY, *prog, "--name", self.name, "-n", str(n), *args]
         self.proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, cwd=HERE,
                                      env=env, close_fds=True)
         os.close(slave)
@@ -225,6 +225,20 @@ def test_second_ctrl_c_during_stop_kills_at_once_exit_nonzero(fleets):
     assert f.wait() == 1
     assert time.monotonic() - t0 < 5  # not the 30 s stop timeout
     f.wait_line("interrupted again", 1)
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(90)
+def test_fleet_example_ctrl_c_exits_0_and_leaves_nothing(fleets):
+    """The README's first command: examples/fleet.py in a terminal, stopped by Ctrl-C."""
+    f = fleets(n=3, program=str(ROOT / "examples" / "fleet.py"))
+    f.wait_line(r"Fleet STARTED: 3 workers", 60)
+    f.pids.update(c.pid for c in psutil.Process(f.proc.pid).children(recursive=True))
+    assert len(f.pids) >= 3
+    f.ctrl_c()
+    assert f.wait() == 0, "\n".join(f.lines[-20:])
+    f.wait_line(r"Fleet STOPPED", 1)
+    f.wait_line(r"Fleet EXITED", 1)
     f.assert_all_gone()
 
 
