@@ -12,7 +12,9 @@ Order matters and is the point of this module:
 4. Block until the bus exits: on an 'exit' command, on SIGTERM (also what PDEATHSIG sends),
    or when the hub is lost ('hub.lost'). After SIGTERM or a lost hub the orderly exit gets
    at most 0.8 s (``PARENT_GONE_EXIT``), without lingering on unsent messages, then the
-   process exits hard; after an 'exit' command the supervisor does the timing.
+   process exits hard (a SIGALRM timer when a signal began it: the handler takes no lock,
+   as it may interrupt its own thread inside one); after an 'exit' command the supervisor
+   does the timing.
 
 Imports are lazy: a worker imports little before it reports STARTED.
 """
@@ -159,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=lambda: (time.sleep(limit), hard_exit()),
                              name="exit-deadline", daemon=True).start()
 
-    def leave(why: str, orphaned: bool) -> None:
-        """Exit the bus from the main thread within a deadline, a short one when the
-        parent/hub is gone. Safe in a signal handler."""
-        if orphaned and bridge:
+    def leave(why: str) -> None:
+        """The parent or hub is gone (or wants us gone at once): exit the bus from the main
+        thread, quickly and within a short deadline. Safe in a signal handler."""
+        if bridge:
             bridge[0].abandon()  # nobody is left to read our last words: do not linger
         if not leaving["deadline"]:
             leaving["deadline"] = True
             leaving["why"] = why
-            arm_deadline(min(stop_timeout, PARENT_GONE_EXIT) if orphaned else stop_timeout)
+            arm_deadline(min(stop_timeout, PARENT_GONE_EXIT))
         if not leaving["exit_deferred"]:
             leaving["exit_deferred"] = True
             bus.defer(bus.exit)
@@ -176,13 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         # SIGTERM is either PDEATHSIG (sent when the spawning thread dies, possibly while
         # the rest of the dying parent still runs, so getppid() cannot tell) or the
         # supervisor's escalation after the stop timeout: either way, exit quickly.
-        leave("SIGTERM", True)
+        leave("SIGTERM")
 
     signal.signal(signal.SIGTERM, on_term)
 
     def on_hub_lost(reason: str = "") -> None:
         bus.log(f"hub lost ({reason}); exiting", 30)
-        leave(f"hub lost ({reason})", True)
+        leave(f"hub lost ({reason})")
 
     bus.subscribe("hub.lost", on_hub_lost)
 
