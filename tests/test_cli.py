@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -13,11 +14,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
+from progs import procio
 
 from multibus.transport.endpoints import runtime_dir
 
@@ -25,16 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition",
-             interval: float = 0.05) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+# the predicates here run `multibus status` and the like: poll every 50 ms, not 5
+wait_for = functools.partial(procio.wait_for, step=0.05)
 
 
 def mb(*args: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import zmq
+from progs.procio import wait_for
 from zmq.utils.monitor import recv_monitor_message
 
 from multibus.transport.endpoints import (
@@ -316,15 +317,6 @@ def test_without_the_authenticator_curve_lets_any_key_in():
 # --------------------------------------------------------------------------- Bridge over tcp
 
 
-def _wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 def test_bridge_refuses_tcp_without_keys():
     bridge = pytest.importorskip("multibus.transport.bridge")
     from multibus.bus import Bus
@@ -359,9 +351,9 @@ def test_bridge_over_tcp_admits_only_allowed_peer_keys():
 
         peer("stranger", stranger)
         # the stranger's handshakes are refused by the ZAP allow-list (counted on the hub)
-        assert _wait_for(lambda: hub.stats().get("handshake_failed", 0) >= 1, 10)
+        assert wait_for(lambda: hub.stats().get("handshake_failed", 0) >= 1, 10)
         peer("good", good)
-        assert _wait_for(lambda: "good" in joined, 10)
+        assert wait_for(lambda: "good" in joined, 10)
         assert "stranger" not in hub.peers() and joined == ["good"]
     finally:
         for bus in reversed(buses):

@@ -141,6 +141,15 @@ class Fleet:
         except OSError:
             pass
 
+    def sigkill_supervisor(self, pids: set[int], within: float = 1.0) -> None:
+        """SIGKILL the supervisor; ``pids`` must all be gone ``within`` s of it."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        self.proc.wait(5)
+        while any(alive(p) for p in pids) and time.monotonic() - t0 < within:
+            time.sleep(0.005)
+        assert not [p for p in pids if alive(p)], f"processes outlived the supervisor by {within} s"
+
     def assert_all_gone(self, timeout: float = 2.0) -> None:
         deadline = time.monotonic() + timeout
         while any(alive(p) for p in self.pids) and time.monotonic() < deadline:
@@ -169,6 +178,13 @@ def started(t: list[dict]) -> bool:
     return all(r["state"] == "STARTED" for r in t)
 
 
+# once in the default run; 100 times with -m soak
+ONCE_OR_SOAK = pytest.mark.parametrize("times", [
+    pytest.param(1, marks=pytest.mark.timeout(60), id="once"),
+    pytest.param(100, marks=[pytest.mark.soak, pytest.mark.timeout(3600)], id="soak"),
+])
+
+
 # -- Ctrl-C -----------------------------------------------------------------------------------
 
 def _ctrl_c_while_running(fleets) -> None:
@@ -181,15 +197,9 @@ def _ctrl_c_while_running(fleets) -> None:
     f.assert_all_gone()
 
 
-@pytest.mark.timeout(60)
-def test_ctrl_c_while_running_stops_everything_exit_0(fleets):
-    _ctrl_c_while_running(fleets)
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(3600)
-def test_soak_ctrl_c_while_running(fleets):
-    for _ in range(100):
+@ONCE_OR_SOAK
+def test_ctrl_c_while_running_stops_everything_exit_0(fleets, times):
+    for _ in range(times):
         _ctrl_c_while_running(fleets)
 
 
@@ -202,15 +212,9 @@ def _ctrl_c_while_starting(fleets) -> None:
     f.assert_all_gone()
 
 
-@pytest.mark.timeout(60)
-def test_ctrl_c_while_starting_stops_everything_exit_0(fleets):
-    _ctrl_c_while_starting(fleets)
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(3600)
-def test_soak_ctrl_c_while_starting(fleets):
-    for _ in range(100):
+@ONCE_OR_SOAK
+def test_ctrl_c_while_starting_stops_everything_exit_0(fleets, times):
+    for _ in range(times):
         _ctrl_c_while_starting(fleets)
 
 
@@ -244,45 +248,20 @@ def test_fleet_example_ctrl_c_exits_0_and_leaves_nothing(fleets):
 
 # -- parent death -----------------------------------------------------------------------------
 
-@pytest.mark.timeout(60)
-def test_sigkill_of_supervisor_takes_every_worker_within_1s(fleets):
-    _sigkill_of_supervisor(fleets)
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(3600)
-def test_soak_sigkill_of_supervisor(fleets):
-    for _ in range(100):
-        _sigkill_of_supervisor(fleets)
-
-
-def _sigkill_of_supervisor(fleets) -> None:
-    f = fleets(n=10)
-    f.wait_line("^FLEET STARTED", 30)
-    pids = set(f.pids)
-    assert len(pids) == 10
-    os.kill(f.proc.pid, signal.SIGKILL)
-    t0 = time.monotonic()
-    f.proc.wait(5)
-    while any(alive(p) for p in pids) and time.monotonic() - t0 < 1.0:
-        time.sleep(0.005)
-    assert not [p for p in pids if alive(p)], "workers outlived the supervisor by 1 s"
+@ONCE_OR_SOAK
+def test_sigkill_of_supervisor_takes_every_worker_within_1s(fleets, times):
+    for _ in range(times):
+        f = fleets(n=10)
+        f.wait_line("^FLEET STARTED", 30)
+        pids = set(f.pids)
+        assert len(pids) == 10
+        f.sigkill_supervisor(pids, within=1.0)
 
 
 # -- restarts ---------------------------------------------------------------------------------
 
-@pytest.mark.timeout(60)
-def test_sigkill_of_worker_is_replaced_and_table_shows_restart(fleets):
-    _kill_workers(fleets, 1)
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(3600)
-def test_soak_sigkill_of_worker(fleets):
-    _kill_workers(fleets, 100)
-
-
-def _kill_workers(fleets, times: int) -> None:
+@ONCE_OR_SOAK
+def test_sigkill_of_worker_is_replaced_and_table_shows_restart(fleets, times):
     # intensity high enough for the loop; the first restart is immediate, later ones back off
     f = fleets("--intensity", "1000,1", n=3)
     f.wait_line("^FLEET STARTED", 30)

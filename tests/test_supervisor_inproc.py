@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
+from progs.procio import wait_for
 
 from multibus.bus import Bus
 from multibus.specs import SpecError, WorkerSpec
@@ -17,15 +17,6 @@ from multibus.supervisor import FleetError, Supervisor
 
 HERE = Path(__file__).resolve().parent
 PATH = os.pathsep.join([str(HERE), str(HERE.parent)])
-
-
-def wait_for(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.fixture

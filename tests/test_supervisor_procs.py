@@ -11,20 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from progs.procio import wait_for
 
 from multibus.procs import ProcessManager, signal_group, stop_children
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
-
-
-def wait_for(predicate, timeout=5.0, step=0.01):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 class Collect:

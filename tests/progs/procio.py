@@ -20,13 +20,17 @@ from typing import Any
 PROGS = Path(__file__).resolve().parent
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.005) -> Any:
+def wait_for(predicate: Callable[[], object], timeout: float = 5.0, what: str | None = None,
+             step: float = 0.005) -> Any:
     """Poll ``predicate`` until it returns something true or ``timeout`` passes; return its
-    last value (so a test can both wait for a value and use it)."""
+    last value (so a test can both wait for a value and use it). With ``what``, a timeout
+    raises AssertionError naming it instead."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value or time.monotonic() >= deadline:
+            if not value and what is not None:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}")
             return value
         time.sleep(step)
 
