@@ -29,6 +29,7 @@ import collections
 import functools
 import itertools
 import os
+import select
 import signal
 import sys
 import threading
@@ -115,24 +116,25 @@ def _as_set(state: State | Iterable[State]) -> frozenset[State]:
 
 
 class _SignalWaker:
-    """Wakes the main thread's unbounded ``wait()`` when a signal arrives.
+    """A pipe the main thread's unbounded ``wait()`` sleeps on, written by signals and the bus.
 
     A process-directed signal (Ctrl-C's SIGINT) may be delivered to any thread. CPython then
     only flags it; the Python handler runs when the main thread next executes bytecode, which
-    a main thread asleep on a condition variable never does, so the Ctrl-C would be lost.
-    ``signal.set_wakeup_fd`` makes the C handler write to a pipe from whichever thread it runs
-    in; a daemon thread blocked on that pipe notifies the condition, the main thread wakes and
-    runs the handler. Installed only when nobody else owns the wakeup fd (SignalHandler,
-    asyncio): their own waker does the same. Costs no wake-up while nothing arrives.
+    a main thread asleep on a lock never does, so the Ctrl-C would be lost. Registered with
+    ``signal.set_wakeup_fd``, this pipe is written by the C handler in whichever thread it
+    runs; every notification of the bus's condition writes to it too, so the main thread
+    sleeps in ``poll()`` on it instead of on the condition. No thread, and no wake-up while
+    nothing arrives. Installed only when nobody else owns the wakeup fd (SignalHandler,
+    asyncio): they wake the main thread themselves, and it sleeps on the condition.
     """
 
-    def __init__(self, cond: threading.Condition, r: int, w: int) -> None:
-        self.cond, self.r, self.w = cond, r, w
-        self.thread = threading.Thread(target=self._watch, name="Bus signal waker", daemon=True)
-        self.thread.start()
+    def __init__(self, r: int, w: int) -> None:
+        self.r, self.w = r, w
+        self.poller = select.poll()
+        self.poller.register(r, select.POLLIN)
 
     @classmethod
-    def install(cls, cond: threading.Condition) -> _SignalWaker | None:
+    def install(cls) -> _SignalWaker | None:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -144,26 +146,27 @@ class _SignalWaker:
             os.close(r)
             os.close(w)
             return None
-        os.set_blocking(r, True)
-        return cls(cond, r, w)
+        return cls(r, w)
 
-    def _watch(self) -> None:
-        while True:
-            try:
-                data = os.read(self.r, 64)
-            except OSError:
-                return
-            if not data:
-                return
-            with self.cond:
-                self.cond.notify_all()
+    def sleep(self) -> None:
+        """Until a signal or a notification arrives (or arrived since the last sleep)."""
+        self.poller.poll()
+        try:
+            os.read(self.r, 4096)
+        except BlockingIOError:
+            pass
+
+    def wake(self) -> None:
+        try:
+            os.write(self.w, b"\0")
+        except BlockingIOError:  # full: a wake-up is pending anyway
+            pass
 
     def remove(self) -> None:
         current = signal.set_wakeup_fd(-1)
         if current not in (self.w, -1):
             signal.set_wakeup_fd(current)  # replaced by someone meanwhile: theirs stays
-        os.close(self.w)  # the watcher reads EOF and returns
-        self.thread.join(1)
+        os.close(self.w)
         os.close(self.r)
 
 
@@ -192,6 +195,7 @@ class Bus:
         self._counter = itertools.count()
         self._deferred: collections.deque[Callable[[], Any]] = collections.deque()
         self._main_waiting = 0  # how many wait() calls the main thread is in (0 or 1)
+        self._waker: _SignalWaker | None = None  # the main thread's, while it waits
         self._atexit_registered = False
         self._exiting = False
 
@@ -206,7 +210,7 @@ class Bus:
     def state(self, value: State) -> None:
         with self._cond:
             self._state = value
-            self._cond.notify_all()
+            self._notify()
 
     @property
     def exiting(self) -> bool:
@@ -245,7 +249,7 @@ class Bus:
             self.listeners.setdefault(channel, set()).add(callback)
             self._sorted[channel] = tuple([e[2] for e in entries])
             if len(entries) == 1:
-                self._cond.notify_all()  # a wait() may now have a tick channel to publish
+                self._notify()  # a wait() may now have a tick channel to publish
         return callback
 
     def unsubscribe(self, channel: str, callback: Callable[..., Any]) -> None:
@@ -417,7 +421,13 @@ class Bus:
         """
         self._deferred.append(func)
         with self._cond:
-            self._cond.notify_all()
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake every wait() (call with the condition held)."""
+        self._cond.notify_all()
+        if self._waker is not None:
+            self._waker.wake()
 
     def _run_deferred(self) -> None:
         while self._deferred:
@@ -445,7 +455,8 @@ class Bus:
         wanted = _as_set(state)
         deadline = None if timeout is None else time.monotonic() + timeout
         in_main = threading.current_thread() is threading.main_thread()
-        watcher = None
+        installed: _SignalWaker | None = None  # ours to remove (an outer wait() may own one)
+        tried = False
         with self._cond:
             self._main_waiting += in_main
         try:
@@ -455,6 +466,7 @@ class Bus:
                 runs_deferred = in_main or not self._main_waiting
                 if runs_deferred and self._deferred:
                     self._run_deferred()
+                waker = None
                 with self._cond:
                     if self._state in wanted:
                         return True
@@ -466,18 +478,26 @@ class Bus:
                             return False
                         delay = remaining if delay is None else min(delay, remaining)
                     if not (runs_deferred and self._deferred):
-                        if in_main and delay is None and watcher is None:
-                            watcher = _SignalWaker.install(self._cond)
-                        self._cond.wait(delay)
-                    if self._state in wanted:
-                        return True
-                if ticking:
+                        if in_main and delay is None:
+                            if self._waker is None and not tried:
+                                tried = True
+                                installed = self._waker = _SignalWaker.install()
+                            waker = self._waker
+                        if waker is None:
+                            self._cond.wait(delay)
+                            if self._state in wanted:
+                                return True
+                if waker is not None:
+                    waker.sleep()  # outside the lock: a signal or any _notify() ends it
+                elif ticking:
                     self.publish(channel)
         finally:
-            if watcher is not None:
-                watcher.remove()
             with self._cond:
                 self._main_waiting -= in_main
+                if installed is not None:
+                    self._waker = None
+            if installed is not None:
+                installed.remove()
 
     def block(self, interval: float = 0.1, timeout: float | None = None) -> None:
         """Wait for EXITING, then for non-daemon threads, then re-exec if restart() asked.

@@ -8,7 +8,8 @@ Order matters and is the point of this module:
    subscribe its plugins) — *before* connecting, so the supervisor's 'start' can never reach a
    bus whose plugins are not subscribed yet. A target that cannot be imported or called exits
    with status 2 and one line naming it.
-3. Connect a Bridge (role='peer'); lifecycle commands arrive through it.
+3. Connect a Bridge (role='peer'); lifecycle commands arrive through it and are applied
+   in the main thread (``bus.defer``), which has nothing else to do while it blocks.
 4. Block until the bus exits: on an 'exit' command, on SIGTERM (also what PDEATHSIG sends),
    or when the hub is lost ('hub.lost'). After SIGTERM or a lost hub the orderly exit gets
    at most 0.8 s (``PARENT_GONE_EXIT``), without lingering on unsent messages, then the
@@ -217,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         name=name,
         endpoints=opts.get("endpoints"),  # type: ignore[arg-type]
         channels=opts["channels"],  # type: ignore[arg-type]
+        apply_via=bus.defer,  # commands run in this main thread, which waits in block()
         **{k: opts[k] for k in ("heartbeat", "peer_timeout") if k in opts},  # type: ignore[arg-type]
     ).subscribe())
 

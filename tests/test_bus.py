@@ -7,9 +7,11 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+from progs import procio
 
 from multibus import Bus, ChannelFailures, states
 
@@ -332,12 +334,10 @@ def test_idle_blocked_process_does_not_wake(start):
     try:
         assert proc.stdout.readline().strip() == "ready"
         p = psutil.Process(proc.pid)
-        # block() starts its signal-waker thread first; measure once it is settled
-        deadline = time.monotonic() + 5
-        while p.num_threads() < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert p.num_threads() == 2
-        time.sleep(0.2)  # let the thread start-up handshake finish before counting
+        # block() sleeps in poll() on its signal-wakeup pipe, in the main thread, no other
+        procio.wait_for(lambda: "poll" in Path(f"/proc/{proc.pid}/wchan").read_text(), 5,
+                        "the blocked process to sleep in poll()")
+        assert p.num_threads() == 1
         window = 2.0
         before = p.num_ctx_switches().voluntary
         time.sleep(window)  # measuring an idle interval, not synchronising

@@ -64,7 +64,7 @@ import random
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +179,10 @@ class Bridge:
     answers the other side's; see the module docstring). ``max_message`` is the frame size
     limit (ZMQ MAXMSGSIZE on every receiving socket): a publish whose packed size exceeds
     ``max_message - 512`` raises in the publisher; both sides should use the same value (a
-    peer adopts the hub's if smaller).
+    peer adopts the hub's if smaller). ``apply_via`` (peer) says where lifecycle commands
+    run: None, in the bridge's own command thread; else a function that runs a callable in
+    some thread of the caller's choosing, in call order (a worker passes ``bus.defer``: its
+    main thread idles in ``block()`` anyway, and a thread less is quicker to start and exit).
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class Bridge:
         max_message: int = wire.MAX_MESSAGE,
         send_timeout: float = 5.0,
         max_queue: int = 100_000,
+        apply_via: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         if role not in ("hub", "peer"):
             raise ValueError(f"Bridge role must be 'hub' or 'peer', not {role!r}")
@@ -290,6 +294,7 @@ class Bridge:
         self._wants: collections.deque[tuple[int, str | None, int]] = collections.deque()
         self._applied_graceful: dict[int, int] = {}
         self._applier: threading.Thread | None = None
+        self._apply_via = apply_via
         self._last_cmd: tuple[int, int] = (0, -1)
 
         self._listeners: list[tuple[str, Any]] = []
@@ -1155,6 +1160,9 @@ class Bridge:
     def _apply(self, epoch: int, desired: str | None, graceful: int) -> None:
         with self._apply_lock:
             self._wants.append((epoch, desired, graceful))
+            if self._apply_via is not None:
+                self._apply_via(self._apply_queued)
+                return
             if self._applier is not None:
                 self._apply_cond.notify()
                 return
@@ -1163,12 +1171,15 @@ class Bridge:
             )
             self._applier.start()
 
+    def _apply_queued(self) -> None:
+        """(``apply_via``) Apply the commands received so far, in order."""
+        while self._apply_next():
+            pass
+
     def _applier_main(self) -> None:
         """Apply the commands received, in order, until none came for APPLIER_IDLE s; then end.
         Non-daemon, so a ``block()`` in the main thread waits for an exit applied here to
-        finish. Each command is the full desired state: a graceful (generation above the one
-        applied) runs first, then the transition to the desired state, if any is needed."""
-        bus = self.bus
+        finish."""
         while True:
             with self._apply_lock:
                 if not self._wants and not self._stop_requested:
@@ -1177,29 +1188,46 @@ class Bridge:
                 if not self._wants:
                     self._applier = None
                     return
-                epoch, desired, graceful = self._wants.popleft()
-                base = self._applied_graceful.get(epoch)
-                run_graceful = base is not None and graceful > base
-                if run_graceful or base is None:
-                    self._applied_graceful = {epoch: graceful}
             try:
-                if run_graceful and desired != "EXITING":
-                    bus.graceful()
-                state = self._settled_state()
-                if desired == "STARTED" and state == "STOPPED":
-                    bus.start()
-                elif desired == "STOPPED" and state == "STARTED":
-                    bus.stop()
-                elif desired == "EXITING" and state != "EXITING":
-                    bus.exit()
-                self._stats["cmd_applied"] += 1
-            except BaseException as exc:  # a failing transition must not kill the applier
-                self._stats["cmd_failed"] += 1
-                try:
-                    bus.log(f"multibus bridge {self.name!r}: applying {desired or 'graceful'} "
-                            f"failed: {type(exc).__name__}: {exc}", 40)
-                except Exception:
-                    pass
+                self._apply_next()
+            except (KeyboardInterrupt, SystemExit):
+                pass  # logged by _apply_next; this thread goes on with the next command
+
+    def _apply_next(self) -> bool:
+        """Apply the oldest command received; False if there was none. Each command is the
+        full desired state: a graceful (generation above the one applied) runs first, then
+        the transition to the desired state, if any is needed. A failing transition is
+        counted and logged; KeyboardInterrupt and SystemExit are re-raised as well."""
+        bus = self.bus
+        with self._apply_lock:
+            if not self._wants:
+                return False
+            epoch, desired, graceful = self._wants.popleft()
+            base = self._applied_graceful.get(epoch)
+            run_graceful = base is not None and graceful > base
+            if run_graceful or base is None:
+                self._applied_graceful = {epoch: graceful}
+        try:
+            if run_graceful and desired != "EXITING":
+                bus.graceful()
+            state = self._settled_state()
+            if desired == "STARTED" and state == "STOPPED":
+                bus.start()
+            elif desired == "STOPPED" and state == "STARTED":
+                bus.stop()
+            elif desired == "EXITING" and state != "EXITING":
+                bus.exit()
+            self._stats["cmd_applied"] += 1
+        except BaseException as exc:
+            self._stats["cmd_failed"] += 1
+            try:
+                bus.log(f"multibus bridge {self.name!r}: applying {desired or 'graceful'} "
+                        f"failed: {type(exc).__name__}: {exc}", 40)
+            except Exception:
+                pass
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+        return True
 
     def _settled_state(self, timeout: float = 30.0) -> str:
         """The bus state once it is not STARTING/STOPPING (another thread may be moving it);
