@@ -228,7 +228,8 @@ class Supervisor:
         self.zygote = z
 
     def _close_zygote(self) -> None:
-        z = self.zygote
+        """Once nothing more will be spawned; workers spawned after this are exec'd."""
+        z, self.zygote = self.zygote, None
         if z is None or self.procs is None or not self.procs.thread.is_alive():
             return
         done = threading.Event()
@@ -503,6 +504,7 @@ class Supervisor:
         if getattr(self.bus, "exiting", False):
             self._exit_sent = True
             self.bridge.command("exit")
+            self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
         else:
             done = ("STOPPED", EXITED)
             self.bridge.command("stop")
@@ -550,6 +552,7 @@ class Supervisor:
         if self._hurry:
             self._kill_all()
             self._say_hurry()
+        self._close_zygote()
         deadlines = {w.child: now + (0 if self._hurry else w.spec.stop_timeout)
                      for w in live if w.child}
         signalled = stop_children(
@@ -557,7 +560,6 @@ class Supervisor:
         )
         self._mark_killed(signalled)
         self._say_hurry()
-        self._close_zygote()
         if self.procs is not None:
             self.procs.close()
         self._changed()
