@@ -456,7 +456,6 @@ class Bus:
         deadline = None if timeout is None else time.monotonic() + timeout
         in_main = threading.current_thread() is threading.main_thread()
         installed: _SignalWaker | None = None  # ours to remove (an outer wait() may own one)
-        tried = False
         with self._cond:
             self._main_waiting += in_main
         try:
@@ -479,8 +478,7 @@ class Bus:
                         delay = remaining if delay is None else min(delay, remaining)
                     if not (runs_deferred and self._deferred):
                         if in_main and delay is None:
-                            if self._waker is None and not tried:
-                                tried = True
+                            if self._waker is None and installed is None:
                                 installed = self._waker = _SignalWaker.install()
                             waker = self._waker
                         if waker is None:

@@ -1160,16 +1160,17 @@ class Bridge:
     def _apply(self, epoch: int, desired: str | None, graceful: int) -> None:
         with self._apply_lock:
             self._wants.append((epoch, desired, graceful))
-            if self._apply_via is not None:
-                self._apply_via(self._apply_queued)
+            if self._apply_via is None:
+                if self._applier is not None:
+                    self._apply_cond.notify()
+                else:
+                    self._applier = threading.Thread(
+                        target=self._applier_main, name=f"bridge-apply-{self.name}",
+                        daemon=False,
+                    )
+                    self._applier.start()
                 return
-            if self._applier is not None:
-                self._apply_cond.notify()
-                return
-            self._applier = threading.Thread(
-                target=self._applier_main, name=f"bridge-apply-{self.name}", daemon=False
-            )
-            self._applier.start()
+        self._apply_via(self._apply_queued)
 
     def _apply_queued(self) -> None:
         """(``apply_via``) Apply the commands received so far, in order."""
