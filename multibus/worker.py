@@ -32,19 +32,17 @@ EXIT_USAGE = 64
 PARENT_GONE_EXIT = 0.8  # seconds an orphaned worker gets to exit in order
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Arrange SIGTERM when the spawning thread dies; exit if the parent is already gone."""
+def die_with_parent(parent_pid: int, sig: int = 15, who: str = "multibus.worker") -> None:
+    """Have the kernel send ``sig`` (SIGTERM) when the spawning thread dies; exit at once if
+    the parent ``parent_pid`` is already gone. Imports nothing of note: it runs first."""
     import ctypes
-    import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         err = ctypes.get_errno()
-        sys.stderr.write(f"multibus.worker: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}\n")
+        sys.stderr.write(f"{who}: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}\n")
     if parent_pid and os.getppid() != parent_pid:
-        sys.stderr.write(
-            f"multibus.worker: parent {parent_pid} is gone (ppid is {os.getppid()}); exiting\n"
-        )
+        sys.stderr.write(f"{who}: parent {parent_pid} is gone (ppid is {os.getppid()}); exiting\n")
         sys.stderr.flush()
         os._exit(EXIT_PARENT_GONE)
 
@@ -124,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         except (IndexError, ValueError):
             sys.stderr.write("multibus.worker: --parent-pid needs a pid\n")
             return EXIT_USAGE
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     import multibus.fastexit  # noqa: F401 - for run(); an import while exiting costs ~0.4 ms
     opts = _parse(args)
     name = str(opts["name"])

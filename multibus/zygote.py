@@ -35,25 +35,13 @@ __all__ = ["ZygoteClient", "ForkedProcess", "can_fork"]
 
 PRELOAD = ("multibus.worker", "multibus.fastexit", "multibus.bus", "multibus.transport.bridge")
 MAX_MESSAGE = 1 << 20
-EXIT_PARENT_GONE = 3
 EXIT_UNSAFE = 4
 EXIT_WORKER_SETUP = 70
-PR_SET_PDEATHSIG = 1
 READY_TIMEOUT = 5.0  # seconds the zygote gets to preload before workers are exec'd instead
 REPLY_TIMEOUT = 10.0
 
 
 # -- the zygote process -----------------------------------------------------------------------
-
-def _die_with_parent(parent_pid: int, sig: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        sys.stderr.write("multibus.zygote: prctl(PR_SET_PDEATHSIG) failed\n")
-    if os.getppid() != parent_pid:
-        os._exit(EXIT_PARENT_GONE)
-
 
 def _reset_signals() -> None:
     """What a fresh interpreter has: defaults, SIGINT raising KeyboardInterrupt, SIGPIPE off."""
@@ -220,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     import signal
 
-    _die_with_parent(parent_pid, int(signal.SIGKILL))
+    from multibus.worker import die_with_parent
+
+    die_with_parent(parent_pid, int(signal.SIGKILL), "multibus.zygote")
     sock = socket.socket(fileno=fd)
     import importlib
 
