@@ -130,6 +130,44 @@ def test_exit_command_closes_peer_threads_and_reports_exited(pair):
     assert hub.peers()["w1"] == {**hub.peers()["w1"], "state": "EXITING", "connected": False}
 
 
+def test_input_paused_for_a_slow_listener_resumes_without_other_traffic():
+    """The I/O thread stops reading mirrored frames while DISPATCH_BACKLOG of them wait for
+    the dispatch thread; when that thread catches up it must wake the I/O thread: with
+    heartbeat=None nothing else would, and the rest of the frames would sit in the socket."""
+    from multibus.transport.bridge import DISPATCH_BACKLOG
+
+    hub_bus, peer_bus = Bus(), Bus()
+    gate = threading.Event()
+    got: list[int] = []
+
+    def slow(i: int, payload: bytes) -> None:
+        gate.wait(10)
+        got.append(i)
+
+    hub_bus.subscribe("order", slow)
+    total = DISPATCH_BACKLOG * 3
+    big = 8192  # max_message: one 4000-byte publish per frame
+    hub = Bridge(hub_bus, role="hub", name=unique("h"), channels=["order"], heartbeat=None,
+                 max_message=big).subscribe()
+    peer = Bridge(peer_bus, role="peer", name="w1", endpoints=hub.endpoints,
+                  channels=["order"], heartbeat=None, max_message=big).subscribe()
+    try:
+        wait_for(lambda: hub.peers().get("w1", {}).get("joined"), what="the peer to join")
+        for i in range(total):
+            peer_bus.publish("order", i, b"x" * 4000)
+        wait_for(lambda: hub.stats()["dispatch_backlog"] >= DISPATCH_BACKLOG,
+                 what="the hub to pause its input")
+        wait_for(lambda: peer.stats().get("frames_out", 0) >= total,
+                 what="the peer to hand every frame to its socket")
+        gate.set()
+        wait_for(lambda: len(got) == total, timeout=10)
+        assert got == list(range(total)), f"{len(got)} of {total} publishes dispatched"
+    finally:
+        gate.set()
+        peer_bus.exit()
+        hub_bus.exit()
+
+
 def test_hub_exit_removes_ipc_files_and_threads():
     bus = Bus()
     hub = Bridge(bus, role="hub", name=unique("x")).subscribe()

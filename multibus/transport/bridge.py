@@ -95,6 +95,7 @@ LINGER_MS = 1000
 SYNC_INTERVAL = 0.01
 PENDING_FRAMES = 16  # frames waiting for a socket before we stop building/reading more
 DISPATCH_BACKLOG = 64  # frames waiting for the dispatch thread before we stop reading
+PAUSED_POLL_MS = 20  # input paused for the dispatch thread: look again at least this often
 APPLIER_IDLE = 1.0  # seconds the command thread waits for the next command before ending
 SEQ_TABLE = 1024  # (origin, epoch) pairs remembered for gap detection
 _NEVER = float("inf")  # no timer due (heartbeat=None and nothing pending): poll without timeout
@@ -687,6 +688,8 @@ class Bridge:
             self._sleeping = True  # from here on publishers wake us; then re-check the queues
             if self._calls or self._states or self._out or self._logs:
                 timeout = 0
+            elif not self._reading_data and not 0 <= timeout <= PAUSED_POLL_MS:
+                timeout = PAUSED_POLL_MS  # the dispatch thread wakes us; this is a backstop
         events = self._poller.poll(timeout)
         self._sleeping = False
         calls = self._calls
@@ -1455,6 +1458,8 @@ class Bridge:
                 self._stats["dispatch_errors"] += 1
             finally:
                 self._done += 1
+                if not self._reading_data and self._put - self._done == DISPATCH_BACKLOG // 2:
+                    self._wake()  # input paused for us: the I/O thread may read again
 
     def _deliver(self, runs: list[list[Any]]) -> None:
         """Publish received messages on the local bus. ``tls.remote`` tells our own mirror
