@@ -713,9 +713,16 @@ class Supervisor:
             w.state = "JOINED"
         self._changed()
 
+    def _current_joined(self, name: str) -> _Worker | None:
+        """The live worker ``name`` if its process has joined: 'peer.state' and 'peer.lost'
+        carry no pid, and until the current process joins (its 'peer.joined' names its
+        pid) such a report can only be about a previous process of that name."""
+        w = self._current(name)
+        return None if w is None or w.state == SPAWNING else w
+
     def _peer_state(self, name: str, state: str, *args: Any) -> None:
         with self._cond:
-            w = self._current(name)
+            w = self._current_joined(name)
             if w is None:
                 return
             w.state = str(state)
@@ -735,7 +742,7 @@ class Supervisor:
 
     def _peer_lost(self, name: str, reason: str = "", *args: Any) -> None:
         with self._cond:
-            w = self._current(name)
+            w = self._current_joined(name)
             running = self._running
         if w is None or not running or w.child is None:
             return

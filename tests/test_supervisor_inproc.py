@@ -90,6 +90,31 @@ def test_parent_exit_is_one_round_and_waits_for_worker_stops(fleet):
 
 
 @pytest.mark.timeout(60)
+def test_stale_peer_reports_do_not_touch_the_replacement(fleet, tmp_path, monkeypatch):
+    """A killed worker's connection loss can reach the bus after its replacement (same
+    name) was spawned: that report is about the old process and must not terminate the new
+    one, nor may the old process's last state overwrite the new one's."""
+    gate = tmp_path / "gate"
+    monkeypatch.setenv("MB_GATE", str(gate))
+    bus, sup = fleet(target="targets.jobs:gated", count=1)
+    bus.start()
+    (name, w), = sup.workers.items()
+    old = w.child.pid
+    gate.touch()  # the replacement will wait before it connects
+    os.kill(old, 9)
+    wait_for(lambda: w.child.pid != old and w.state == "SPAWNING",
+             what="the replacement to be spawned")
+    new = w.child.pid
+    bus.publish("peer.state", name, "STOPPING")  # the old process's last words, late
+    bus.publish("peer.lost", name, "disconnected")  # listeners run before publish returns
+    assert w.state == "SPAWNING"
+    (tmp_path / "gate.open").touch()
+    wait_for(lambda: sup.table()[0]["state"] == "STARTED", what="the replacement to start")
+    assert w.child.pid == new and w.restarts == 1
+    assert not [m for m in sup.logs if f"(pid {new})" in m and "lost contact" in m], sup.logs
+
+
+@pytest.mark.timeout(60)
 def test_stop_keeps_processes_and_start_again(fleet):
     bus, sup = fleet(count=2)
     bus.start()

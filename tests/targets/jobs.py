@@ -15,6 +15,19 @@ def job(bus) -> None:
     """A well-behaved worker: nothing to do but follow its bus."""
 
 
+def gated(bus) -> None:
+    """Once the file $MB_GATE exists, a new worker waits (before it connects, so it stays
+    SPAWNING on the supervisor) until $MB_GATE.open exists too."""
+    import time
+
+    gate = os.environ["MB_GATE"]
+    deadline = time.monotonic() + 30
+    while os.path.exists(gate) and not os.path.exists(gate + ".open"):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{gate}.open never appeared")
+        time.sleep(0.01)
+
+
 def failing(bus) -> None:
     """Fails while the worker sets up, before it can report STARTED."""
     raise RuntimeError("database unreachable at db.invalid:5432")
