@@ -79,6 +79,19 @@ def test_worker_imports_little_before_connecting():
     assert r.stdout.strip() == "[]", r.stderr
 
 
+@pytest.mark.timeout(20)
+def test_connected_worker_imports_little():
+    # what a worker loads to connect (and every zygote-forked worker maps, then unmaps at
+    # exit) leaves out dataclasses (inspect, ast, dis...), logging and the CURVE/CLI helpers
+    code = ("import sys; before = set(sys.modules); "
+            "import multibus.worker, multibus.bus, multibus.transport.bridge; "
+            "print(sorted(m for m in ('dataclasses', 'inspect', 'logging', 'argparse', "
+            "'tempfile', 'zmq.auth', 'psutil') if m in set(sys.modules) - before))")
+    r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
+                       timeout=10)
+    assert r.stdout.strip() == "[]", r.stderr
+
+
 def test_heartbeat_none_turns_heartbeats_off():
     from multibus.worker import _parse
 

@@ -65,7 +65,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -137,25 +136,30 @@ class _Local(threading.local):
     packer: msgpack.Packer | None = None
 
 
-@dataclass
 class _Peer:
     """Hub-side record of one peer (owned by the I/O thread; read under the table lock)."""
 
-    name: str
-    ident: bytes
-    desired: str | None = None
-    graceful: int = 0
-    cmd_seq: int = 0
-    pending: bool = False  # a cmd not yet acked
-    next_send: float = 0.0
-    pid: int = 0
-    peer_epoch: int = 0
-    state: str | None = None
-    published_state: str | None = None
-    connected: bool = False
-    joined: bool = False
-    token: int = 0
-    last_seen: float = 0.0
+    __slots__ = ("name", "ident", "desired", "graceful", "cmd_seq", "pending", "next_send",
+                 "pid", "peer_epoch", "state", "published_state", "connected", "joined",
+                 "token", "last_seen")
+
+    def __init__(self, name: str, ident: bytes, desired: str | None = None,
+                 graceful: int = 0) -> None:
+        self.name = name
+        self.ident = ident
+        self.desired = desired
+        self.graceful = graceful
+        self.cmd_seq = 0
+        self.pending = False  # a cmd not yet acked
+        self.next_send = 0.0
+        self.pid = 0
+        self.peer_epoch = 0
+        self.state: str | None = None
+        self.published_state: str | None = None
+        self.connected = False
+        self.joined = False
+        self.token = 0
+        self.last_seen = 0.0
 
 
 def _state_name(state: object) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
-import logging
 import os
 import re
 import stat
@@ -26,14 +25,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
-if TYPE_CHECKING:  # zmq.auth, tempfile and argparse are imported where used: a worker's
-    # start-up pays for them only when it uses CURVE, key files or the CLI
+if TYPE_CHECKING:  # zmq.auth, logging, tempfile and argparse are imported where used: a
+    # worker's start-up pays for them only when it uses CURVE, key files or the CLI (for the
+    # same reason the value classes below are not dataclasses: that import costs a worker
+    # ~1 MB, which every forked worker also has to unmap when it exits)
     from zmq.auth.thread import ThreadAuthenticator
 
 __all__ = [
@@ -75,7 +75,33 @@ _SCHEMES = ("ipc", "tcp", "inproc")
 _LOCAL_SCHEMES = ("ipc", "inproc")
 _Z85_KEY_LEN = 40
 
-log = logging.getLogger("multibus.transport.endpoints")
+
+class _Value:
+    """An immutable value: its fields are its ``__slots__``; equal and hashed by them."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _init(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable (cannot set {name!r})")
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({args})"
 
 
 class EndpointError(Exception):
@@ -121,8 +147,7 @@ def _split_tcp(url: str) -> tuple[str, str]:
     return host, port
 
 
-@dataclass(frozen=True)
-class Endpoints:
+class Endpoints(_Value):
     """The three sockets of one hub: ``control`` (ROUTER/DEALER: commands, acks, state,
     heartbeats), ``down`` (XPUB -> SUB: mirrored channels) and ``up`` (peers -> hub: mirrored
     publishes and logs, on their own socket so a log flood never delays a command).
@@ -133,15 +158,17 @@ class Endpoints:
     the three URLs joined by commas.
     """
 
+    __slots__ = ("control", "down", "up")
     control: str
     down: str
     up: str
 
-    def __post_init__(self) -> None:
-        for url in self.urls():
+    def __init__(self, control: str, down: str, up: str) -> None:
+        for url in (control, down, up):
             _scheme(url)
             if "," in url:
                 raise InvalidEndpoint(f"invalid endpoint {url!r}: commas are not allowed")
+        self._init(control=control, down=down, up=up)
 
     def urls(self) -> tuple[str, str, str]:
         return (self.control, self.down, self.up)
@@ -518,17 +545,18 @@ def _z85_key(value: bytes | str, what: str) -> bytes:
     return key
 
 
-@dataclass(frozen=True, repr=False)
-class CurveKeys:
+class CurveKeys(_Value):
     """A CURVE keypair in z85 (40 ASCII bytes each); ``secret`` is None for a public key only."""
 
+    __slots__ = ("public", "secret")
     public: bytes
-    secret: bytes | None = None
+    secret: bytes | None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "public", _z85_key(self.public, "public key"))
-        if self.secret is not None:
-            object.__setattr__(self, "secret", _z85_key(self.secret, "secret key"))
+    def __init__(self, public: bytes | str, secret: bytes | str | None = None) -> None:
+        self._init(
+            public=_z85_key(public, "public key"),
+            secret=None if secret is None else _z85_key(secret, "secret key"),
+        )
 
     @classmethod
     def generate(cls) -> CurveKeys:
@@ -540,22 +568,28 @@ class CurveKeys:
         return f"CurveKeys(public={self.public.decode()!r}, secret={hidden})"
 
 
-@dataclass(frozen=True, repr=False)
-class CurveConfig:
+class CurveConfig(_Value):
     """What a bridge needs for CURVE: its own ``keys``; on a hub the ``allowed`` client public
     keys (an allow-list, enforced by ``start_authenticator``); on a peer the hub's public key
     ``server_public``."""
 
+    __slots__ = ("keys", "server_public", "allowed")
     keys: CurveKeys
-    server_public: bytes | None = None
-    allowed: frozenset[bytes] = field(default_factory=frozenset)
+    server_public: bytes | None
+    allowed: frozenset[bytes]
 
-    def __post_init__(self) -> None:
-        if self.server_public is not None:
-            object.__setattr__(
-                self, "server_public", _z85_key(self.server_public, "server public key")
-            )
-        object.__setattr__(self, "allowed", _allow_list(self.allowed, require=False))
+    def __init__(
+        self,
+        keys: CurveKeys,
+        server_public: bytes | str | None = None,
+        allowed: Iterable[bytes | str | CurveKeys] = frozenset(),
+    ) -> None:
+        self._init(
+            keys=keys,
+            server_public=(None if server_public is None
+                           else _z85_key(server_public, "server public key")),
+            allowed=_allow_list(allowed, require=False),
+        )
 
     @classmethod
     def hub(cls, keys: CurveKeys, allowed: Iterable[bytes | str | CurveKeys]) -> CurveConfig:
@@ -772,13 +806,15 @@ def require_security(
 class _AllowList:
     """ZAP credentials provider: a client is let in only if its z85 public key is listed."""
 
-    def __init__(self, keys: frozenset[bytes]) -> None:
+    def __init__(self, keys: frozenset[bytes], log: Any) -> None:
         self.keys = keys
+        self.log = log
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self.keys
         if not allowed:
-            log.warning("CURVE client refused: unknown public key %s", key.decode("ascii"))
+            self.log.warning("CURVE client refused: unknown public key %s",
+                             key.decode("ascii"))
         return allowed
 
 
@@ -789,11 +825,15 @@ def start_authenticator(
     the allow-list (without one, a CURVE server accepts any client key). One per context;
     call ``.stop()`` on it before ``ctx.term()``. The allow-list is configured before the
     handler starts, so no client slips in during start-up."""
+    import logging
+
     from zmq.auth.thread import ThreadAuthenticator
 
     allowed = _allow_list(allowed_public_keys, require=True)
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("multibus.transport.auth"))
-    auth.configure_curve_callback("*", _AllowList(allowed))
+    auth.configure_curve_callback(
+        "*", _AllowList(allowed, logging.getLogger("multibus.transport.endpoints"))
+    )
     auth.start()
     return auth
 
