@@ -61,9 +61,13 @@ def set_child_subreaper() -> None:
 
 
 def signal_group(pgid: int, sig: int) -> bool:
-    """Send ``sig`` to process group ``pgid``; False if the group no longer exists."""
+    """Send ``sig`` to process group ``pgid``, then SIGCONT, as systemd does: a suspended
+    (SIGSTOPped) process would act on a SIGTERM only once resumed, and be SIGKILLed first.
+    False if the group no longer exists."""
     try:
         os.killpg(pgid, sig)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT):
+            os.killpg(pgid, signal.SIGCONT)
         return True
     except ProcessLookupError:
         return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import uuid
@@ -30,7 +31,8 @@ def fleet():
         bus.subscribe("workers", tables.append)
         bus.subscribe("log", lambda msg, level=20: logs.append(msg))
         spec = WorkerSpec(name="w", target=target, count=count, env={"PYTHONPATH": PATH},
-                          start_timeout=kw.pop("start_timeout", 10.0))
+                          start_timeout=kw.pop("start_timeout", 10.0),
+                          stop_timeout=kw.pop("stop_timeout", 5.0))
         sup = Supervisor(bus, [spec], name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
                          subreaper=False, **kw)
         sup.tables, sup.logs = tables, logs  # type: ignore[attr-defined]
@@ -112,6 +114,20 @@ def test_stale_peer_reports_do_not_touch_the_replacement(fleet, tmp_path, monkey
     wait_for(lambda: sup.table()[0]["state"] == "STARTED", what="the replacement to start")
     assert w.child.pid == new and w.restarts == 1
     assert not [m for m in sup.logs if f"(pid {new})" in m and "lost contact" in m], sup.logs
+
+
+@pytest.mark.timeout(60)
+def test_suspended_worker_is_resumed_with_its_sigterm(fleet):
+    """A SIGSTOPped worker can act neither on 'exit' nor on SIGTERM: after its stop timeout
+    the supervisor sends SIGTERM and then SIGCONT (as systemd does), so the worker exits on its
+    SIGTERM instead of being SIGKILLed a term timeout later."""
+    bus, sup = fleet(count=1, stop_timeout=0.3, term_timeout=15)
+    bus.start()
+    w = sup.workers["w.0"]
+    os.kill(w.child.pid, signal.SIGSTOP)
+    bus.exit()
+    assert w.child.returncode == 0, w.child.describe_exit()
+    assert sup.exit_code == 1  # it had to be signalled
 
 
 @pytest.mark.timeout(60)
