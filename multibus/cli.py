@@ -183,7 +183,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     printer = LogPrinter(level, fmt, sys.stderr).start()
     bus.subscribe("log", printer, 1)
     sup = Supervisor(bus, cfg.specs, name=cfg.name, pidfile=cfg.pidfile,
-                     intensity=cfg.intensity, term_timeout=cfg.term_timeout)
+                     intensity=cfg.intensity, term_timeout=cfg.term_timeout,
+                     zygote=cfg.zygote or args.zygote)
     try:
         sup.subscribe()
     except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
@@ -471,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="debug, info (default), warning, error, critical")
     run.add_argument("--log-format", choices=("text", "json"), default=None,
                      help="text lines (default) or JSON lines")
+    run.add_argument("--zygote", action="store_true",
+                     help="fork workers from one preloaded process instead of starting an "
+                     "interpreter for each (faster; as 'zygote = true' in a fleet file)")
     run.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", parents=[ctl], help="show every worker")

@@ -488,6 +488,17 @@ def test_run_target_with_count_and_mirror():
         assert proc.wait(20) == 0
 
 
+def test_run_with_zygote_forks_workers():
+    name = unique("tz")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(EXAMPLES), str(ROOT)]))
+    with running("jobs:worker", "-n", "2", "--zygote", "--name", name, env=env) as (proc, log):
+        st = wait_for(lambda: all_started(name, 2), 30, "2 workers STARTED")
+        for w in st["workers"]:  # a forked worker shows the zygote's command line
+            assert "multibus.zygote" in " ".join(psutil.Process(w["pid"]).cmdline())
+        assert mb("exit", "--name", name).returncode == 0
+        assert proc.wait(20) == 0
+
+
 @pytest.mark.timeout(60)
 def test_second_ctrl_c_kills_a_stuck_stop():
     name = unique("tk")

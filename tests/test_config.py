@@ -41,6 +41,7 @@ def test_full_file(tmp_path):
         log_level = "WARNING"
         log_format = "json"
         pythonpath = ["lib"]
+        zygote = true
 
         [groups.web]
         target = "app:serve"
@@ -61,7 +62,7 @@ def test_full_file(tmp_path):
     assert cfg.pidfile == str(tmp_path / "run/shop.pid")
     assert cfg.term_timeout == 1.5
     assert (cfg.intensity.max_restarts, cfg.intensity.period) == (3, 30.0)
-    assert (cfg.log_level, cfg.log_format) == (30, "json")
+    assert (cfg.log_level, cfg.log_format, cfg.zygote) == (30, "json", True)
     assert [s.name for s in cfg.specs] == ["web", "jobs"]  # file order: web is the default
     assert cfg.default_group == "web"
     web, jobs = cfg.specs
@@ -79,6 +80,7 @@ def test_full_file(tmp_path):
 def test_defaults(tmp_path):
     cfg = load(write(tmp_path, '[groups.w]\ntarget = "m:f"\n'))
     assert cfg.name == "multibus" and cfg.pidfile is None and cfg.log_format == "text"
+    assert cfg.zygote is False
     (spec,) = cfg.specs
     assert (spec.count, spec.restart, spec.env) == (1, "permanent", {})
 
@@ -113,6 +115,8 @@ def test_defaults(tmp_path):
      "supervisor.pidfile: expected a path string or false"),
     ('[supervisor]\nmax_restarts = 2.5\n[groups.w]\ntarget = "m:f"\n',
      "supervisor.max_restarts: expected an integer >= 0, got 2.5 (float)"),
+    ('[supervisor]\nzygote = "yes"\n[groups.w]\ntarget = "m:f"\n',
+     "supervisor.zygote: expected true or false, got 'yes' (string)"),
     ('supervisor = 3\n', "supervisor: expected a table, got 3 (integer)"),
     ('[supervisor]\nname = "x"\n', "groups: missing"),
     ('groups = {}\n', "groups: empty"),
