@@ -408,6 +408,10 @@ def test_ctrl_c_reaches_block_when_another_thread_gets_the_signal():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
+        # a SIGINT before block() is a plain KeyboardInterrupt: send it once the main thread
+        # sleeps in block()'s poll() on the signal-wakeup pipe
+        procio.wait_for(lambda: "poll" in Path(f"/proc/{proc.pid}/task/{proc.pid}/wchan")
+                        .read_text(), 5, "the main thread to sleep in block()")
         proc.send_signal(2)
         out, _ = proc.communicate(timeout=10)
         assert "exited states.EXITING" in out
