@@ -30,6 +30,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def still_alive(pids: set[int], deadline: float) -> list[int]:
+    """Wait (until the monotonic ``deadline``) for ``pids`` to be gone; return those left."""
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return [p for p in pids if alive(p)]
+
+
 class Fleet:
     """The harness running as session leader of a fresh pty (like a shell's foreground job)."""
 
@@ -144,17 +151,13 @@ class Fleet:
     def sigkill_supervisor(self, pids: set[int], within: float = 1.0) -> None:
         """SIGKILL the supervisor; ``pids`` must all be gone ``within`` s of it."""
         os.kill(self.proc.pid, signal.SIGKILL)
-        t0 = time.monotonic()
+        deadline = time.monotonic() + within
         self.proc.wait(5)
-        while any(alive(p) for p in pids) and time.monotonic() - t0 < within:
-            time.sleep(0.005)
-        assert not [p for p in pids if alive(p)], f"processes outlived the supervisor by {within} s"
+        left = still_alive(pids, deadline)
+        assert not left, f"processes outlived the supervisor by {within} s"
 
     def assert_all_gone(self, timeout: float = 2.0) -> None:
-        deadline = time.monotonic() + timeout
-        while any(alive(p) for p in self.pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        left = [p for p in self.pids if alive(p)]
+        left = still_alive(self.pids, time.monotonic() + timeout)
         assert not left, f"worker processes left behind: {left}"
 
 
