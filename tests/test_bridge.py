@@ -130,6 +130,53 @@ def test_exit_command_closes_peer_threads_and_reports_exited(pair):
     assert hub.peers()["w1"] == {**hub.peers()["w1"], "state": "EXITING", "connected": False}
 
 
+def test_peer_without_channels_uses_control_only_and_applies_events_via_apply_via():
+    """No mirrored channel: no 'down' connection, joined at hello without a sync probe, logs
+    and states still arrive; with ``apply_via`` its events run there, in order, and it has no
+    dispatch thread. The hub still mirrors to a peer that has channels."""
+    hub_bus, quiet_bus, data_bus = Bus(), Bus(), Bus()
+    hub_rec = Recorder(hub_bus, "peer.joined", "peer.state", "peer.log", "peer.lost")
+    quiet_rec = Recorder(quiet_bus, "hub.joined", "order")
+    data_rec = Recorder(data_bus, "order")
+    ran: list[object] = []
+
+    def apply_via(func):  # runs at once, in the I/O thread: enough to see what goes through
+        ran.append(getattr(func, "args", func))
+        func()
+
+    hub = Bridge(hub_bus, role="hub", name=unique("h"), channels=["order"],
+                 heartbeat=None).subscribe()
+    quiet = Bridge(quiet_bus, role="peer", name="quiet", endpoints=hub.endpoints,
+                   heartbeat=None, apply_via=apply_via).subscribe()
+    data = Bridge(data_bus, role="peer", name="data", endpoints=hub.endpoints,
+                  channels=["order"], heartbeat=None).subscribe()
+    try:
+        assert wait_for(lambda: {a[0] for a, _ in hub_rec.of("peer.joined")} == {"quiet", "data"})
+        assert len(quiet._sockets) == 2 and quiet._down is None
+        assert len(data._sockets) == 3
+        assert hub.peers()["quiet"]["joined"]
+        assert quiet_rec.of("hub.joined") == [((hub.name,), {})]
+        assert ("hub.joined", (hub.name,)) in ran  # the event went through apply_via
+        assert quiet._dispatcher is None
+        quiet_bus.log("from the quiet one", 30)
+        assert wait_for(lambda: (("quiet", "from the quiet one", 30), {}) in hub_rec.of("peer.log"))
+        hub.bus.publish("order", "BUY", 1)
+        assert wait_for(lambda: data_rec.of("order") == [(("BUY", 1), {})])
+        assert quiet_rec.of("order") == []
+        assert hub.command("start", wait=5)
+        assert wait_for(lambda: hub.peers()["quiet"]["state"] == "STARTED")
+        hub.command("exit", "quiet")
+        assert wait_for(lambda: (("quiet", "exited"), {}) in hub_rec.of("peer.lost"))
+        quiet_states = [a[1] for a, _ in hub_rec.of("peer.state") if a[0] == "quiet"]
+        assert quiet_states == ["STOPPED", "STARTING", "STARTED", "STOPPING", "STOPPED",
+                                "EXITING"]
+        assert hub.stats().get("invalid", 0) == 0 and quiet.stats().get("invalid", 0) == 0
+    finally:
+        data_bus.exit()
+        quiet_bus.exit()
+        hub_bus.exit()
+
+
 def test_input_paused_for_a_slow_listener_resumes_without_other_traffic():
     """The I/O thread stops reading mirrored frames while DISPATCH_BACKLOG of them wait for
     the dispatch thread; when that thread catches up it must wake the I/O thread: with

@@ -82,7 +82,7 @@ def test_hub_without_heartbeats_sees_a_vanished_peer():
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(hub.endpoints.down)
         dealer.send(wire.encode("hello", name="ghost", pid=os.getpid(), epoch=7,
-                                state="STOPPED"))
+                                state="STOPPED", down=True))
         assert dealer.poll(5000)
         assert wire.decode(dealer.recv())[0] == "welcome"
         # answer the sync probe so the hub counts it joined

@@ -9,9 +9,9 @@ from multibus.transport import wire
 
 
 def test_control_frames_round_trip_and_validate_on_encode():
-    frame = wire.encode("hello", name="w1", pid=42, epoch=7, state="STARTED")
+    frame = wire.encode("hello", name="w1", pid=42, epoch=7, state="STARTED", down=False)
     kind, msg = wire.decode(frame)
-    assert kind == "hello" and msg["name"] == "w1" and msg["pid"] == 42
+    assert kind == "hello" and msg["name"] == "w1" and msg["pid"] == 42 and msg["down"] is False
     with pytest.raises(ValueError, match="needs fields"):
         wire.encode("hello", name="w1")
     with pytest.raises(ValueError, match="invalid state"):
@@ -103,7 +103,9 @@ GOOD = {"v": 1, "k": "pub", "origin": "x", "epoch": 1, "seq": 0,
         (msgpack.packb({**GOOD, "runs": ["abc"]}), "schema"),
         (msgpack.packb({"v": 1, "k": "state", "state": []}), "schema"),
         (msgpack.packb({"v": 1, "k": "hello", "name": "w", "pid": 0, "epoch": 1,
-                        "state": "STOPPED"}), "schema"),
+                        "state": "STOPPED", "down": True}), "schema"),
+        (msgpack.packb({"v": 1, "k": "hello", "name": "w", "pid": 1, "epoch": 1,
+                        "state": "STOPPED", "down": 1}), "schema"),
     ],
 )
 def test_decode_refuses_with_reason(frame, reason):

@@ -18,6 +18,11 @@ deques plus an eventfd that wakes its poller)::
     hub XPUB     -> peer SUB                              down: mirrored publishes, sync probes
     hub PULL    <-  peer PUSH                             up: mirrored publishes and logs
 
+A peer that mirrors no channel (a worker that only follows lifecycle commands) has nothing to
+read downstream and does not connect to 'down': its hello says so (``down=False``) and it
+counts as joined at hello, without a sync probe. A connection less to set up and tear down on
+both sides, which a fleet of 50 pays at every start and stop.
+
 Delivery rules (see ``wire.py`` for the frame format):
 
 * Mirrored publishes are packed in the publisher's thread (so a bad argument raises there) and
@@ -25,8 +30,9 @@ Delivery rules (see ``wire.py`` for the frame format):
   its size. Sends never block the I/O thread: on EAGAIN (XPUB_NODROP, PUSH at its HWM) the frame
   stays queued and is retried; after ``send_timeout`` seconds it is dropped, counted and logged.
   A publisher blocks (up to ``send_timeout``) while the bridge holds ``max_queue`` messages.
-* A peer counts as *joined* (``peer.joined`` on the hub) only once a sync probe sent down the
-  XPUB reached it, so from then on nothing the hub publishes can miss it (slow joiner).
+* A peer with channels counts as *joined* (``peer.joined`` on the hub) only once a sync
+  probe sent down the XPUB reached it, so from then on nothing the hub publishes can miss it
+  (slow joiner); a peer without channels, at its hello.
 * Commands are desired state, not actions: each peer has a desired state (STARTED, STOPPED or
   EXITING) and a graceful generation counter on the hub, sent with the hub's epoch (random per
   hub instance) and a sequence number; the peer acks on receipt, applies each (epoch, seq) once
@@ -48,6 +54,9 @@ Delivery rules (see ``wire.py`` for the frame format):
 * Every received frame is validated; anything else is dropped and counted in ``stats()``.
   The I/O thread survives any input; it exits on the bus's 'exit' (listener priority 95, after
   the others), flushing what it can within a bounded LINGER.
+* Received publishes and logs reach the local bus from a dispatch thread, started when the
+  first is received; a peer given ``apply_via`` publishes its events (``hub.joined``,
+  ``hub.lost``, the bridge's warnings) through it instead, in order with the commands.
 
 Channels published on the hub's bus: ``peer.joined(name, pid)``, ``peer.state(name, state)``,
 ``peer.lost(name, reason)`` (reason: 'heartbeat timeout', 'disconnected', 'exited', 'left'),
@@ -58,6 +67,7 @@ Channels published on the hub's bus: ``peer.joined(name, pid)``, ``peer.state(na
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import queue
 import random
@@ -141,7 +151,7 @@ class _Peer:
 
     __slots__ = ("name", "ident", "desired", "graceful", "cmd_seq", "pending", "next_send",
                  "pid", "peer_epoch", "state", "published_state", "connected", "joined",
-                 "token", "last_seen")
+                 "token", "last_seen", "down")
 
     def __init__(self, name: str, ident: bytes, desired: str | None = None,
                  graceful: int = 0) -> None:
@@ -160,6 +170,7 @@ class _Peer:
         self.joined = False
         self.token = 0
         self.last_seen = 0.0
+        self.down = True  # the peer reads 'down' (it mirrors channels): sync before joined
 
 
 def _state_name(state: object) -> str:
@@ -316,8 +327,8 @@ class Bridge:
     # ---------------------------------------------------------------- plugin protocol
 
     def subscribe(self) -> Bridge:
-        """Bind (hub) or connect (peer), start the I/O and dispatch threads and subscribe to
-        the bus. Returns once the sockets are bound/connected; raises if they cannot be."""
+        """Bind (hub) or connect (peer), start the I/O thread and subscribe to the bus.
+        Returns once the sockets are bound/connected; raises if they cannot be."""
         with self._lifecycle_lock:
             if self._io is not None:
                 return self
@@ -340,10 +351,6 @@ class Bridge:
                     f"{self.role} bridge {self.name!r} could not "
                     f"{'bind' if self._hub else 'connect'} {self.endpoints}: {err}"
                 ) from err
-            self._dispatcher = threading.Thread(
-                target=self._dispatch_main, name=f"bridge-dispatch-{self.name}", daemon=True
-            )
-            self._dispatcher.start()
             for ch in sorted(self.channels):
                 self._listen(ch, self._mirror_listener(ch), 50)
             if not self._hub:
@@ -639,16 +646,17 @@ class Bridge:
             self._control.immediate = 1  # control frames go to a live hub or fail at once
             # A peer watches its control connection only (hub lost, handshake and CURVE
             # failures); two more monitors would cost every worker start and exit.
-            self._down = make(zmq.SUB, "down", monitor=False)
-            self._down.rcvhwm = DATA_HWM
-            self._down.setsockopt(zmq.SUBSCRIBE, b"")
-            self._up = make(zmq.PUSH, "up", monitor=False)
+            self._down = self._data_in = None  # no channels: nothing to read downstream
+            if self.channels:
+                self._down = self._data_in = make(zmq.SUB, "down", monitor=False)
+                self._down.rcvhwm = DATA_HWM
+                self._down.setsockopt(zmq.SUBSCRIBE, b"")
+            self._up = self._data_out = make(zmq.PUSH, "up", monitor=False)
             self._up.sndhwm = DATA_HWM
             self._control.connect(ep.control)
-            self._down.connect(ep.down)
+            if self._down is not None:
+                self._down.connect(ep.down)
             self._up.connect(ep.up)
-            self._data_in = self._down
-            self._data_out = self._up
         self._poller.register(self._control, zmq.POLLIN)
         self._poller.register(self._wake_fd, zmq.POLLIN)
         if self._hub:
@@ -669,7 +677,9 @@ class Bridge:
 
     def _set_data_reading(self, on: bool) -> None:
         if on != self._reading_data:
-            if on:
+            if self._data_in is None:
+                pass  # a peer without channels: nothing to read
+            elif on:
                 self._poller.register(self._data_in, zmq.POLLIN)
             else:
                 self._poller.unregister(self._data_in)
@@ -839,8 +849,7 @@ class Bridge:
         if self._hub and self._relay_needed(origin):
             self._pending.append((frame, n))  # relay as is to the other peers
             self._stats["relayed"] += n
-        self._put += 1
-        self._inbox.put(("pub", runs))
+        self._dispatch(("pub", runs))
 
     def _relay_needed(self, origin: str) -> bool:
         """Relay a peer's batch down unless the origin is the only peer connected."""
@@ -853,8 +862,7 @@ class Bridge:
     def _recv_log(self, msg: dict[str, Any]) -> None:
         origin = msg["origin"]
         self._stats["logs_received"] += len(msg["msgs"])
-        self._put += 1
-        self._inbox.put(("logs", origin, msg["msgs"]))
+        self._dispatch(("logs", origin, msg["msgs"]))
 
     def _recv_monitor(self, mon: zmq.Socket) -> None:
         label = self._monitors[mon]
@@ -925,12 +933,7 @@ class Bridge:
                 self._acked(rec.name, msg["seq"])
         elif kind == "ready":
             if msg["token"] == rec.token and not rec.joined:
-                with self._peers_lock:
-                    rec.joined = True
-                self._emit("peer.joined", rec.name, rec.pid)
-                if rec.state is not None:
-                    rec.published_state = rec.state
-                    self._emit("peer.state", rec.name, rec.state)
+                self._join(rec)
         elif kind == "bye":
             reason = "exited" if rec.state == "EXITING" else "left"
             self._lose_peer(rec, reason)
@@ -951,6 +954,7 @@ class Bridge:
             rec.ident = ident
             rec.pid = msg["pid"]
             rec.peer_epoch = msg["epoch"]
+            rec.down = msg["down"]
             rec.connected = True
             rec.last_seen = now
             if fresh:
@@ -968,7 +972,18 @@ class Bridge:
             rec.pending = True
             self._send_cmd(rec, now)
         if not rec.joined:
-            self._send_sync(rec)
+            if rec.down:
+                self._send_sync(rec)
+            else:
+                self._join(rec)
+
+    def _join(self, rec: _Peer) -> None:
+        with self._peers_lock:
+            rec.joined = True
+        self._emit("peer.joined", rec.name, rec.pid)
+        if rec.state is not None:
+            rec.published_state = rec.state
+            self._emit("peer.state", rec.name, rec.state)
 
     def _peer_state(self, rec: _Peer, state: str) -> None:
         if state != rec.state:
@@ -1144,7 +1159,7 @@ class Bridge:
         self._send_control(
             wire.encode(
                 "hello", name=self.name, pid=os.getpid(), epoch=self.epoch,
-                state=_state_name(self.bus.state),
+                state=_state_name(self.bus.state), down=bool(self.channels),
             )
         )
 
@@ -1293,7 +1308,7 @@ class Bridge:
                         self._stats["cmd_retries"] += 1
                         self._send_cmd(rec, now)
                     next_tick = min(next_tick, rec.next_send)
-                if not rec.joined and rec.connected:
+                if not rec.joined and rec.connected and rec.down:
                     syncing = True
                     self._send_sync(rec)
             if syncing:
@@ -1432,9 +1447,28 @@ class Bridge:
     # ---------------------------------------------------------------- dispatch thread
 
     def _emit(self, channel: str, *args: Any) -> None:
-        """(I/O thread) publish on the local bus, from the dispatch thread, in order."""
+        """(I/O thread) publish on the local bus, in order: through ``apply_via`` on a peer
+        given one, else from the dispatch thread."""
+        if self._apply_via is not None and not self._hub:
+            self._apply_via(functools.partial(self._publish_event, channel, args))
+        else:
+            self._dispatch(("event", channel, args))
+
+    def _dispatch(self, item: tuple[Any, ...]) -> None:
+        """(I/O thread) queue for the dispatch thread, started at the first item."""
         self._put += 1
-        self._inbox.put(("event", channel, args))
+        if self._dispatcher is None:
+            self._dispatcher = threading.Thread(
+                target=self._dispatch_main, name=f"bridge-dispatch-{self.name}", daemon=True
+            )
+            self._dispatcher.start()
+        self._inbox.put(item)
+
+    def _publish_event(self, channel: str, args: tuple[Any, ...]) -> None:
+        if channel == "log":
+            self.bus.log(*args)
+        else:
+            self.bus.publish(channel, *args)
 
     def _dispatch_main(self) -> None:
         bus = self.bus
@@ -1448,11 +1482,7 @@ class Bridge:
                 if kind == "pub":
                     self._deliver(item[1])
                 elif kind == "event":
-                    channel, args = item[1], item[2]
-                    if channel == "log":
-                        bus.log(*args)
-                    else:
-                        bus.publish(channel, *args)
+                    self._publish_event(item[1], item[2])
                 elif kind == "logs":
                     origin = item[1]
                     for msg, level in item[2]:

@@ -87,6 +87,10 @@ def _level(v: object) -> bool:
     return type(v) is int and 0 <= v <= 1000
 
 
+def _bool(v: object) -> bool:
+    return type(v) is bool
+
+
 def _state(v: object) -> bool:
     return type(v) is str and v in STATE_NAMES
 
@@ -149,8 +153,8 @@ _Validator = Callable[[object], bool]
 
 #: kind -> {field: validator}; every frame also has "v" (== VERSION) and "k" (== kind).
 SCHEMAS: dict[str, dict[str, _Validator]] = {
-    # control, peer -> hub
-    "hello": {"name": valid_name, "pid": _pid, "epoch": _u64, "state": _state},
+    # control, peer -> hub; down: the peer mirrors channels, so it reads the down socket
+    "hello": {"name": valid_name, "pid": _pid, "epoch": _u64, "state": _state, "down": _bool},
     "ready": {"token": _u64},
     "ack": {"epoch": _u64, "seq": _u64},
     "state": {"state": _state},

@@ -86,10 +86,30 @@ class Child:
         os.kill(self.proc.pid, signum)
 
     def wait(self, timeout: float = 10.0) -> int:
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"pid {self.pid} still running after {timeout}s: "
+                                 f"{self.describe()}") from None
         for t in self._readers:
             t.join(5)
         return code
+
+    def describe(self) -> str:
+        """What a stuck child is doing: its state, signal masks, each thread's wait channel,
+        and its last output (for a failure message)."""
+        parts = []
+        try:
+            with open(f"/proc/{self.pid}/status") as f:
+                parts += [ln.strip() for ln in f
+                          if ln.startswith(("State", "Threads", "SigPnd", "ShdPnd", "SigBlk",
+                                            "SigIgn", "SigCgt"))]
+            for tid in sorted(os.listdir(f"/proc/{self.pid}/task")):
+                with open(f"/proc/{self.pid}/task/{tid}/wchan") as f:
+                    parts.append(f"task {tid} wchan {f.read()}")
+        except OSError as e:
+            parts.append(f"/proc: {e}")
+        return f"{'; '.join(parts)}; stdout={self.stdout[-10:]} stderr={self.stderr[-20:]}"
 
     def close(self) -> None:
         """Kill (if still running) and reap."""
