@@ -173,3 +173,30 @@ def test_peer_without_heartbeats_follows_a_restarted_hub():
         peer_bus.exit()
         hub2_bus.exit()
         hub_bus.exit()
+
+
+@pytest.mark.timeout(20)
+def test_probe_heartbeats_are_answered_once_not_bounced(quiet_pair):
+    """After a control disconnect the hub probes its peers with an hb; a peer without
+    heartbeats answers it, and the hub (without heartbeats either) must not answer the answer:
+    the two once bounced hb frames at full CPU forever after any worker died."""
+    hub, peer = quiet_pair
+    lost = events(hub.bus, "peer.lost")
+    ctx = zmq.Context()
+    try:
+        ghost = ctx.socket(zmq.DEALER)
+        ghost.routing_id = b"ghost"
+        ghost.connect(hub.endpoints.control)
+        ghost.send(wire.encode("hello", name="ghost", pid=os.getpid(), epoch=7,
+                               state="STOPPED", down=False))
+        assert ghost.poll(5000) and wire.decode(ghost.recv())[0] == "welcome"
+        ghost.close(linger=0)  # gone without a word: the hub probes every peer
+        assert wait_for(lambda: ("ghost", "disconnected") in lost, 3), lost
+    finally:
+        ctx.term()
+    time.sleep(0.7)  # past the last scheduled probe (PROBE_DELAYS); a window, not a sync
+    before = hub.stats()["frames_in"], peer.stats()["frames_in"]
+    time.sleep(0.5)
+    after = hub.stats()["frames_in"], peer.stats()["frames_in"]
+    assert after == before, (before, after)
+    assert peer.stats()["frames_in"] < 20  # welcome, commands, a few probes: no bouncing

@@ -920,9 +920,11 @@ class Bridge:
             if msg["epoch"] != self.epoch:
                 self._send_to(ident, wire.encode("who"))
                 return
-            if self.heartbeat is None:  # a peer that uses heartbeats: answer, it times us out
+            if self.heartbeat is None and not msg["reply"]:
+                # a peer that uses heartbeats times us out: answer (never an answer, or two
+                # sides without heartbeats would bounce a probe's hb between them forever)
                 self._send_to(ident, wire.encode(
-                    "hb", epoch=self.epoch, state=_state_name(self.bus.state)))
+                    "hb", epoch=self.epoch, state=_state_name(self.bus.state), reply=True))
             self._peer_state(rec, msg["state"])
         elif kind == "state":
             self._peer_state(rec, msg["state"])
@@ -1123,9 +1125,10 @@ class Bridge:
                 self._send_hello()
             else:
                 self._hub_seen = now
-                if self.heartbeat is None:  # a hub that uses heartbeats: answer it
+                if self.heartbeat is None and not msg["reply"]:  # a hub using heartbeats
                     self._send_control(wire.encode(
-                        "hb", epoch=self._hub_epoch, state=_state_name(self.bus.state)))
+                        "hb", epoch=self._hub_epoch, state=_state_name(self.bus.state),
+                        reply=True))
             return
         if kind == "cmd":
             if msg["epoch"] != self._hub_epoch:
@@ -1291,7 +1294,8 @@ class Bridge:
             if beat or probe:
                 if hb_ivl is not None and beat:
                     self._next_hb = now + hb_ivl
-                hb = wire.encode("hb", epoch=self.epoch, state=_state_name(self.bus.state))
+                hb = wire.encode("hb", epoch=self.epoch, state=_state_name(self.bus.state),
+                                 reply=False)
             for rec in recs:
                 if not rec.connected:
                     continue
@@ -1325,7 +1329,8 @@ class Bridge:
                 self._next_hb = now + hb_ivl
                 if self._welcomed:
                     self._send_control(
-                        wire.encode("hb", epoch=self._hub_epoch, state=_state_name(self.bus.state))
+                        wire.encode("hb", epoch=self._hub_epoch,
+                                    state=_state_name(self.bus.state), reply=False)
                     )
             self._note_state()
         self._next_tick = min(next_tick, self._next_hb)
@@ -1465,10 +1470,13 @@ class Bridge:
         self._inbox.put(item)
 
     def _publish_event(self, channel: str, args: tuple[Any, ...]) -> None:
-        if channel == "log":
-            self.bus.log(*args)
-        else:
-            self.bus.publish(channel, *args)
+        try:
+            if channel == "log":
+                self.bus.log(*args)
+            else:
+                self.bus.publish(channel, *args)
+        except Exception:  # a failing listener was logged by the bus; count it, go on
+            self._stats["dispatch_errors"] += 1
 
     def _dispatch_main(self) -> None:
         bus = self.bus

@@ -158,8 +158,9 @@ SCHEMAS: dict[str, dict[str, _Validator]] = {
     "ready": {"token": _u64},
     "ack": {"epoch": _u64, "seq": _u64},
     "state": {"state": _state},
-    # both ways: the hub epoch as the sender knows it (0: none yet) and its own bus state
-    "hb": {"epoch": _u64, "state": _state},
+    # both ways: the hub epoch as the sender knows it (0: none yet), its own bus state, and
+    # whether this answers an hb (a side without heartbeats answers each hb that is not one)
+    "hb": {"epoch": _u64, "state": _state, "reply": _bool},
     "bye": {},
     # control, hub -> peer
     "welcome": {"name": valid_name, "epoch": _u64, "graceful": _u64, "max_message": _max_message},
