@@ -49,7 +49,8 @@ Delivery rules (see ``wire.py`` for the frame format):
   connection: a peer's DISCONNECTED -> ``hub.lost``; on the hub a control disconnect makes it
   probe its peers (ROUTER_MANDATORY names the gone one) -> ``peer.lost(name, 'disconnected')``.
   A hung-but-connected process is then not detected by the bridge. Mixed set-ups work: a
-  side without heartbeats answers each heartbeat it gets, so the other side's timeout holds.
+  side without heartbeats answers each heartbeat it gets that is not itself an answer, so the
+  other side's timeout holds (and a probe is answered once, not bounced).
 * After ``hub.lost`` a peer closes with linger 0 (nobody is left to read its last words).
 * Every received frame is validated; anything else is dropped and counted in ``stats()``.
   The I/O thread survives any input; it exits on the bus's 'exit' (listener priority 95, after
