@@ -924,8 +924,7 @@ class Bridge:
             if self.heartbeat is None and not msg["reply"]:
                 # a peer that uses heartbeats times us out: answer (never an answer, or two
                 # sides without heartbeats would bounce a probe's hb between them forever)
-                self._send_to(ident, wire.encode(
-                    "hb", epoch=self.epoch, state=_state_name(self.bus.state), reply=True))
+                self._send_to(ident, self._hb(self.epoch, reply=True))
             self._peer_state(rec, msg["state"])
         elif kind == "state":
             self._peer_state(rec, msg["state"])
@@ -1127,9 +1126,7 @@ class Bridge:
             else:
                 self._hub_seen = now
                 if self.heartbeat is None and not msg["reply"]:  # a hub using heartbeats
-                    self._send_control(wire.encode(
-                        "hb", epoch=self._hub_epoch, state=_state_name(self.bus.state),
-                        reply=True))
+                    self._send_control(self._hb(self._hub_epoch, reply=True))
             return
         if kind == "cmd":
             if msg["epoch"] != self._hub_epoch:
@@ -1146,6 +1143,11 @@ class Bridge:
             self._apply(msg["epoch"], msg["state"], msg["graceful"])
             return
         self._invalid("unexpected", f"{kind!r} frame from the hub")
+
+    def _hb(self, epoch: int, reply: bool) -> bytes:
+        """A heartbeat frame: ``epoch`` as the sender knows the hub's, our bus state, and
+        whether it answers one (answers are never answered)."""
+        return wire.encode("hb", epoch=epoch, state=_state_name(self.bus.state), reply=reply)
 
     def _send_control(self, frame: bytes) -> bool:
         try:
@@ -1295,8 +1297,7 @@ class Bridge:
             if beat or probe:
                 if hb_ivl is not None and beat:
                     self._next_hb = now + hb_ivl
-                hb = wire.encode("hb", epoch=self.epoch, state=_state_name(self.bus.state),
-                                 reply=False)
+                hb = self._hb(self.epoch, reply=False)
             for rec in recs:
                 if not rec.connected:
                     continue
@@ -1329,10 +1330,7 @@ class Bridge:
             if now >= self._next_hb:
                 self._next_hb = now + hb_ivl
                 if self._welcomed:
-                    self._send_control(
-                        wire.encode("hb", epoch=self._hub_epoch,
-                                    state=_state_name(self.bus.state), reply=False)
-                    )
+                    self._send_control(self._hb(self._hub_epoch, reply=False))
             self._note_state()
         self._next_tick = min(next_tick, self._next_hb)
 
