@@ -266,7 +266,8 @@ def test_sigkill_of_supervisor_takes_every_worker_within_1s(fleets, times):
 @ONCE_OR_SOAK
 def test_sigkill_of_worker_is_replaced_and_table_shows_restart(fleets, times):
     # intensity high enough for the loop; the first restart is immediate, later ones back off
-    f = fleets("--intensity", "1000,1", n=3)
+    # (capped at 0.2 s here, not the default 5 s, so 100 kills take seconds, not minutes)
+    f = fleets("--intensity", "1000,1", "--backoff", "0.05,0.2", n=3)
     f.wait_line("^FLEET STARTED", 30)
     for i in range(1, times + 1):
         victim = f.table()[1]

@@ -1,7 +1,8 @@
 """A supervisor process for the tests: one worker group, every event printed as a line.
 
 Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
-       [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T] [--env K=V]
+       [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T]
+       [--backoff FIRST,CAP] [--env K=V]
 Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
 "FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
 children left after the bus exited: 0 expected), then exits with the supervisor's exit code.
@@ -42,6 +43,7 @@ def main() -> int:
     ap.add_argument("--start-timeout", type=float, default=10.0)
     ap.add_argument("--term-timeout", type=float, default=2.0)
     ap.add_argument("--intensity", default="5,10")
+    ap.add_argument("--backoff", default="0.1,5", help="restart backoff: first delay, cap")
     ap.add_argument("--env", action="append", default=[])
     ap.add_argument("--zygote", action="store_true", help="fork workers from a zygote")
     ap.add_argument("--zygote-preload", action="append", default=[])
@@ -70,7 +72,9 @@ def main() -> int:
                       stop_timeout=a.stop_timeout, start_timeout=a.start_timeout, env=env,
                       cwd=a.cwd)
     most, period = a.intensity.split(",")
+    first, cap = a.backoff.split(",")
     sup = Supervisor(bus, [spec], name=a.name, intensity=(int(most), float(period)),
+                     backoff=(float(first), float(cap)),
                      term_timeout=a.term_timeout, zygote=a.zygote,
                      zygote_preload=a.zygote_preload)
     try:
