@@ -1,6 +1,6 @@
 """Fleet benchmark: multibus Supervisor vs Circus 0.19 vs a bare Popen script.
 
-    python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--repeat 3]
+    python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--repeat 5]
                                      [--no-circus] [--no-exec]
 
 "multibus" forks workers from a zygote (``Supervisor(zygote=True)``); "mb-exec" execs each.
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="1,10,50")
     ap.add_argument("--idle", type=float, default=20.0)
     ap.add_argument("--respawns", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=3,
+    ap.add_argument("--repeat", type=int, default=5,
                     help="launch/stop each fleet this many times, systems interleaved; report "
                          "the median (one sample each is at the mercy of a noisy machine)")
     ap.add_argument("--no-circus", action="store_true")
