@@ -283,6 +283,21 @@ def test_sigkill_of_worker_is_replaced_and_table_shows_restart(fleets, times):
 
 
 @pytest.mark.timeout(60)
+def test_quick_repeated_deaths_back_off_exponentially_up_to_the_cap(fleets):
+    # each death comes well within the intensity period (30 s) of its start: a quick failure
+    f = fleets("--intensity", "1000,30", "--backoff", "0.05,0.2", n=1)
+    f.wait_line("^FLEET STARTED", 30)
+    for i in range(1, 6):
+        os.kill(f.table()[0]["pid"], signal.SIGKILL)
+        f.wait_table(lambda t, i=i: t[0]["restarts"] == i and t[0]["state"] == "STARTED", 10)
+    delays = re.findall(r"restarting w\.0 in ([0-9.]+)s", "\n".join(f.lines))
+    assert delays == ["0.05", "0.10", "0.20", "0.20"]  # the first restart is immediate
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
 def test_worker_failing_at_start_reaches_intensity_and_stops_everything(fleets):
     f = fleets("--target", "targets.jobs:failing", "--intensity", "3,30", n=2)
     err = f.wait_line("^FLEET ERROR", 30)

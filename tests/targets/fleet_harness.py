@@ -43,7 +43,7 @@ def main() -> int:
     ap.add_argument("--start-timeout", type=float, default=10.0)
     ap.add_argument("--term-timeout", type=float, default=2.0)
     ap.add_argument("--intensity", default="5,10")
-    ap.add_argument("--backoff", default="0.1,5", help="restart backoff: first delay, cap")
+    ap.add_argument("--backoff", default=None, help="restart backoff: first delay, cap")
     ap.add_argument("--env", action="append", default=[])
     ap.add_argument("--zygote", action="store_true", help="fork workers from a zygote")
     ap.add_argument("--zygote-preload", action="append", default=[])
@@ -72,11 +72,13 @@ def main() -> int:
                       stop_timeout=a.stop_timeout, start_timeout=a.start_timeout, env=env,
                       cwd=a.cwd)
     most, period = a.intensity.split(",")
-    first, cap = a.backoff.split(",")
+    extra = {}
+    if a.backoff:
+        first, cap = a.backoff.split(",")
+        extra["backoff"] = (float(first), float(cap))
     sup = Supervisor(bus, [spec], name=a.name, intensity=(int(most), float(period)),
-                     backoff=(float(first), float(cap)),
                      term_timeout=a.term_timeout, zygote=a.zygote,
-                     zygote_preload=a.zygote_preload)
+                     zygote_preload=a.zygote_preload, **extra)
     try:
         sup.subscribe()
     except Exception as e:  # noqa: BLE001
