@@ -26,7 +26,15 @@ import threading
 import time
 from typing import Any, TextIO
 
-from multibus.config import ConfigError, FleetConfig, check_targets, from_target, load, parse_level
+from multibus.config import (
+    ConfigError,
+    FleetConfig,
+    check_targets,
+    from_target,
+    load,
+    parse_level,
+    valid_module,
+)
 from multibus.control import ControlClient, ControlError, NotRunning, resolve_name
 from multibus.logview import SUPERVISOR, Record, format_json, format_text, split_source, use_colour
 
@@ -168,6 +176,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = _load_fleet(args)
         level = cfg.log_level if args.log_level is None else parse_level(args.log_level)
         fmt = args.log_format or cfg.log_format
+        for module in args.preload or ():
+            if not valid_module(module):
+                raise ConfigError(f"--preload {module!r}: expected a module name like "
+                                  "'app.jobs'")
         check_targets(cfg)
     except ConfigError as e:
         _err(str(e))
@@ -184,7 +196,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     bus.subscribe("log", printer, 1)
     sup = Supervisor(bus, cfg.specs, name=cfg.name, pidfile=cfg.pidfile,
                      intensity=cfg.intensity, term_timeout=cfg.term_timeout,
-                     zygote=cfg.zygote or args.zygote)
+                     zygote=cfg.zygote or args.zygote or bool(args.preload),
+                     zygote_preload=(*cfg.zygote_preload, *(args.preload or ())))
     try:
         sup.subscribe()
     except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
@@ -475,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--zygote", action="store_true",
                      help="fork workers from one preloaded process instead of starting an "
                      "interpreter for each (faster; as 'zygote = true' in a fleet file)")
+    run.add_argument("--preload", action="append", metavar="MODULE",
+                     help="have that process import MODULE once, e.g. your worker module, "
+                     "instead of each worker (implies --zygote; repeatable)")
     run.set_defaults(func=cmd_run)
 
     st = sub.add_parser("status", parents=[ctl], help="show every worker")

@@ -20,6 +20,7 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     log_format = "text"       # text | json
     pythonpath = ["."]        # prepended to every worker's PYTHONPATH
     zygote = false            # true: fork workers from one preloaded process (faster start)
+    zygote_preload = []       # modules that process imports once, e.g. ["app"]; implies zygote
 
     [groups.web]              # groups run in file order; the first is the default group
     target = "app:serve"      # package.module:callable, called with the worker's bus
@@ -80,6 +81,7 @@ class FleetConfig:
     log_format: str = "text"
     source: str | None = None  # the file it came from (for messages)
     zygote: bool = False  # fork workers from a preloaded zygote (Supervisor(zygote=True))
+    zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
 
     @property
     def default_group(self) -> str | None:
@@ -203,7 +205,8 @@ def parse_level(value: str | int) -> int:
 # --------------------------------------------------------------------------- loading
 
 SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_restarts",
-                   "restart_period", "log_level", "log_format", "pythonpath", "zygote")
+                   "restart_period", "log_level", "log_format", "pythonpath", "zygote",
+                   "zygote_preload")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
               "cwd", "pythonpath")
 
@@ -221,6 +224,11 @@ def load(path: str | os.PathLike[str]) -> FleetConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     return from_mapping(data, source=source, base=Path(path).resolve().parent)
+
+
+def valid_module(name: str) -> bool:
+    """A dotted module name (``app.jobs``)."""
+    return all(part.isidentifier() for part in name.split("."))
 
 
 def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
@@ -257,7 +265,14 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     log_format = c.choice("supervisor.log_format", sup.get("log_format", "text"), LOG_FORMATS)
     common_path = [str(base / p) for p in c.strings("supervisor.pythonpath",
                                                      sup.get("pythonpath", []))]
-    zygote = c.boolean("supervisor.zygote", sup.get("zygote", False))
+    preload = tuple(c.strings("supervisor.zygote_preload", sup.get("zygote_preload", [])))
+    for module in preload:
+        if not valid_module(module):
+            raise c.fail("supervisor.zygote_preload", "module names like 'app.jobs'", module)
+    zygote = c.boolean("supervisor.zygote", sup.get("zygote", bool(preload)))
+    if preload and not zygote:
+        raise ConfigError(f"{source}: supervisor.zygote_preload: needs the zygote; remove "
+                          "'zygote = false' or the preload list")
 
     if "groups" not in data:
         raise ConfigError(f"{source}: groups: missing; add at least one [groups.NAME] table "
@@ -308,7 +323,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
-                       source, zygote)
+                       source, zygote, preload)
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,

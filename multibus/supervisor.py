@@ -85,10 +85,13 @@ class Supervisor:
     bridge: a dead worker is noticed at once anyway (pidfd), heartbeats only find hung ones,
     and each wakes the supervisor up; the default ``None`` sends none (an idle fleet then
     costs the supervisor no wake-ups). Give a number of seconds to detect hung workers.
-    ``zygote=True`` forks workers from one preloaded ``python -m multibus.zygote`` (which also
-    imports the modules in ``zygote_preload``) instead of exec'ing an interpreter for each: a
-    large fleet starts several times faster. Workers it cannot serve (spec env setting PYTHON*
-    other than PYTHONPATH, or LD_*), or all of them once it is gone, are exec'd as usual.
+    ``zygote=True`` forks workers from one preloaded ``python -m multibus.zygote`` instead of
+    exec'ing an interpreter for each: a large fleet starts several times faster. It also
+    imports the modules in ``zygote_preload`` (typically the workers' own module, found on
+    their cwd and PYTHONPATH), once, in the supervisor's environment: opt-in, like gunicorn's
+    ``preload_app``, since their import-time code then runs in the zygote, not in each worker.
+    Workers it cannot serve (spec env setting PYTHON* other than PYTHONPATH, or LD_*), or all
+    of them once it is gone, are exec'd as usual.
     """
 
     def __init__(
@@ -218,8 +221,14 @@ class Supervisor:
         """Exec the zygote (manager thread): it preloads while the bus starts."""
         from multibus.zygote import ZygoteClient
 
+        paths: list[str] = []  # the workers' import path: their cwd, then their PYTHONPATH
+        for spec in self.specs.values():
+            env = self._env(spec)
+            for p in [spec.cwd or os.getcwd(), *env["PYTHONPATH"].split(os.pathsep)]:
+                if p and p not in paths:
+                    paths.append(p)
         z = ZygoteClient(self.procs, self.python, self._env(None), self.zygote_preload,
-                         log=lambda msg, level: self.log(msg, level))
+                         log=lambda msg, level: self.log(msg, level), paths=tuple(paths))
         try:
             z.start()
         except OSError as e:

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         fd = int(opts["--fd"][0])
     except (KeyError, ValueError):
         sys.stderr.write("usage: python -m multibus.zygote --parent-pid PID --fd FD "
-                         "[--preload MODULE]...\n")
+                         "[--preload MODULE]... [--path DIR]...\n")
         return 64
     import signal
 
@@ -214,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=fd)
     import importlib
 
+    # the workers' own directories and PYTHONPATH, for the preloads only: each worker then
+    # sets up its sys.path as an exec'd one would (see _become_worker)
+    base_path = list(sys.path)
+    sys.path[1:1] = [p for p in opts.get("--path", []) if p not in sys.path]
     for name in (*PRELOAD, *opts.get("--preload", [])):
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - the worker will report it properly
             sys.stderr.write(f"multibus.zygote: cannot preload {name}: {e}\n")
+    sys.path[:] = base_path
     _shrink()
     code = serve(sock)
     sys.stdout.flush()
@@ -260,11 +265,13 @@ class ZygoteClient:
     """
 
     def __init__(self, procs: Any, python: str, env: dict[str, str],
-                 preload: tuple[str, ...] = (), log: Any = None) -> None:
+                 preload: tuple[str, ...] = (), log: Any = None,
+                 paths: tuple[str, ...] = ()) -> None:
         self.procs = procs
         self.python = python
         self.env = env
         self.preload = preload
+        self.paths = paths  # where the preloads may be found (the workers' cwd and PYTHONPATH)
         self._log = log
         self.sock: socket.socket | None = None
         self.child: Any = None
@@ -282,6 +289,9 @@ class ZygoteClient:
                     "--fd", str(theirs.fileno())]
             for name in self.preload:
                 argv += ["--preload", name]
+            if self.preload:
+                for path in self.paths:
+                    argv += ["--path", path]
             self.child = self.procs.spawn("zygote", argv, self.env,
                                           pass_fds=(theirs.fileno(),))
             self.child.data["term_group_on_exit"] = False

@@ -499,6 +499,33 @@ def test_run_with_zygote_forks_workers():
         assert proc.wait(20) == 0
 
 
+def test_zygote_preload_from_a_fleet_file_imports_the_worker_module_once(tmp_path):
+    # the module is found only through the group's pythonpath (run from ROOT, not tests/)
+    stamp = tmp_path / "imports"
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[supervisor]\nzygote_preload = ["targets.stamped"]\n'
+                     '[groups.s]\ntarget = "targets.stamped:worker"\ncount = 2\n'
+                     f'pythonpath = ["{ROOT / "tests"}"]\n')
+    name = unique("tp")
+    env = dict(os.environ, MB_STAMP=str(stamp))
+    with running(str(fleet), "--name", name, env=env) as (proc, log):
+        st = wait_for(lambda: all_started(name, 2), 30, "2 workers STARTED")
+        workers = {w["pid"] for w in st["workers"]}
+        for pid in workers:
+            assert "multibus.zygote" in " ".join(psutil.Process(pid).cmdline())
+        importers = [int(line) for line in stamp.read_text().split()]
+        # the target check before the start, then the zygote: never a worker
+        assert len(importers) == 2 and not workers & set(importers), (importers, workers)
+        assert mb("exit", "--name", name).returncode == 0
+        assert proc.wait(20) == 0
+
+
+def test_preload_option_names_a_module():
+    r = mb("run", "targets.jobs:job", "--preload", "targets/jobs.py")
+    assert r.returncode == 2
+    assert "--preload 'targets/jobs.py': expected a module name like 'app.jobs'" in r.stderr
+
+
 @pytest.mark.timeout(60)
 def test_second_ctrl_c_kills_a_stuck_stop():
     name = unique("tk")

@@ -80,7 +80,7 @@ def test_full_file(tmp_path):
 def test_defaults(tmp_path):
     cfg = load(write(tmp_path, '[groups.w]\ntarget = "m:f"\n'))
     assert cfg.name == "multibus" and cfg.pidfile is None and cfg.log_format == "text"
-    assert cfg.zygote is False
+    assert cfg.zygote is False and cfg.zygote_preload == ()
     (spec,) = cfg.specs
     assert (spec.count, spec.restart, spec.env) == (1, "permanent", {})
 
@@ -117,6 +117,10 @@ def test_defaults(tmp_path):
      "supervisor.max_restarts: expected an integer >= 0, got 2.5 (float)"),
     ('[supervisor]\nzygote = "yes"\n[groups.w]\ntarget = "m:f"\n',
      "supervisor.zygote: expected true or false, got 'yes' (string)"),
+    ('[supervisor]\nzygote_preload = ["app-jobs"]\n[groups.w]\ntarget = "m:f"\n',
+     "supervisor.zygote_preload: expected module names like 'app.jobs', got 'app-jobs'"),
+    ('[supervisor]\nzygote = false\nzygote_preload = ["app"]\n[groups.w]\ntarget = "m:f"\n',
+     "supervisor.zygote_preload: needs the zygote; remove 'zygote = false' or the preload"),
     ('supervisor = 3\n', "supervisor: expected a table, got 3 (integer)"),
     ('[supervisor]\nname = "x"\n', "groups: missing"),
     ('groups = {}\n', "groups: empty"),
@@ -125,6 +129,12 @@ def test_defaults(tmp_path):
 ])
 def test_errors_name_file_and_key(tmp_path, text, expected):
     assert expected in error_of(write(tmp_path, text))
+
+
+def test_zygote_preload_implies_the_zygote(tmp_path):
+    cfg = load(write(tmp_path, '[supervisor]\nzygote_preload = ["app.jobs", "lib"]\n'
+                               '[groups.w]\ntarget = "app.jobs:f"\n'))
+    assert cfg.zygote is True and cfg.zygote_preload == ("app.jobs", "lib")
 
 
 def test_missing_file(tmp_path):
