@@ -221,7 +221,7 @@ class Supervisor:
         """Exec the zygote (manager thread): it preloads while the bus starts."""
         from multibus.zygote import ZygoteClient
 
-        paths: list[str] = []  # the workers' import path: their cwd, then their PYTHONPATH
+        paths: list[str] = []  # where workers import from: their cwd, then their PYTHONPATH
         for spec in self.specs.values():
             env = self._env(spec)
             for p in [spec.cwd or os.getcwd(), *env["PYTHONPATH"].split(os.pathsep)]:

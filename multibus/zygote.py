@@ -214,16 +214,21 @@ def main(argv: list[str] | None = None) -> int:
     sock = socket.socket(fileno=fd)
     import importlib
 
-    # the workers' own directories and PYTHONPATH, for the preloads only: each worker then
+    def preload(names: list[str] | tuple[str, ...]) -> None:
+        for name in names:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - the worker will report it properly
+                sys.stderr.write(f"multibus.zygote: cannot preload {name}: {e}\n")
+
+    preload(PRELOAD)
+    # the workers' own directories and PYTHONPATH, for their preloads only: each worker then
     # sets up its sys.path as an exec'd one would (see _become_worker)
-    base_path = list(sys.path)
-    sys.path[1:1] = [p for p in opts.get("--path", []) if p not in sys.path]
-    for name in (*PRELOAD, *opts.get("--preload", [])):
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 - the worker will report it properly
-            sys.stderr.write(f"multibus.zygote: cannot preload {name}: {e}\n")
-    sys.path[:] = base_path
+    added = [p for p in dict.fromkeys(opts.get("--path", [])) if p not in sys.path]
+    sys.path[1:1] = added
+    preload(opts.get("--preload", []))
+    for p in added:
+        sys.path.remove(p)
     _shrink()
     code = serve(sock)
     sys.stdout.flush()
