@@ -219,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 importlib.import_module(name)
             except Exception as e:  # noqa: BLE001 - the worker will report it properly
-                sys.stderr.write(f"multibus.zygote: cannot preload {name}: {e}\n")
+                sys.stderr.write(f"multibus.zygote: cannot preload {name}: {e}; workers are "
+                                 "forked without it (check the zygote_preload/--preload "
+                                 "name and the workers' pythonpath)\n")
 
     preload(PRELOAD)
     # the workers' own directories and PYTHONPATH, for their preloads only: each worker then

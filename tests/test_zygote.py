@@ -172,6 +172,19 @@ def test_preloaded_target_module_serves_forked_workers(fleets):
 
 
 @pytest.mark.timeout(60)
+def test_preload_that_cannot_be_imported_is_named_and_workers_still_fork(fleets):
+    _, make = fleets
+    f = make("--zygote-preload", "no_such_module_here", n=1)
+    f.wait_line("^FLEET STARTED", 30)
+    f.wait_line("cannot preload no_such_module_here: No module named 'no_such_module_here'; "
+                "workers are forked without it", 1)
+    assert _is_forked(f.table()[0]["pid"])
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
 def test_zygote_that_is_not_single_threaded_refuses_and_workers_are_execd(fleets):
     _, make = fleets
     f = make("--zygote-preload", "targets.threaded_preload", n=2)
