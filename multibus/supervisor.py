@@ -221,8 +221,8 @@ class Supervisor:
         """Exec the zygote (manager thread): it preloads while the bus starts."""
         from multibus.zygote import ZygoteClient
 
-        paths: list[str] = []  # where workers import from: their cwd, then their PYTHONPATH
-        for spec in self.specs.values():
+        paths: list[str] = []  # where preloads are found: the workers' cwd, then PYTHONPATH
+        for spec in self.specs.values() if self.zygote_preload else ():
             env = self._env(spec)
             for p in [spec.cwd or os.getcwd(), *env["PYTHONPATH"].split(os.pathsep)]:
                 if p and p not in paths:

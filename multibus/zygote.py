@@ -296,9 +296,8 @@ class ZygoteClient:
                     "--fd", str(theirs.fileno())]
             for name in self.preload:
                 argv += ["--preload", name]
-            if self.preload:
-                for path in self.paths:
-                    argv += ["--path", path]
+            for path in self.paths:
+                argv += ["--path", path]
             self.child = self.procs.spawn("zygote", argv, self.env,
                                           pass_fds=(theirs.fileno(),))
             self.child.data["term_group_on_exit"] = False
