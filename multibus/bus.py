@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import bisect
-import collections
 import functools
 import itertools
 import os
@@ -38,6 +37,8 @@ import traceback as _traceback
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from multibus.wakeup import CallQueue, Wakeup
 
 __all__ = ["Bus", "ChannelFailures", "State", "states"]
 
@@ -128,46 +129,38 @@ class _SignalWaker:
     asyncio): they wake the main thread themselves, and it sleeps on the condition.
     """
 
-    def __init__(self, r: int, w: int) -> None:
-        self.r, self.w = r, w
+    def __init__(self, wakeup: Wakeup) -> None:
+        self.wakeup = wakeup
         self.poller = select.poll()
-        self.poller.register(r, select.POLLIN)
+        self.poller.register(wakeup.fileno(), select.POLLIN)
 
     @classmethod
     def install(cls) -> _SignalWaker | None:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wakeup = Wakeup()
         try:
-            previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            previous = signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
         except ValueError:  # not the main thread of the main interpreter
             previous = None
         if previous != -1:
             if previous is not None:
                 signal.set_wakeup_fd(previous)
-            os.close(r)
-            os.close(w)
+            wakeup.close()
             return None
-        return cls(r, w)
+        return cls(wakeup)
 
     def sleep(self) -> None:
         """Until a signal or a notification arrives (or arrived since the last sleep)."""
         self.poller.poll()
-        try:
-            os.read(self.r, 4096)
-        except BlockingIOError:
-            pass
+        self.wakeup.drain()
 
     def wake(self) -> None:
-        try:
-            os.write(self.w, b"\0")
-        except BlockingIOError:  # full: a wake-up is pending anyway
-            pass
+        self.wakeup.wake()
 
     def remove(self) -> None:
         current = signal.set_wakeup_fd(-1)
-        if current not in (self.w, -1):
+        if current not in (self.wakeup.write_fd, -1):
             signal.set_wakeup_fd(current)  # replaced by someone meanwhile: theirs stays
-        os.close(self.w)
-        os.close(self.r)
+        self.wakeup.close()
 
 
 class Bus:
@@ -193,7 +186,7 @@ class Bus:
         self._keys: dict[tuple[str, Callable[..., Any]], tuple[int | float, int]] = {}
         self._entries: dict[str, list[tuple[int | float, int, Callable[..., Any]]]] = {}
         self._counter = itertools.count()
-        self._deferred: collections.deque[Callable[[], Any]] = collections.deque()
+        self._deferred = CallQueue(on_error=self._deferred_failed)
         self._main_waiting = 0  # how many wait() calls the main thread is in (0 or 1)
         self._waker: _SignalWaker | None = None  # the main thread's, while it waits
         self._atexit_registered = False
@@ -419,7 +412,7 @@ class Bus:
         The main thread runs it if it is waiting, else any waiting thread. Safe to call from
         any thread and from a signal handler (the condition's lock is reentrant for that).
         """
-        self._deferred.append(func)
+        self._deferred.call_soon(func)
         with self._cond:
             self._notify()
 
@@ -430,14 +423,10 @@ class Bus:
             self._waker.wake()
 
     def _run_deferred(self) -> None:
-        while self._deferred:
-            func = self._deferred.popleft()
-            try:
-                func()
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception:
-                self.log(f"Error in deferred call {func!r}", level=40, traceback=True)
+        self._deferred.run_due()
+
+    def _deferred_failed(self, func: Callable[[], Any], exc: BaseException) -> None:
+        self.log(f"Error in deferred call {func!r}", level=40, traceback=True)
 
     def wait(
         self,
