@@ -17,8 +17,10 @@ exit           ``cherrypy.engine.exit()``
 =============  =====================================================================
 
 CherryPy's engine log is forwarded to the worker bus (so it reaches ``multibus logs``), its
-screen logging, autoreloader and signal handling are off: the supervisor owns signals, and a
-code reload is ``multibus restart``.
+screen logging, autoreloader and signal handling are off: the supervisor owns signals and
+processes. New code needs new processes: ``multibus exit``, then run the fleet again
+(``multibus restart`` is a bus transition of the same processes, which keep the code they
+imported). Needs CherryPy: ``python -m pip install -e '.[cherrypy]'``.
 """
 
 from __future__ import annotations
