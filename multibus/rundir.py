@@ -7,7 +7,8 @@ Every hub (and so every supervisor) called ``NAME`` lives in one private directo
   with its pid in it. One hub per name: a second ``bind()`` on an ipc path silently steals it
   from a live hub, so nobody binds a name's sockets without holding its lock;
 * ``NAME.control``, ``NAME.down``, ``NAME.up``: the hub's ipc sockets (:data:`HUB_SOCKETS`);
-* ``NAME.ctl``: a supervisor's control socket (:func:`control_path`).
+* ``NAME.ctl``: a supervisor's control socket (:func:`control_path`);
+* ``NAME.pid``: a supervisor's default PID file (:func:`pid_path`).
 
 A killed hub leaves its files behind but not its lock (the kernel drops it), so files whose
 lock nobody holds are stale and :func:`sweep_stale` removes them. Claims work on *base* paths
@@ -38,6 +39,7 @@ __all__ = [
     "name_owner",
     "name_path",
     "owner",
+    "pid_path",
     "release",
     "running_supervisors",
     "runtime_dir",
@@ -157,6 +159,11 @@ def name_path(name: str, create: bool = True) -> Path:
 def control_path(name: str, create: bool = False) -> Path:
     """``<runtime dir>/<name>.ctl``: the control socket of the supervisor called ``name``."""
     return Path(f"{name_path(name, create)}.ctl")
+
+
+def pid_path(name: str, create: bool = True) -> Path:
+    """``<runtime dir>/<name>.pid``: the default PID file of the supervisor called ``name``."""
+    return Path(f"{name_path(name, create)}.pid")
 
 
 # --------------------------------------------------------------------------- name locks

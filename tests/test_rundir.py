@@ -100,6 +100,7 @@ def test_runtime_dir_refuses_another_owner(xdg):
 def test_name_and_control_paths(xdg):
     assert rundir.name_path("web") == xdg / "multibus" / "web"
     assert rundir.control_path("web") == xdg / "multibus" / "web.ctl"
+    assert rundir.pid_path("web") == xdg / "multibus" / "web.pid"
     for bad in ("a/b", "..", "-x", ""):
         with pytest.raises(ValueError, match="invalid hub name"):
             rundir.control_path(bad)

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from multibus import names, rundir
-from multibus.rundir import HUB_SOCKETS, HubNameInUse, UnsafeRuntimeDir, runtime_dir, sweep_stale
+from multibus.rundir import (
+    HUB_SOCKETS,
+    HubNameInUse,
+    UnsafeRuntimeDir,
+    runtime_dir,  # re-exported for bridge.py/supervisor.py until the merge
+    sweep_stale,
+)
 
 __all__ = [
     "EndpointError",
