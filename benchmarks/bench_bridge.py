@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from multibus.transport.endpoints import runtime_dir  # noqa: E402
+from multibus.rundir import runtime_dir  # noqa: E402
 
 SEQ = struct.Struct("!Q")
 PEER = "bench"

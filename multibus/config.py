@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multibus.names import check_name
 from multibus.specs import Intensity, SpecError, WorkerSpec
 
 __all__ = [
@@ -182,11 +183,9 @@ def _join(prefix: str, key: str) -> str:
 
 
 def _check_name(name: Any, what: str) -> str:
-    from multibus.transport.endpoints import InvalidEndpoint, check_name
-
     try:
-        return check_name(name)
-    except InvalidEndpoint as e:
+        return check_name(name, "hub name")
+    except ValueError as e:
         raise ConfigError(f"{what}: {e}") from None
 
 

@@ -45,6 +45,9 @@ import psutil
 import zmq
 
 from multibus.logview import SUPERVISOR, Record, split_source
+from multibus.names import WorkerName, valid_group
+from multibus.rundir import control_path, running_supervisors
+from multibus.rundir import name_owner as _owner
 
 __all__ = [
     "ACTIONS",
@@ -66,7 +69,6 @@ MAX_LOG_TEXT = 8192  # characters kept of one log record
 LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
 MAX_FOLLOWERS = 64
 MAX_OPS_KEPT = 256
-MAX_NAME = 64
 
 
 class ControlError(RuntimeError):
@@ -77,43 +79,7 @@ class NotRunning(ControlError):
     """No supervisor of that name is running."""
 
 
-# --------------------------------------------------------------------------- names and paths
-
-def _runtime_dir(create: bool) -> Path:
-    from multibus.transport.endpoints import runtime_dir
-
-    return runtime_dir(create=create)
-
-
-def control_path(name: str, create: bool = False) -> Path:
-    """``<runtime dir>/<name>.ctl``."""
-    from multibus.transport.endpoints import check_name
-
-    return _runtime_dir(create) / f"{check_name(name)}.ctl"
-
-
-def _owner(name: str) -> int | None:
-    from multibus.transport.endpoints import ipc_owner
-
-    try:
-        return ipc_owner(name)
-    except (FileNotFoundError, OSError, ValueError):
-        return None
-
-
-def running_supervisors() -> dict[str, int]:
-    """name -> pid of every live supervisor with a control socket in the runtime dir."""
-    try:
-        directory = _runtime_dir(create=False)
-    except FileNotFoundError:
-        return {}
-    found = {}
-    for path in sorted(directory.glob("*.ctl")):
-        pid = _owner(path.stem)
-        if pid:
-            found[path.stem] = pid
-    return found
-
+# --------------------------------------------------------------------------- names
 
 def resolve_name(name: str | None, default: str = "multibus") -> str:
     """The supervisor a control command talks to: ``name`` if given; else ``default`` if it
@@ -135,19 +101,20 @@ def _is_int(v: Any, lo: int, hi: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
-def _is_name(v: Any) -> bool:
-    return isinstance(v, str) and 0 < len(v) <= MAX_NAME and v.isprintable()
+def _is_source(v: Any) -> bool:
+    """A log filter: a group, a worker (``group.index``) or 'supervisor'."""
+    return valid_group(v) or WorkerName.parse(v) is not None
 
 
 _U32 = (0, 2**32 - 1)
 _SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
     "status": {},
     "op": {"action": lambda v: v in ACTIONS},
-    "scale": {"group": _is_name, "count": lambda v: _is_int(v, 0, 10_000)},
+    "scale": {"group": valid_group, "count": lambda v: _is_int(v, 0, 10_000)},
     "op_status": {"op": lambda v: _is_int(v, *_U32)},
     "logs": {
         "since": lambda v: _is_int(v, 0, 2**63 - 1),
-        "group": lambda v: v is None or _is_name(v),
+        "group": lambda v: v is None or _is_source(v),
         "limit": lambda v: _is_int(v, 1, 1000),
         "wait": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 5,
     },
@@ -433,13 +400,13 @@ class Control:
         rows = self.sup.table()
         workers = []
         live = set()
-        for r in sorted(rows, key=lambda r: (r["group"], int(r["name"].rpartition(".")[2]))):
+        for r in sorted(rows, key=lambda r: WorkerName.parse(r["name"])):
             cpu, rss = self._usage(r.get("pid"))
             if r.get("pid"):
                 live.add(r["pid"])
             workers.append({
                 "group": r["group"], "name": r["name"],
-                "index": int(r["name"].rpartition(".")[2]), "pid": r.get("pid"),
+                "index": WorkerName.parse(r["name"]).index, "pid": r.get("pid"),
                 "state": r["state"], "restarts": r["restarts"], "exit_code": r["exit_code"],
                 "uptime": r["uptime"], "cpu_percent": cpu, "memory_rss": rss,
             })
@@ -605,7 +572,8 @@ def _matches(source: str, group: str | None) -> bool:
         return True
     if group == SUPERVISOR:
         return source == SUPERVISOR
-    return source == group or source.rpartition(".")[0] == group
+    worker = WorkerName.parse(source)
+    return source == group or (worker is not None and worker.group == group)
 
 
 # --------------------------------------------------------------------------- client

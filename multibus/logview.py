@@ -17,8 +17,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 from typing import IO, Any
+
+from multibus.names import WORKER_PREFIX, WorkerName
 
 __all__ = ["Record", "SUPERVISOR", "format_json", "format_text", "level_name", "split_source",
            "use_colour"]
@@ -26,7 +27,6 @@ __all__ = ["Record", "SUPERVISOR", "format_json", "format_text", "level_name", "
 SUPERVISOR = "supervisor"
 Record = tuple[int, float, int, str, str]
 
-_SOURCE = re.compile(r"([A-Za-z0-9_-]{1,64})\.(\d{1,9}) \| ", re.ASCII)
 _LEVELS = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 _PALETTE = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)  # per source, stable within a run
 _RESET = "\x1b[0m"
@@ -34,9 +34,9 @@ _RESET = "\x1b[0m"
 
 def split_source(msg: str) -> tuple[str, str]:
     """``"job.0 | text"`` -> ``("job.0", "text")``; anything else is the supervisor's."""
-    m = _SOURCE.match(msg)
+    m = WORKER_PREFIX.match(msg)
     if m:
-        return f"{m.group(1)}.{m.group(2)}", msg[m.end():]
+        return msg[:m.end(2)], msg[m.end():]
     return SUPERVISOR, msg
 
 
@@ -79,13 +79,13 @@ def format_text(rec: Record, colour: bool = False, width: int = 0) -> str:
 def format_json(rec: Record) -> str:
     """One JSON object on one line (stable keys, see the module docstring)."""
     _, t, level, source, msg = rec
-    group, _, index = source.rpartition(".")
+    worker = WorkerName.parse(source)
     obj: dict[str, Any] = {
         "time": datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds"),
         "level": level_name(level),
         "source": source,
-        "group": group if source != SUPERVISOR else None,
-        "index": int(index) if source != SUPERVISOR else None,
+        "group": worker.group if worker else None,
+        "index": worker.index if worker else None,
         "message": msg,
     }
     return json.dumps(obj, ensure_ascii=False)

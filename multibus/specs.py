@@ -13,10 +13,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from multibus.names import WorkerName, valid_group
+
 __all__ = ["RESTART_MODES", "SpecError", "WorkerSpec", "Intensity"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _RESERVED_CHANNELS = {"main", "start", "stop", "graceful", "exit", "log"}
 
@@ -51,7 +52,7 @@ class WorkerSpec:
     cwd: str | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not valid_group(self.name):
             raise SpecError(
                 f"worker spec name {self.name!r} is invalid: use 1-64 letters, digits, '_' or '-'"
             )
@@ -106,7 +107,8 @@ class WorkerSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def instance_names(self, count: int | None = None) -> list[str]:
-        return [f"{self.name}.{i}" for i in range(self.count if count is None else count)]
+        n = self.count if count is None else count
+        return [str(WorkerName(self.name, i)) for i in range(n)]
 
 
 @dataclass(frozen=True)

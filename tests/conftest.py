@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -61,3 +62,12 @@ def bus():
     b = Bus()
     yield b
     b.exit()
+
+
+@pytest.fixture
+def xdg(tmp_path, monkeypatch) -> Path:
+    """A private XDG_RUNTIME_DIR, so tests never touch the real runtime dir."""
+    base = tmp_path / "xdg"
+    base.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    return base

@@ -1,4 +1,6 @@
-"""Endpoints: parsing, the private runtime dir, hub names and the one-hub-per-name lock."""
+"""Endpoints: parsing, hub names, and private ipc endpoints claimed one hub per name.
+
+The runtime dir itself is tested in test_rundir.py."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from multibus.transport.endpoints import (
     Endpoints,
     HubNameInUse,
     InvalidEndpoint,
-    UnsafeRuntimeDir,
     check_name,
     ipc_owner,
     private_ipc,
@@ -25,16 +26,6 @@ from multibus.transport.endpoints import (
     runtime_dir,
     sweep_stale,
 )
-
-
-@pytest.fixture
-def xdg(tmp_path, monkeypatch) -> Path:
-    """A private XDG_RUNTIME_DIR, so tests never touch the real runtime dir."""
-    base = tmp_path / "xdg"
-    base.mkdir(mode=0o700)
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
-    return base
-
 
 # --------------------------------------------------------------------------- parsing
 
@@ -79,84 +70,6 @@ def test_compact_forms():
 def test_parse_rejects_garbage(text):
     with pytest.raises(InvalidEndpoint):
         Endpoints.parse(text)
-
-
-# --------------------------------------------------------------------------- runtime dir
-
-
-def test_runtime_dir_under_xdg_is_private_even_with_a_loose_umask(xdg):
-    old = os.umask(0)
-    try:
-        path = runtime_dir()
-    finally:
-        os.umask(old)
-    assert path == xdg / "multibus"
-    st = os.lstat(path)
-    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
-    assert st.st_uid == os.getuid()
-    assert runtime_dir() == path  # idempotent
-
-
-def test_runtime_dir_undoes_a_restrictive_umask(xdg):
-    old = os.umask(0o277)
-    try:
-        path = runtime_dir()
-    finally:
-        os.umask(old)
-    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o700
-
-
-def test_runtime_dir_falls_back_to_tmp_when_xdg_is_unusable(tmp_path, monkeypatch):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)  # writable by everyone: not a private base
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(shared))
-    assert runtime_dir() == Path(f"/tmp/multibus-{os.getuid()}")
-    monkeypatch.setenv("XDG_RUNTIME_DIR", "relative/path")
-    assert runtime_dir() == Path(f"/tmp/multibus-{os.getuid()}")
-    monkeypatch.delenv("XDG_RUNTIME_DIR")
-    assert runtime_dir() == Path(f"/tmp/multibus-{os.getuid()}")
-
-
-def test_runtime_dir_create_false_does_not_create(xdg):
-    with pytest.raises(FileNotFoundError):
-        runtime_dir(create=False)
-    assert not (xdg / "multibus").exists()
-
-
-def test_runtime_dir_refuses_a_symlink(xdg, tmp_path):
-    target = tmp_path / "elsewhere"
-    target.mkdir(mode=0o700)
-    (xdg / "multibus").symlink_to(target)
-    with pytest.raises(UnsafeRuntimeDir) as err:
-        runtime_dir()
-    msg = str(err.value)
-    assert str(xdg / "multibus") in msg and "symlink" in msg and "rm -r" in msg
-    assert "\n" not in msg
-
-
-def test_runtime_dir_refuses_loose_permissions(xdg):
-    (xdg / "multibus").mkdir()
-    (xdg / "multibus").chmod(0o755)
-    with pytest.raises(UnsafeRuntimeDir) as err:
-        runtime_dir()
-    assert f"chmod 700 {xdg / 'multibus'}" in str(err.value)
-    # nothing was "fixed" behind the user's back
-    assert stat.S_IMODE(os.lstat(xdg / "multibus").st_mode) == 0o755
-
-
-def test_runtime_dir_refuses_a_file(xdg):
-    (xdg / "multibus").write_text("x")
-    with pytest.raises(UnsafeRuntimeDir, match="not a directory"):
-        runtime_dir()
-
-
-@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give the dir to another user")
-def test_runtime_dir_refuses_another_owner(xdg):
-    (xdg / "multibus").mkdir(mode=0o700)
-    os.chown(xdg / "multibus", 65534, 65534)
-    with pytest.raises(UnsafeRuntimeDir, match="owned by uid 65534"):
-        runtime_dir()
 
 
 # --------------------------------------------------------------------------- names

@@ -13,10 +13,10 @@ import zmq
 from progs.procio import wait_for
 from zmq.utils.monitor import recv_monitor_message
 
-from multibus.transport.endpoints import (
+from multibus.transport.endpoints import EndpointError
+from multibus.transport.keys import (
     CurveConfig,
     CurveKeys,
-    EndpointError,
     TransportSecurityError,
     apply_client,
     apply_server,
@@ -114,6 +114,26 @@ def test_make_and_load_keys(tmp_path):
     assert load_keys(secret).public != pair.public
 
 
+def test_a_key_name_must_be_a_file_name(tmp_path):
+    with pytest.raises(EndpointError, match="invalid key name '../k'"):
+        make_keys(tmp_path, name="../k")
+    assert list(tmp_path.iterdir()) == []
+    cmd = [sys.executable, "-m", "multibus.transport.endpoints", "keygen", str(tmp_path),
+           "--name", "a/b"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    assert done.returncode == 2 and "invalid key name" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_keys_api_is_still_importable_from_endpoints():
+    from multibus.transport import endpoints, keys
+
+    for name in keys.__all__:
+        assert getattr(endpoints, name) is getattr(keys, name)
+    with pytest.raises(AttributeError):
+        endpoints.no_such_thing  # noqa: B018
+
+
 def test_loose_secret_file_is_refused(tmp_path):
     _, secret = make_keys(tmp_path, name="k")
     secret.chmod(0o644)
@@ -163,7 +183,7 @@ def test_keys_reach_an_exec_child_over_an_inherited_pipe_not_argv():
     assert not os.get_inheritable(fd)
     code = (
         "import sys\n"
-        "from multibus.transport.endpoints import read_key_fd\n"
+        "from multibus.transport.keys import read_key_fd\n"
         "cfg = read_key_fd(int(sys.argv[1]))\n"
         "print(cfg.keys.public.decode(), cfg.keys.secret is not None)\n"
     )

@@ -3,11 +3,10 @@
 CherryPy's PIDFile blindly overwrites the file, so two instances both "own" it and a crash
 leaves a file naming a dead (or reused) PID. Here:
 
-* The file is opened ``O_CREAT|O_CLOEXEC|O_NOFOLLOW`` with mode 0600 and held with
-  ``flock(LOCK_EX|LOCK_NB)`` for the life of the bus; the kernel drops the lock when the process
-  dies, however it dies. Failing to lock means a live owner: we raise naming it.
-* After locking we check the locked inode is still the one at the path (an exiting owner
-  unlinks it between our open and our lock) and retry if not.
+* The file is a :mod:`multibus.lockfile` (``O_CLOEXEC|O_NOFOLLOW``, 0600, held with
+  ``flock(LOCK_EX|LOCK_NB)`` for the life of the bus; the kernel drops the lock when the
+  process dies, however it dies; an inode unlinked under us is not taken for the file).
+  Failing to lock means a live owner: we raise naming it.
 * The content is ``"<pid> <create_time>\\n"``: readers (:func:`read_pidfile`) compare psutil's
   create time, so a PID reused by an unrelated process is not mistaken for the owner.
 * Content left by a dead owner, or naming a reused PID, is taken over with a log line.
@@ -17,11 +16,13 @@ leaves a file naming a dead (or reused) PID. Here:
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 from typing import Any
 
 import psutil
+
+from multibus import lockfile
+from multibus.lockfile import parse_record
 
 from .base import SimplePlugin
 
@@ -29,24 +30,9 @@ CREATE_TIME_TOLERANCE = 1.5
 """Seconds two create times may differ and still be the same process: psutil adds the boot time,
 which the kernel reports rounded to whole seconds and which can move by one."""
 
-_LOCK_RETRIES = 20
-
 
 class PIDFileError(RuntimeError):
     """The PID file is owned by another live process or cannot be used."""
-
-
-def _parse(text: str) -> tuple[int | None, float | None]:
-    parts = text.split()
-    try:
-        pid = int(parts[0]) if parts else None
-    except ValueError:
-        return None, None
-    try:
-        ctime = float(parts[1]) if len(parts) > 1 else None
-    except ValueError:
-        ctime = None
-    return pid, ctime
 
 
 def _process_matches(pid: int, create_time: float | None) -> bool:
@@ -75,14 +61,10 @@ def read_pidfile(path: str | os.PathLike[str]) -> int | None:
             text = f.read(256)
     except OSError:
         return None
-    pid, ctime = _parse(text)
+    pid, ctime = parse_record(text)
     if pid is None or not _process_matches(pid, ctime):
         return None
     return pid
-
-
-def _read_fd(fd: int) -> str:
-    return os.pread(fd, 256, 0).decode("ascii", "replace")
 
 
 class PIDFile(SimplePlugin):
@@ -91,44 +73,33 @@ class PIDFile(SimplePlugin):
     def __init__(self, bus: Any, pidfile: str | os.PathLike[str]) -> None:
         super().__init__(bus)
         self.pidfile = os.fspath(pidfile)
-        self.fd: int | None = None
-        self._stat: os.stat_result | None = None
+        self._held: lockfile.LockedFile | None = None
+
+    @property
+    def fd(self) -> int | None:
+        """The locked file's descriptor while we hold it."""
+        return None if self._held is None else self._held.fd
 
     @property
     def finalized(self) -> bool:
         """True while we hold the file (CherryPy compatibility)."""
-        return self.fd is not None
+        return self._held is not None
 
-    def _open_locked(self) -> int:
-        """Open and lock the file; return the fd, or raise PIDFileError naming the owner."""
-        flags = os.O_CREAT | os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
-        for _ in range(_LOCK_RETRIES):
-            try:
-                fd = os.open(self.pidfile, flags, 0o600)
-            except OSError as e:
-                hint = ("it is a symlink; remove it or choose another path"
-                        if e.errno == errno.ELOOP
-                        else "check the directory exists and is writable")
-                raise PIDFileError(
-                    f"cannot open PID file {self.pidfile}: {e.strerror}; {hint}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                pid, ctime = _parse(_read_fd(fd))
-                os.close(fd)
-                raise PIDFileError(self._owner_message(pid, ctime)) from None
-            except BaseException:
-                os.close(fd)
-                raise
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.pidfile))
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd
-            os.close(fd)  # unlinked or replaced between open and lock: try the new one
-        raise PIDFileError(f"PID file {self.pidfile} keeps being replaced by another process; "
-                           "make sure only one program manages it")
+    def _open_locked(self) -> lockfile.LockedFile:
+        """Open and lock the file, or raise PIDFileError naming the owner."""
+        try:
+            return lockfile.acquire(self.pidfile)
+        except OSError as e:
+            hint = ("it is a symlink; remove it or choose another path"
+                    if e.errno == errno.ELOOP
+                    else "check the directory exists and is writable")
+            raise PIDFileError(
+                f"cannot open PID file {self.pidfile}: {e.strerror}; {hint}") from None
+        except lockfile.LockBusy as busy:
+            raise PIDFileError(self._owner_message(*parse_record(busy.text))) from None
+        except lockfile.LockReplaced:
+            raise PIDFileError(f"PID file {self.pidfile} keeps being replaced by another "
+                               "process; make sure only one program manages it") from None
 
     def _owner_message(self, pid: int | None, ctime: float | None) -> str:
         fix = "stop it first or use another PID file path"
@@ -141,31 +112,26 @@ class PIDFile(SimplePlugin):
 
     def start(self) -> None:
         """Lock the file, take over stale content, write ``"pid create_time"``."""
-        if self.fd is not None:
+        if self._held is not None:
             self.bus.log(f"PID {os.getpid()} already written to {self.pidfile!r}.", 10)
             return
-        fd = self._open_locked()
+        held = self._open_locked()
         try:
-            old = _read_fd(fd).strip()
+            old = held.read().strip()
             if old:
                 self._log_takeover(old)
             me = psutil.Process()
-            data = f"{me.pid} {me.create_time()!r}\n".encode("ascii")
-            os.fchmod(fd, 0o600)
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
-            os.fsync(fd)
-            self._stat = os.fstat(fd)
+            held.write(f"{me.pid} {me.create_time()!r}\n", sync=True)
         except BaseException:
-            os.close(fd)
+            held.close()
             raise
-        self.fd = fd
+        self._held = held
         self.bus.log(f"PID {me.pid} written to {self.pidfile!r}.")
 
     start.priority = 70  # type: ignore[attr-defined]  # after Daemonizer (65): the daemon's pid
 
     def _log_takeover(self, old: str) -> None:
-        pid, ctime = _parse(old)
+        pid, ctime = parse_record(old)
         if pid is None:
             why = f"unreadable content {old[:40]!r}"
         elif pid == os.getpid():
@@ -182,14 +148,6 @@ class PIDFile(SimplePlugin):
 
     def exit(self) -> None:
         """Unlink the file if it is still ours, then close (and so unlock) it."""
-        fd, self.fd = self.fd, None
-        if fd is None:
-            return
-        try:
-            if self._stat is not None and os.path.samestat(self._stat, os.stat(self.pidfile)):
-                os.unlink(self.pidfile)
-                self.bus.log(f"PID file removed: {self.pidfile!r}.")
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(fd)
+        held, self._held = self._held, None
+        if held is not None and held.close(unlink=True):
+            self.bus.log(f"PID file removed: {self.pidfile!r}.")

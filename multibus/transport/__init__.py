@@ -1,14 +1,16 @@
 """Crossing a process boundary: a bus joined to other processes' buses over ZeroMQ.
 
 - ``wire``: the msgpack frame format, its limits and its validation.
-- ``endpoints``: where the sockets live (private ipc dir; tcp only with CURVE + allow-list).
+- ``endpoints``: where the sockets are (:class:`Endpoints`; private ipc in the runtime dir).
+- ``keys``: CURVE keys and the ZAP allow-list (tcp only with both).
 - ``bridge``: :class:`Bridge`, the plugin with one I/O thread that owns a bus's sockets.
 
 This package knows nothing of spawning processes (that is ``multibus.supervisor``).
 """
 
 from multibus.transport.bridge import Bridge, BridgeError
-from multibus.transport.endpoints import CurveConfig, CurveKeys, Endpoints
+from multibus.transport.endpoints import Endpoints
+from multibus.transport.keys import CurveConfig, CurveKeys
 from multibus.transport.wire import MAX_MESSAGE, WireError
 
 __all__ = [

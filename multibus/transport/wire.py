@@ -23,12 +23,14 @@ the same value, so a bigger frame never reaches Python); one message may use at 
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import msgpack
+
+from multibus.names import NAME_MAX as MAX_NAME
+from multibus.names import valid_name
 
 __all__ = [
     "FRAME_OVERHEAD",
@@ -52,13 +54,11 @@ VERSION = 1
 MAX_MESSAGE = 1 << 20  # default frame limit (bytes); MAXMSGSIZE on every receiving socket
 MIN_MESSAGE = 4096
 FRAME_OVERHEAD = 512  # header bytes reserved in a batch frame (keys, origin, epoch, seq)
-MAX_NAME = 64  # peer / hub names
 MAX_CHANNEL = 128
 MAX_BATCH = 65535  # messages per frame
 STATE_NAMES = frozenset(("STOPPED", "STARTING", "STARTED", "STOPPING", "EXITING"))
 DESIRED_STATES = frozenset(("STARTED", "STOPPED", "EXITING"))
 _U64 = (1 << 64) - 1
-_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 
 
 class WireError(ValueError):
@@ -69,11 +69,6 @@ class WireError(ValueError):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"invalid frame ({reason}): {detail}")
         self.reason = reason
-
-
-def valid_name(name: object) -> bool:
-    """1-64 of [A-Za-z0-9_.-], not starting with '.' or '-' (also a ZMQ routing id)."""
-    return type(name) is str and _NAME_RE.match(name) is not None
 
 
 # -- field validators: value -> bool ----------------------------------------------------------

@@ -1,0 +1,164 @@
+"""A file held with ``flock``: the one way multibus says "this process owns that name".
+
+The PID file and the hub-name lock in the runtime dir are both such files, so the careful
+open is written once, here:
+
+* opened ``O_RDWR|O_CLOEXEC|O_NOFOLLOW`` (mode 0600 when created): a symlink planted at the
+  path is refused, and no child inherits the lock;
+* locked ``LOCK_EX|LOCK_NB``: the kernel drops the lock when its holder dies, however it
+  dies, so a lock can never be stale, only its file's content;
+* after locking, the locked inode must still be the one at the path (an exiting holder
+  unlinks it between our open and our lock); if not, we open the new file and try again;
+* a holder removes the file while still holding the lock, so a newcomer cannot lock a dead
+  inode.
+
+Readers get the content as text and parse it with :func:`parse_record` (``"<pid>
+[<create_time>]"``), which never raises: the content may be left by a dead holder, be
+half-written or be anything at all. The lowest layer: imports nothing of multibus.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+
+__all__ = ["LockBusy", "LockError", "LockReplaced", "LockedFile", "acquire", "parse_record",
+           "probe"]
+
+_READ_MAX = 256
+_TRIES = 20  # opens of a file that keeps being replaced before we give up
+_BUSY_POLL = 0.005
+
+
+class LockError(Exception):
+    """The file could not be locked; ``path`` names it."""
+
+    def __init__(self, path: str, text: str = "") -> None:
+        super().__init__(path)
+        self.path = path
+        self.text = text
+
+
+class LockBusy(LockError):
+    """Another open file holds the lock; ``text`` is what the file says (its holder's record)."""
+
+
+class LockReplaced(LockError):
+    """The file kept being unlinked or replaced between our open and our lock."""
+
+
+def _read(fd: int) -> str:
+    return os.pread(fd, _READ_MAX, 0).decode("ascii", "replace")
+
+
+def parse_record(text: str) -> tuple[int | None, float | None]:
+    """``"<pid> <create_time>"`` -> ``(pid, create_time)``; a part that is missing or not a
+    number is None (so ``"123"`` gives ``(123, None)`` and garbage ``(None, None)``)."""
+    parts = text.split()
+    try:
+        pid = int(parts[0]) if parts else None
+    except ValueError:
+        return None, None
+    try:
+        ctime = float(parts[1]) if len(parts) > 1 else None
+    except ValueError:
+        ctime = None
+    return pid, ctime
+
+
+class LockedFile:
+    """A file this process holds locked (see :func:`acquire`); ``close()`` lets it go."""
+
+    __slots__ = ("path", "fd")
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def read(self) -> str:
+        """The file's content (at most 256 bytes), as text."""
+        return _read(self.fd)
+
+    def write(self, text: str, sync: bool = False) -> None:
+        """Replace the content with ``text``; make the file 0600 (it may predate us)."""
+        os.fchmod(self.fd, 0o600)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode("ascii"), 0)
+        if sync:
+            os.fsync(self.fd)
+
+    def is_current(self) -> bool:
+        """True while the path still names the file we hold."""
+        try:
+            return os.path.samestat(os.fstat(self.fd), os.lstat(self.path))
+        except FileNotFoundError:
+            return False
+
+    def close(self, unlink: bool = False) -> bool:
+        """Release the lock; with ``unlink``, first remove the file if the path still names
+        it (while locked, so nobody can lock the dead inode). True when it was removed.
+        Closing a closed file does nothing."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return False
+        removed = False
+        try:
+            if unlink and os.path.samestat(os.fstat(fd), os.lstat(self.path)):
+                os.unlink(self.path)
+                removed = True
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+        return removed
+
+
+def acquire(
+    path: str | os.PathLike[str], create: bool = True, wait: float = 0.0, tries: int = _TRIES
+) -> LockedFile:
+    """Open and lock ``path``. A lock held by someone else is retried for ``wait`` seconds,
+    then raises :class:`LockBusy` carrying the holder's record. Raises :class:`LockReplaced`
+    after ``tries`` opens that each found another file at the path once locked, and
+    ``OSError`` when the file cannot be opened (``ELOOP`` for a symlink; ``FileNotFoundError``
+    when it is missing and ``create`` is false)."""
+    path = os.fspath(path)
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    deadline = time.monotonic() + wait
+    for _ in range(tries):
+        fd = os.open(path, flags, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = _read(fd)
+            os.close(fd)
+            if time.monotonic() < deadline:
+                time.sleep(_BUSY_POLL)  # a back-off between lock attempts, nothing to wait on
+                continue
+            raise LockBusy(path, text) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        held = LockedFile(path, fd)
+        if held.is_current():
+            return held
+        os.close(fd)  # unlinked or replaced between open and lock: try the new one
+    raise LockReplaced(path)
+
+
+def probe(path: str | os.PathLike[str]) -> str | None:
+    """The content of ``path`` if someone holds its lock; None if nobody does or it cannot be
+    opened. Takes only a shared lock for an instant, so it never blocks a holder."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
