@@ -16,15 +16,12 @@ supervisor, 2 bad usage or configuration (nothing started).
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from typing import Any, TextIO
+from dataclasses import replace
+from typing import Any
 
 from multibus.config import (
     ConfigError,
@@ -36,9 +33,10 @@ from multibus.config import (
     valid_module,
 )
 from multibus.control import ControlClient, ControlError, NotRunning, resolve_name
-from multibus.logview import SUPERVISOR, Record, format_json, format_text, split_source, use_colour
+from multibus.logprinter import LogPrinter
+from multibus.systemd import sd_notify
 
-__all__ = ["main", "sd_notify"]
+__all__ = ["LogPrinter", "main", "sd_notify"]
 
 PROG = "multibus"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
@@ -47,111 +45,6 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 def _err(msg: str) -> None:
     sys.stderr.write(f"{PROG}: {msg}\n")
     sys.stderr.flush()
-
-
-# --------------------------------------------------------------------------- systemd
-
-def sd_notify(state: str, env: dict[str, str] | None = None) -> bool:
-    """Send ``state`` (e.g. ``"READY=1"``) to systemd's $NOTIFY_SOCKET; False if unset/failed.
-
-    Stdlib only: one AF_UNIX datagram, abstract namespace when the address starts with '@'.
-    """
-    addr = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
-    if not addr or addr[0] not in "/@":
-        return False
-    if addr[0] == "@":
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(addr)
-            s.sendall(state.encode())
-        return True
-    except OSError:
-        return False
-
-
-# --------------------------------------------------------------------------- log printing
-
-class LogPrinter:
-    """The 'log' listener of ``multibus run``: filter by level, format, write.
-
-    Listeners run on the bridge's I/O thread and the process thread too, so the listener never
-    blocks on the terminal: records go to a bounded queue that one daemon thread writes out. A
-    stalled stderr (a paused pager, a slow journal) drops lines — counted and reported —
-    instead of stalling heartbeats or reaping. ``close()`` flushes what is queued.
-    """
-
-    def __init__(self, level: int, fmt: str, stream: TextIO, max_queue: int = 10000) -> None:
-        self.level = level
-        self.fmt = fmt
-        self.stream = stream
-        self.colour = fmt == "text" and use_colour(stream)
-        self.width = 0
-        self.dropped = 0
-        self._queue: collections.deque[Record] = collections.deque()
-        self._max = max_queue
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> LogPrinter:
-        self._thread = threading.Thread(target=self._run, name="multibus-log", daemon=True)
-        self._thread.start()
-        return self
-
-    def __call__(self, msg: Any = "", level: Any = 20, *args: Any, **kw: Any) -> None:
-        lvl = level if isinstance(level, int) and not isinstance(level, bool) else 20
-        if lvl < self.level:
-            return
-        source, text = split_source(msg if isinstance(msg, str) else str(msg))
-        rec = (0, time.time(), lvl, source, text)
-        if self._thread is None:
-            self.write(rec)
-            return
-        with self._cond:
-            if len(self._queue) >= self._max:
-                self.dropped += 1
-                return
-            self._queue.append(rec)
-            self._cond.notify()
-
-    def _run(self) -> None:
-        reported = 0
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                batch = list(self._queue)
-                self._queue.clear()
-                dropped = self.dropped
-            if dropped > reported:
-                self.write((0, time.time(), 30, SUPERVISOR,
-                            f"{dropped - reported} log lines dropped (output too slow)"))
-                reported = dropped
-            for rec in batch:
-                self.write(rec)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Write out what is queued (bounded by ``timeout``), then stop the thread."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def write(self, rec: Record) -> None:
-        if self.fmt == "json":
-            line = format_json(rec)
-        else:
-            self.width = max(self.width, min(len(rec[3]), 24))
-            line = format_text(rec, self.colour, self.width)
-        try:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-        except (OSError, ValueError):
-            pass  # closed terminal: keep running
 
 
 # --------------------------------------------------------------------------- run
@@ -185,113 +78,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(str(e))
         return EXIT_USAGE
 
-    from multibus.bus import Bus
-    from multibus.control import Control
-    from multibus.plugins.signals import SignalHandler
-    from multibus.supervisor import FleetError, Supervisor
+    from multibus.runner import FleetRefused, run_fleet
 
-    notify_env = {"NOTIFY_SOCKET": os.environ.pop("NOTIFY_SOCKET", "")}  # not for workers
-    bus = Bus()
-    printer = LogPrinter(level, fmt, sys.stderr).start()
-    bus.subscribe("log", printer, 1)
-    sup = Supervisor(bus, cfg.specs, name=cfg.name, pidfile=cfg.pidfile,
-                     intensity=cfg.intensity, term_timeout=cfg.term_timeout,
-                     zygote=cfg.zygote or args.zygote or bool(args.preload),
-                     zygote_preload=(*cfg.zygote_preload, *(args.preload or ())))
+    cfg = replace(cfg, log_level=level, log_format=fmt,
+                  zygote=cfg.zygote or args.zygote or bool(args.preload),
+                  zygote_preload=(*cfg.zygote_preload, *(args.preload or ())))
     try:
-        sup.subscribe()
-    except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
-        printer.close()
-        _err(f"cannot start supervisor {cfg.name!r}: {e}")
-        return EXIT_USAGE
-
-    stopping = threading.Event()
-
-    def notify(state: str) -> None:
-        sd_notify(state, notify_env)
-
-    def shutdown() -> None:
-        """Stop the fleet gracefully, then exit. A second ^C while stopping kills workers."""
-        if not stopping.is_set():
-            stopping.set()
-            notify("STOPPING=1")
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        bus.exit()
-
-    try:
-        control = Control(bus, sup, name=cfg.name, exit_func=shutdown,
-                          interrupt_start=lambda: os.kill(os.getpid(), signal.SIGTERM)).subscribe()
-    except Exception as e:  # noqa: BLE001
-        bus.exit()
-        printer.close()
+        return run_fleet(cfg)
+    except FleetRefused as e:
         _err(str(e))
-        return EXIT_FAIL
-
-    def workers_started() -> None:
-        n = sum(1 for r in sup.table() if r["state"] == "STARTED")
-        notify(f"READY=1\nSTATUS={n} workers STARTED")
-
-    bus.subscribe("start", workers_started, 100)
-    bus.subscribe("stop", lambda: notify("STATUS=fleet STOPPED"), 100)
-    bus.subscribe("exit", lambda: stopping.is_set() or notify("STOPPING=1"), 0)
-
-    default = cfg.default_group
-    handler = SignalHandler(bus)
-    handler.handlers = {
-        "SIGTERM": shutdown,
-        "SIGINT": shutdown,
-        "SIGHUP": lambda: control.queue("graceful"),
-        "SIGTTIN": lambda: control.queue("scale", group=default, delta=1),
-        "SIGTTOU": lambda: control.queue("scale", group=default, delta=-1),
-    }
-    handler.subscribe()
-    _abort_start_on(bus, signal.SIGTERM, signal.SIGINT)
-    code = EXIT_OK
-    try:
-        try:
-            bus.start()
-            bus.block()
-        except FleetError as e:
-            bus.log(f"fleet {cfg.name!r} failed: {e}", 40)
-            code = EXIT_FAIL
-        except KeyboardInterrupt:  # interrupted while starting: start() has exited the bus
-            bus.log(f"fleet {cfg.name!r}: start aborted by a stop request")
-    finally:
-        try:
-            shutdown()
-        except KeyboardInterrupt:
-            shutdown()  # interrupted again while exiting: workers are killed at once
-        try:
-            handler.unsubscribe()
-        except Exception:  # noqa: BLE001
-            pass
-        printer.close()
-    return max(code, sup.exit_code)
-
-
-def _abort_start_on(bus: Any, *signals: int) -> None:
-    """Make ``signals`` abort a start in progress.
-
-    Transitions run on the main thread; while it is inside ``bus.start()`` (waiting for the
-    workers) the SignalHandler's deferred 'exit' would only run once the start is over, up to
-    ``start_timeout`` later. So while the bus is STARTING these signals raise KeyboardInterrupt
-    there instead: ``Bus.start`` then exits the bus (workers are stopped and reaped) and the
-    supervisor exits. In every other state the SignalHandler's own handler runs.
-    """
-    from multibus.bus import states
-
-    for signum in signals:
-        installed = signal.getsignal(signum)
-        if not callable(installed):
-            continue  # left ignored on purpose (nohup)
-
-        def handle(sig: int, frame: Any, installed: Any = installed) -> None:
-            if bus.state is states.STARTING:
-                raise KeyboardInterrupt(f"{signal.Signals(sig).name} while starting")
-            installed(sig, frame)
-
-        signal.signal(signum, handle)
+        return e.code
 
 
 # --------------------------------------------------------------------------- control commands

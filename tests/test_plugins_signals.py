@@ -204,7 +204,7 @@ def test_wakeup_watcher_wakes_a_blocked_wait(bus):
         assert handler._watcher is not None and handler._watcher.is_alive()
         bus.start()
         handler._pending.append(signal.SIGTERM)  # recorded, but no defer() from the handler
-        os.write(handler._wakeup_w, bytes([signal.SIGTERM]))
+        os.write(handler._wakeup.write_fd, bytes([signal.SIGTERM]))
         assert bus.wait(states.EXITING, timeout=5)
     finally:
         handler.unsubscribe()
@@ -216,12 +216,12 @@ import os, signal, sys
 from multibus.bus import Bus
 from multibus.plugins import SignalHandler
 h = SignalHandler(Bus()).subscribe()
-parent_fds = (h._wakeup_r, h._wakeup_w)
+parent_fds = (h._wakeup.fileno(), h._wakeup.write_fd)
 pid = os.fork()
 if pid == 0:
     ok = (h._watcher is not None and h._watcher.is_alive()
-          and (h._wakeup_r, h._wakeup_w) != parent_fds
-          and signal.set_wakeup_fd(h._wakeup_w) == h._wakeup_w)
+          and (h._wakeup.fileno(), h._wakeup.write_fd) != parent_fds
+          and signal.set_wakeup_fd(h._wakeup.write_fd) == h._wakeup.write_fd)
     os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
