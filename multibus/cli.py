@@ -6,23 +6,30 @@
     multibus scale GROUP N
     multibus logs [-f] [GROUP]
 
-``run`` stays in the foreground: a Supervisor on a Bus, a Control socket (``control.py``) so the
-other commands can find it by name, signal handling, log printing and systemd notification.
-The other commands talk to that socket; transitions are queued there and this client waits for
-them (``--no-wait`` to return once queued). Exit status: 0 ok, 1 failure or no such
+This module only parses argv. ``run`` loads and checks the fleet, then calls
+:func:`multibus.runner.run_fleet` (the foreground supervisor: Bus, Supervisor, Control socket,
+signals, log printing, systemd notification). The other commands are declared in
+:mod:`multibus.commands` (their arguments, help and output) and talk to that Control socket;
+transitions are queued there and the client waits for them (``--no-wait`` to return once
+queued). Exit status: 0 ok, 1 failure or no such
 supervisor, 2 bad usage or configuration (nothing started).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
-import time
 from dataclasses import replace
-from typing import Any
 
+from multibus.commands import (
+    COMMANDS,
+    EXIT_FAIL,
+    EXIT_OK,
+    EXIT_USAGE,
+    PROG,
+    format_status,
+    say_error,
+)
 from multibus.config import (
     ConfigError,
     FleetConfig,
@@ -36,15 +43,7 @@ from multibus.control import ControlClient, ControlError, NotRunning, resolve_na
 from multibus.logprinter import LogPrinter
 from multibus.systemd import sd_notify
 
-__all__ = ["LogPrinter", "main", "sd_notify"]
-
-PROG = "multibus"
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
-
-def _err(msg: str) -> None:
-    sys.stderr.write(f"{PROG}: {msg}\n")
-    sys.stderr.flush()
+__all__ = ["LogPrinter", "format_status", "main", "sd_notify"]
 
 
 # --------------------------------------------------------------------------- run
@@ -75,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                   "'app.jobs'")
         check_targets(cfg)
     except ConfigError as e:
-        _err(str(e))
+        say_error(str(e))
         return EXIT_USAGE
 
     from multibus.runner import FleetRefused, run_fleet
@@ -86,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         return run_fleet(cfg)
     except FleetRefused as e:
-        _err(str(e))
+        say_error(str(e))
         return e.code
 
 
@@ -101,141 +100,6 @@ def _client(args: argparse.Namespace) -> ControlClient:
     if name is None and getattr(args, "config", None):
         name = load(args.config).name
     return ControlClient(resolve_name(name), timeout=args.request_timeout)
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{seconds:.1f}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "K", "M", "G"):
-        if value < 1024 or unit == "G":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return str(n)
-
-
-def format_status(st: dict[str, Any]) -> str:
-    """The human table of ``multibus status``."""
-    lines = []
-    n = len(st["workers"])
-    head = (f"{st['name']} (pid {st['pid']}): {st['state']}, {n} worker{'s' if n != 1 else ''}, "
-            f"up {_duration(st['uptime'])}")
-    lines.append(head)
-    for op in st["queue"]:
-        lines.append(f"  {op['state']}: {op['action']}"
-                     + (f" {op['args']}" if op["args"] else ""))
-    rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")]
-    for w in st["workers"]:
-        rows.append((
-            w["group"], w["name"], str(w["pid"] or "-"),
-            w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else ""),
-            str(w["restarts"]), _duration(w["uptime"] if w["pid"] else None),
-            "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}", _size(w["memory_rss"]),
-        ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
-    return "\n".join(lines)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    st = _client(args).status()
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-    else:
-        print(format_status(st))
-    return EXIT_OK
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-    except psutil.Error:
-        return True
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.Error:
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _finish(client: ControlClient, reply: dict[str, Any], what: str,
-            args: argparse.Namespace) -> int:
-    t0 = time.monotonic()
-    label = f"{client.name}: {what}"
-    if args.no_wait:
-        print(f"{label} queued (op {reply['op']})")
-        return EXIT_OK
-    if what == "exit":
-        if _wait_gone(int(reply["pid"]), args.timeout):
-            print(f"{label}: supervisor (pid {reply['pid']}) exited "
-                  f"in {time.monotonic() - t0:.2f}s")
-            return EXIT_OK
-        _err(f"{label}: supervisor (pid {reply['pid']}) still running after {args.timeout:g}s")
-        return EXIT_FAIL
-    try:
-        done = client.wait_op(int(reply["op"]), args.timeout)
-    except NotRunning:
-        _err(f"{label}: the supervisor exited before it was done")
-        return EXIT_FAIL
-    if done["state"] == "failed":
-        _err(f"{label} failed: {done['error']}")
-        return EXIT_FAIL
-    note = f" ({done['note']})" if done.get("note") else ""
-    print(f"{label} done in {time.monotonic() - t0:.2f}s{note}")
-    return EXIT_OK
-
-
-def cmd_action(args: argparse.Namespace) -> int:
-    client = _client(args)
-    return _finish(client, client.op(args.command), args.command, args)
-
-
-def cmd_scale(args: argparse.Namespace) -> int:
-    if args.count < 0:
-        _err(f"scale {args.group}: count must be >= 0, got {args.count}")
-        return EXIT_USAGE
-    client = _client(args)
-    return _finish(client, client.scale(args.group, args.count),
-                   f"scale {args.group} to {args.count}", args)
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    client = _client(args)
-    level = parse_level(args.level) if args.level else 0
-    fmt = args.log_format or "text"
-    printer = LogPrinter(level, fmt, sys.stdout)
-    if args.follow:
-        records = client.follow(args.group, backlog=args.lines)
-    else:
-        records = client.logs(0, args.group, max(1, min(args.lines, 1000)))[0] \
-            if args.lines else []
-    try:
-        for rec in records:
-            if rec[2] >= level:
-                printer.write(rec)
-    except KeyboardInterrupt:
-        pass
-    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- parser
@@ -287,37 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preload", action="append", metavar="MODULE",
                      help="have that process import MODULE once, e.g. your worker module, "
                      "instead of each worker (implies --zygote; repeatable)")
-    run.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("status", parents=[ctl], help="show every worker")
-    st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
-    st.set_defaults(func=cmd_status)
-
-    helps = {
-        "start": "start every worker bus (spawning missing workers)",
-        "stop": "stop every worker bus (processes stay; the supervisor stays)",
-        "restart": "stop, then start every worker bus",
-        "graceful": "reload every worker bus (bus 'graceful')",
-        "exit": "stop every worker, then the supervisor exits",
-    }
-    for action, text in helps.items():
-        p = sub.add_parser(action, parents=[ctl, waiting], help=text, description=text)
-        p.set_defaults(func=cmd_action)
-
-    sc = sub.add_parser("scale", parents=[ctl, waiting], help="run N workers of GROUP")
-    sc.add_argument("group")
-    sc.add_argument("count", type=int, metavar="N")
-    sc.set_defaults(func=cmd_scale)
-
-    lg = sub.add_parser("logs", parents=[ctl], help="show recent log lines (of GROUP)")
-    lg.add_argument("group", nargs="?", metavar="GROUP",
-                    help="a group, a worker (group.index) or 'supervisor'")
-    lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
-    lg.add_argument("-n", "--lines", type=int, default=100, metavar="N",
-                    help="how many recent lines (default 100, at most 1000)")
-    lg.add_argument("--level", default=None, metavar="LEVEL", help="minimum level")
-    lg.add_argument("--log-format", choices=("text", "json"), default=None)
-    lg.set_defaults(func=cmd_logs)
+    for command in COMMANDS.values():
+        command.add_parsers(sub, ctl, waiting)
     return ap
 
 
@@ -325,15 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``multibus`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        if args.command == "run":
+            return cmd_run(args)
+        return int(args.control.run(args, lambda: _client(args)))
     except NotRunning as e:
-        _err(str(e))
+        say_error(str(e))
         return EXIT_FAIL
     except ConfigError as e:
-        _err(str(e))
+        say_error(str(e))
         return EXIT_USAGE
     except ControlError as e:
-        _err(str(e))
+        say_error(str(e))
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130

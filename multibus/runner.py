@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from multibus.bus import Bus
+from multibus.commands import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from multibus.config import FleetConfig
 from multibus.control import Control
 from multibus.logprinter import LogPrinter
@@ -30,9 +31,6 @@ from multibus.supervisor import FleetError, Supervisor
 from multibus.systemd import sd_notify
 
 __all__ = ["FleetRefused", "run_fleet", "sd_notify"]
-
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-
 
 class FleetRefused(RuntimeError):
     """Nothing was started (name in use, unsafe runtime dir, control socket); ``code`` is the
