@@ -10,14 +10,13 @@ another fleet of that name runs.
 
 Each worker runs ``fleet:job`` (below) in its own process: a bus with one plugin that does a
 small job every few seconds and logs it (the log reaches this terminal through the bridge).
+``multibus status --name fleet`` (and the other control commands) work on it too.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
     from multibus.bus import Bus
-    from multibus.plugins.logbridge import LogBridge
-    from multibus.supervisor import FleetError, Supervisor, WorkerSpec
+    from multibus.runner import FleetRefused, run_fleet
+    from multibus.supervisor import WorkerSpec
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     bus = Bus()
-    LogBridge(bus, "fleet").subscribe()
+    bus.subscribe("stop", lambda: bus.log("Fleet STOPPED"), 95)
+    bus.subscribe("exit", lambda: bus.log("Fleet EXITED"), 95)
     spec = WorkerSpec(
         name="job",
         target="fleet:job",
@@ -58,31 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         stop_timeout=args.stop_timeout,
         env={"PYTHONPATH": os.pathsep.join([HERE, os.path.dirname(HERE)])},
     )
-    sup = Supervisor(bus, [spec], name=args.name)
     try:
-        sup.subscribe()
-    except Exception as e:  # noqa: BLE001 - e.g. another fleet of that name (names its pid)
+        # the same run loop as `multibus run`: signals, log lines on stderr, exit status
+        return run_fleet([spec], name=args.name, bus=bus, on_started=lambda sup: bus.log(
+            f"Fleet STARTED: {len(sup.table())} workers"))
+    except FleetRefused as e:  # e.g. another fleet of that name (names its pid)
         print(f"fleet: {e}", file=sys.stderr)
-        return 2
-    # SIGTERM (kill, systemd) stops the fleet like a first Ctrl-C
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    bus.subscribe("stop", lambda: bus.log("Fleet STOPPED"), 95)
-    bus.subscribe("exit", lambda: bus.log("Fleet EXITED"), 95)
-    try:
-        try:
-            bus.start()
-            bus.log(f"Fleet STARTED: {len(sup.table())} workers")
-            bus.block()
-        except KeyboardInterrupt:
-            pass  # the bus has already exited (start() exits it when interrupted)
-        except FleetError as e:
-            bus.log(f"Fleet failed: {e}", 40)
-    finally:
-        try:
-            bus.exit()
-        except KeyboardInterrupt:
-            bus.exit()  # interrupted while exiting: once more, workers are killed at once
-    return sup.exit_code
+        return e.code
 
 
 if __name__ == "__main__":

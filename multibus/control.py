@@ -15,22 +15,15 @@ The reply carries an operation id; ``op_status`` says queued / running / done / 
 Client: :class:`ControlClient` (one DEALER per request, bounded waits); :func:`resolve_name`
 and :func:`running_supervisors` find supervisors by name in the runtime dir.
 
-Protocol (version 1). Request: ``{"v": 1, "id": u32, "cmd": str, ...}`` with exactly these
-extra keys per command::
-
-    status     {}
-    op         {"action": "start"|"stop"|"restart"|"graceful"|"exit"}
-    scale      {"group": str, "count": int >= 0}
-    op_status  {"op": u32}
-    logs       {"since": u64, "group": str|None, "limit": 1..1000, "wait": 0..5 seconds}
-
+Protocol (version 1). Request: ``{"v": 1, "id": u32, "cmd": str, ...}`` with exactly the
+extra keys of that command's schema; every command (status, op, scale, op_status, logs), its
+schema, its answer and its CLI side are declared once in :mod:`multibus.commands`.
 Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
 "error": str}``. See :meth:`Control.status` for the status document.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import threading
@@ -44,10 +37,23 @@ import msgpack
 import psutil
 import zmq
 
-from multibus.logview import SUPERVISOR, Record, split_source
-from multibus.names import WorkerName, valid_group
+from multibus.commands import (
+    ACTIONS,
+    COMMANDS,
+    TRANSITIONS,
+    U32,
+    ControlError,
+    Logs,
+    NotRunning,
+    is_int,
+    state_of,
+)
+from multibus.logring import LogRing
+from multibus.logview import SUPERVISOR, Record
+from multibus.names import WorkerName
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
+from multibus.wakeup import Wakeup
 
 __all__ = [
     "ACTIONS",
@@ -62,21 +68,9 @@ __all__ = [
 ]
 
 PROTOCOL = 1
-ACTIONS = ("start", "stop", "restart", "graceful", "exit")
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 4 << 20
-MAX_LOG_TEXT = 8192  # characters kept of one log record
-LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
-MAX_FOLLOWERS = 64
 MAX_OPS_KEPT = 256
-
-
-class ControlError(RuntimeError):
-    """A control request failed; the message is for the user."""
-
-
-class NotRunning(ControlError):
-    """No supervisor of that name is running."""
 
 
 # --------------------------------------------------------------------------- names
@@ -97,30 +91,6 @@ def resolve_name(name: str | None, default: str = "multibus") -> str:
 
 # --------------------------------------------------------------------------- validation
 
-def _is_int(v: Any, lo: int, hi: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _is_source(v: Any) -> bool:
-    """A log filter: a group, a worker (``group.index``) or 'supervisor'."""
-    return valid_group(v) or WorkerName.parse(v) is not None
-
-
-_U32 = (0, 2**32 - 1)
-_SCHEMAS: dict[str, dict[str, Callable[[Any], bool]]] = {
-    "status": {},
-    "op": {"action": lambda v: v in ACTIONS},
-    "scale": {"group": valid_group, "count": lambda v: _is_int(v, 0, 10_000)},
-    "op_status": {"op": lambda v: _is_int(v, *_U32)},
-    "logs": {
-        "since": lambda v: _is_int(v, 0, 2**63 - 1),
-        "group": lambda v: v is None or _is_source(v),
-        "limit": lambda v: _is_int(v, 1, 1000),
-        "wait": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 5,
-    },
-}
-
-
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ValueError("msgpack extension types are not accepted")
 
@@ -138,12 +108,13 @@ def decode_request(frame: bytes) -> dict[str, Any]:
         raise ValueError("not a msgpack map")
     if req.get("v") != PROTOCOL:
         raise ValueError(f"protocol version {req.get('v')!r} is not {PROTOCOL}")
-    if not _is_int(req.get("id"), *_U32):
+    if not is_int(req.get("id"), *U32):
         raise ValueError("id must be an unsigned 32-bit integer")
-    schema = _SCHEMAS.get(req.get("cmd"))  # type: ignore[arg-type]
-    if schema is None:
+    command = COMMANDS.get(req.get("cmd"))  # type: ignore[arg-type]
+    if command is None:
         raise ValueError(f"unknown command {str(req.get('cmd'))[:40]!r}; "
-                         f"known: {', '.join(_SCHEMAS)}")
+                         f"known: {', '.join(COMMANDS)}")
+    schema = command.schema
     keys = set(req) - {"v", "id", "cmd"}
     if keys != set(schema):
         raise ValueError(f"{req['cmd']}: expected keys {sorted(schema)}, got {sorted(keys)}")
@@ -180,7 +151,8 @@ class Control:
     ``exit_func`` performs an 'exit' (default ``bus.exit``; the CLI passes one that also tells
     systemd). ``interrupt_start`` (optional) is called when an 'exit' is queued while the bus is
     STARTING, so a slow start does not delay it (the CLI sends itself SIGTERM, which aborts the
-    start). Also keeps the last ``log_size`` records of the bus's 'log' channel for ``logs``.
+    start). Also keeps the last ``log_size`` records of the bus's 'log' channel for ``logs``
+(a :class:`~multibus.logring.LogRing`).
     Subscribe it AFTER the supervisor: the name must already be ours.
     """
 
@@ -197,9 +169,7 @@ class Control:
         self.started = time.time()
         self.counts: dict[str, int] = {n: s.count for n, s in supervisor.specs.items()}
         self.invalid = 0
-        self._logs: collections.deque[Record] = collections.deque(maxlen=log_size)
-        self._seq = itertools.count(1)
-        self._log_lock = threading.Lock()
+        self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
         self._ops: dict[int, Op] = {}
         self._op_ids = itertools.count(1)
@@ -209,7 +179,7 @@ class Control:
         self._defer = getattr(bus, "defer", None)
         self._thread: threading.Thread | None = None
         self._closing = False
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._wakeup = Wakeup()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._subscribed = False
@@ -226,7 +196,7 @@ class Control:
                 f"control socket for {self.name!r}: this process (pid {os.getpid()}) does not "
                 f"hold the hub name (owner: {owner}); subscribe the Supervisor first")
         self.path = control_path(self.name, create=True)
-        self.bus.subscribe("log", self._on_log, 1)
+        self.bus.subscribe("log", self.logs, 1)
         self.bus.subscribe("exit", self._on_exit, 99)
         self._subscribed = True
         self._thread = threading.Thread(target=self._run, name=f"multibus-control {self.name}",
@@ -241,51 +211,36 @@ class Control:
     def unsubscribe(self) -> None:
         """Stop the thread (closing its socket, removing the file) and the listeners."""
         if self._subscribed:
-            self.bus.unsubscribe("log", self._on_log)
+            self.bus.unsubscribe("log", self.logs)
             self.bus.unsubscribe("exit", self._on_exit)
             self._subscribed = False
         if self._thread is not None:
             self._closing = True
-            self._wake()
+            self._wakeup.wake()
             self._thread.join(5)
             self._thread = None
 
     def _on_exit(self) -> None:
         self.unsubscribe()
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-    # -- the 'log' listener (any thread) --------------------------------------------------
-
-    def _on_log(self, msg: Any = "", level: Any = 20, *args: Any, **kw: Any) -> None:
-        text = msg if isinstance(msg, str) else str(msg)
-        if len(text) > MAX_LOG_TEXT:
-            text = text[:MAX_LOG_TEXT] + " [truncated]"
-        lvl = level if isinstance(level, int) and not isinstance(level, bool) else 20
-        source, text = split_source(text)
-        with self._log_lock:
-            self._logs.append((next(self._seq), time.time(), lvl, source, text))
-            followers = bool(self._followers)
-        if followers:
-            self._wake()
+    def _on_record(self) -> None:
+        """A record was kept (on the thread that logged it): serve waiting followers."""
+        if self._followers:
+            self._wakeup.wake()
 
     def records(self, since: int = 0, group: str | None = None,
                 limit: int = 1000) -> tuple[list[Record], int]:
         """Records with seq > ``since`` (of ``group``: a group or worker name, or
         'supervisor'), at most ``limit`` (the latest when ``since`` is 0); and the next seq."""
-        with self._log_lock:
-            recs = list(self._logs)
-        last = max(recs[-1][0] if recs else 0, since)
-        picked = [r for r in recs if r[0] > since and _matches(r[3], group)]
-        if since == 0:
-            return picked[-limit:], last
-        if len(picked) > limit:
-            return picked[:limit], picked[limit - 1][0]
-        return picked, last
+        return self.logs.records(since, limit, lambda source: _matches(source, group))
+
+    def follow(self, ident: bytes, req: dict[str, Any], most: int) -> bool:
+        """Answer the 'logs' request ``req`` once records come or its wait is over; False if
+        ``most`` requests are waiting already (answer it now)."""
+        if len(self._followers) >= most:
+            return False
+        self._followers.append((ident, req, time.monotonic() + float(req["wait"])))
+        return True
 
     # -- queued operations ----------------------------------------------------------------
 
@@ -324,39 +279,13 @@ class Control:
             op.ended_at = time.monotonic()
 
     def _state(self) -> str:
-        st = self.bus.state
-        return getattr(st, "name", None) or str(st).rpartition(".")[2]
+        return state_of(self.bus)
 
     def _perform(self, op: Op) -> str | None:
         state = self._state()
         if state == "EXITING":
             raise ControlError("the supervisor is exiting")
-        action = op.action
-        if action == "exit":
-            self.exit_func()
-            return None
-        if action == "scale":
-            group = op.args["group"]
-            count = op.args.get("count")
-            if count is None:
-                count = max(0, self.counts.get(group, 0) + op.args.get("delta", 0))
-            self.sup.scale(group, count)
-            self.counts[group] = count
-            return f"{group}: {count} worker{'s' if count != 1 else ''}"
-        if action == "graceful":
-            if state != "STARTED":
-                return f"nothing to reload: the fleet is {state}"
-            self.bus.graceful()
-            return None
-        if action in ("stop", "restart") and state != "STOPPED":
-            self.bus.stop()
-        if action in ("start", "restart"):
-            if self._state() == "STARTED":
-                return "already STARTED"
-            self.bus.start()
-        elif action == "stop" and state == "STOPPED":
-            return "already STOPPED"
-        return None
+        return TRANSITIONS[op.action].perform(self, state, op.args)
 
     def op(self, op_id: int) -> Op | None:
         return self._ops.get(op_id)
@@ -450,7 +379,7 @@ class Control:
         self._ready.set()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._wakeup.fileno(), zmq.POLLIN)
         try:
             while not self._closing:
                 timeout = None
@@ -458,12 +387,8 @@ class Control:
                     first = min(d for _, _, d in self._followers)
                     timeout = max(0, int((first - time.monotonic()) * 1000) + 1)
                 events = dict(poller.poll(timeout))
-                if self._wake_r in events:
-                    try:
-                        while os.read(self._wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if self._wakeup.fileno() in events:
+                    self._wakeup.drain()
                 if sock in events:
                     for _ in range(100):
                         try:
@@ -481,11 +406,7 @@ class Control:
                     self.path.unlink()
             except FileNotFoundError:
                 pass
-            for fd in (self._wake_r, self._wake_w):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+            self._wakeup.close()
 
     def _send(self, sock: zmq.Socket, ident: bytes, reply: dict[str, Any]) -> None:
         try:
@@ -516,49 +437,13 @@ class Control:
             self._send(sock, ident, reply)
 
     def _answer(self, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
-        cmd = req["cmd"]
-        if cmd == "status":
-            return {"ok": True, "status": self.status()}
-        if cmd == "op":
-            op = self.queue(req["action"])
-            if op.action == "exit" and self.interrupt_start and self._state() == "STARTING":
-                self.interrupt_start()
-            return {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
-        if cmd == "scale":
-            group = req["group"]
-            if group not in self.sup.specs:
-                raise ControlError(f"no group {group!r}; groups: {', '.join(self.sup.specs)}")
-            op = self.queue("scale", group=group, count=req["count"])
-            return {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
-        if cmd == "op_status":
-            found = self.op(req["op"])
-            if found is None:
-                raise ControlError(f"no operation {req['op']} (finished long ago?)")
-            return {"ok": True, **found.as_dict()}
-        if cmd == "logs":
-            reply = self._logs_reply(req)
-            if reply["records"] or req["wait"] <= 0 or len(self._followers) >= MAX_FOLLOWERS:
-                return reply
-            self._followers.append((ident, req, time.monotonic() + float(req["wait"])))
-            return None
-        raise ControlError(f"unknown command {cmd!r}")  # unreachable: validated
-
-    def _logs_reply(self, req: dict[str, Any]) -> dict[str, Any]:
-        recs, nxt = self.records(req["since"], req["group"], req["limit"])
-        out, size = [], 0
-        for r in recs:
-            size += len(r[4]) + 64
-            if out and size > LOG_REPLY_BYTES:
-                nxt = out[-1][0]
-                break
-            out.append(list(r))
-        return {"ok": True, "records": out, "next": nxt}
+        return COMMANDS[req["cmd"]].answer(self, ident, req)
 
     def _serve_followers(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
         keep = []
         for ident, req, deadline in self._followers:
-            reply = self._logs_reply(req)
+            reply = Logs.reply(self, req)
             if reply["records"] or now >= deadline or self._closing:
                 reply.update(v=PROTOCOL, id=req["id"])
                 self._send(sock, ident, reply)

@@ -147,11 +147,7 @@ class Supervisor:
         self.killed: set[str] = set()  # workers that had to be signalled
         self.failed = False
         self._subscribed: list[tuple[str, Callable[..., Any]]] = []
-        self._hurry = False  # a second Ctrl-C arrived while stopping: kill, do not wait
-        self._hurry_said = False
-        self._interrupted = 0
         self._exit_sent = False  # the stop that opened the exit already told workers to exit
-        self._prev_sigint: Any = None
         for spec in self.specs.values():
             for n in spec.instance_names():
                 self.workers[n] = _Worker(n, spec)
@@ -185,7 +181,6 @@ class Supervisor:
         except BaseException:
             self._teardown()
             raise
-        self._install_interrupt_handler()
         for channel, cb, prio in (
             ("start", self.start, 75),
             ("stop", self.stop, 40),
@@ -444,54 +439,9 @@ class Supervisor:
     def graceful(self) -> None:
         self.bridge.command("graceful")
 
-    def _install_interrupt_handler(self) -> None:
-        """Ctrl-C: the first one does what it did before (KeyboardInterrupt, or the app's
-        handler); any later one, or one arriving while the bus is already stopping, kills
-        every worker at once instead of raising wherever the main thread happens to be."""
-        import signal
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        prev = signal.getsignal(signal.SIGINT)
-        if prev is signal.SIG_IGN or prev is None:
-            return  # started in the background with SIGINT ignored: keep it so
-        self._prev_sigint = prev
-        signal.signal(signal.SIGINT, self._on_interrupt)
-
-    def _restore_interrupt_handler(self) -> None:
-        import signal
-
-        prev, self._prev_sigint = self._prev_sigint, None
-        if prev is not None and threading.current_thread() is threading.main_thread():
-            try:
-                signal.signal(signal.SIGINT, prev)
-            except (ValueError, OSError):
-                pass
-
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        import signal
-
-        states = self.bus.states
-        stopping = self.bus.state in (states.STOPPING, states.STOPPED, states.EXITING)
-        self._interrupted += 1
-        if self._interrupted == 1 and not stopping:
-            prev = self._prev_sigint
-            if callable(prev):
-                prev(signum, frame)
-                return
-            if prev is signal.SIG_DFL or prev is signal.default_int_handler:
-                raise KeyboardInterrupt
-            return
-        # no logging here: a log listener holding a lock in this thread would deadlock
-        self._hurry = True
-        self._kill_all()
-
-    def _say_hurry(self) -> None:
-        if self._hurry and not self._hurry_said:
-            self._hurry_said = True
-            self.log("interrupted again: killed every worker", 30)
-
-    def _kill_all(self) -> None:
+    def kill_all(self) -> None:
+        """SIGKILL every live worker's process group now (a second Ctrl-C): no waiting and
+        no logging, so a signal handler may call it; the reaper then sees them exit."""
         for w in list(self.workers.values()):
             c = w.child
             if c is not None and c.returncode is None:
@@ -518,6 +468,7 @@ class Supervisor:
             done = ("STOPPED", EXITED)
             self.bridge.command("stop")
         deadline: dict[str, float] = {}
+        hurry = False
         try:
             with self._cond:
                 while True:
@@ -527,13 +478,12 @@ class Supervisor:
                         limit = deadline.setdefault(w.name, now + w.spec.stop_timeout)
                         if w.state not in done and limit > now:
                             waiting.append(w)
-                    if not waiting or self._hurry:
+                    if not waiting:
                         break
                     self._cond.wait(min(deadline[w.name] for w in waiting) - now)
         except KeyboardInterrupt:
-            self._hurry = True
-        if self._hurry:
-            self._say_hurry()
+            hurry = True
+        if hurry:
             self._escalate(self._live(), hurry=True)
             return
         late = [w for w in self._live() if w.state not in done]
@@ -542,10 +492,7 @@ class Supervisor:
 
     def exit(self) -> None:
         """Have every worker exit; escalate; reap everything (orphans too); close."""
-        try:
-            self._exit()
-        finally:
-            self._restore_interrupt_handler()
+        self._exit()
 
     def _exit(self) -> None:
         with self._cond:
@@ -558,17 +505,13 @@ class Supervisor:
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
         live = self._live()
         now = time.monotonic()
-        if self._hurry:
-            self._kill_all()
-            self._say_hurry()
         self._close_zygote()
-        deadlines = {w.child: now + (0 if self._hurry else w.spec.stop_timeout)
+        deadlines = {w.child: now + w.spec.stop_timeout
                      for w in live if w.child}
         signalled = stop_children(
             list(deadlines), deadlines, term_timeout=self.term_timeout, log=self._log_level
         )
         self._mark_killed(signalled)
-        self._say_hurry()
         if self.procs is not None:
             self.procs.close()
         self._changed()
@@ -598,7 +541,7 @@ class Supervisor:
     def _escalate(self, workers: list[_Worker], hurry: bool) -> None:
         children = [w.child for w in workers if w.child is not None]
         if hurry:
-            self._kill_all()
+            self.kill_all()
         signalled = stop_children(children, time.monotonic(), term_timeout=self.term_timeout,
                                   log=self._log_level)
         if hurry:

@@ -14,11 +14,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "multibus"
 # Lowest first. A module is named by its dotted path below multibus; a package name covers
 # every module in it.
 LAYERS: list[tuple[str, ...]] = [
-    ("wakeup", "names", "lockfile", "rundir", "fastexit"),
+    ("wakeup", "names", "lockfile", "rundir", "fastexit", "systemd", "logview", "logring",
+     "logprinter"),
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
-    ("specs", "restart", "procs", "zygote", "worker", "logview", "logring"),
+    ("specs", "restart", "procs", "zygote", "worker"),
     ("fleet", "config", "supervisor"),
     ("commands", "control"),
     ("runner", "cli", "__main__"),

@@ -204,7 +204,7 @@ def test_wakeup_watcher_wakes_a_blocked_wait(bus):
         assert handler._watcher is not None and handler._watcher.is_alive()
         bus.start()
         handler._pending.append(signal.SIGTERM)  # recorded, but no defer() from the handler
-        os.write(handler._wakeup_w, bytes([signal.SIGTERM]))
+        os.write(handler._wakeup.write_fd, bytes([signal.SIGTERM]))
         assert bus.wait(states.EXITING, timeout=5)
     finally:
         handler.unsubscribe()
@@ -216,12 +216,12 @@ import os, signal, sys
 from multibus.bus import Bus
 from multibus.plugins import SignalHandler
 h = SignalHandler(Bus()).subscribe()
-parent_fds = (h._wakeup_r, h._wakeup_w)
+parent_fds = (h._wakeup.fileno(), h._wakeup.write_fd)
 pid = os.fork()
 if pid == 0:
     ok = (h._watcher is not None and h._watcher.is_alive()
-          and (h._wakeup_r, h._wakeup_w) != parent_fds
-          and signal.set_wakeup_fd(h._wakeup_w) == h._wakeup_w)
+          and (h._wakeup.fileno(), h._wakeup.write_fd) != parent_fds
+          and signal.set_wakeup_fd(h._wakeup.write_fd) == h._wakeup.write_fd)
     os._exit(0 if ok else 1)
 _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status))
@@ -232,3 +232,59 @@ def test_forked_child_gets_its_own_wakeup_pipe_and_watcher():
     out = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True,
                          timeout=20)
     assert out.returncode == 0, out.stderr
+
+
+# -- the run loop's options: abort_start, interrupt_again ---------------------------------------
+
+
+def test_abort_start_signal_while_starting_exits_the_bus(bus):
+    handler = SignalHandler(bus, abort_start=("SIGTERM",)).subscribe()
+    try:
+        bus.subscribe("start", lambda: handler._handle_signal(signal.SIGTERM, None))
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM while starting"):
+            bus.start()
+        assert bus.state is states.EXITING  # Bus.start exited it
+    finally:
+        handler.unsubscribe()
+
+
+def test_signal_not_in_abort_start_waits_for_the_main_loop(bus):
+    handler = SignalHandler(bus, abort_start=("SIGTERM",)).subscribe()
+    try:
+        bus.subscribe("start", lambda: handler._handle_signal(signal.SIGINT, None))
+        bus.start()  # not aborted: SIGINT is only recorded
+        assert bus.state is states.STARTED
+        assert bus.wait(states.EXITING, timeout=5)  # then the waiting thread exits the bus
+    finally:
+        handler.unsubscribe()
+
+
+def test_interrupt_again_runs_in_the_handler_while_exiting_and_is_said_once_outside(bus):
+    calls: list[str] = []
+    said: list[tuple[str, bool]] = []
+    in_handler = threading.Event()
+
+    def on_log(msg, level=20, *a):
+        if msg.startswith("interrupted again"):
+            said.append((msg, in_handler.is_set()
+                         and threading.current_thread() is threading.main_thread()))
+
+    bus.subscribe("log", on_log)
+    handler = SignalHandler(bus, interrupt_again=lambda: calls.append("kill")).subscribe()
+
+    def second_sigint():
+        in_handler.set()
+        handler._handle_signal(signal.SIGINT, None)  # no KeyboardInterrupt: kill instead
+        handler._handle_signal(signal.SIGINT, None)  # and again
+        in_handler.clear()
+
+    try:
+        bus.start()
+        handler._handle_signal(signal.SIGINT, None)  # not exiting yet: recorded only
+        assert calls == []
+        bus.subscribe("stop", second_sigint)
+        assert bus.wait(states.EXITING, timeout=5)
+        assert calls == ["kill", "kill"]
+    finally:
+        handler.unsubscribe()
+    assert said == [(SignalHandler.interrupt_again_message, False)]

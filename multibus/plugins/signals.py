@@ -22,6 +22,17 @@ script, ``nohup``) stay ignored: someone chose that on purpose. See ``keep_ignor
 A second SIGINT while the first is still waiting for the main loop raises KeyboardInterrupt in
 the main thread (like a default Ctrl-C), so a stuck start() can still be interrupted.
 
+This is THE place where "Ctrl-C" is decided (``multibus run``, ``run_fleet``): two options say
+what an interrupt means beyond "publish the channel".
+
+- ``abort_start``: these signals, while the bus is STARTING, raise KeyboardInterrupt in the main
+  thread, which is inside ``bus.start()`` waiting for workers; ``Bus.start`` then exits the bus.
+  The deferred transition would otherwise wait up to ``start_timeout`` behind the start.
+- ``interrupt_again``: called by a SIGINT that arrives while the bus is already exiting (the
+  second Ctrl-C), e.g. ``Supervisor.kill_all``. It runs inside the handler, so it must not log
+  (a log listener holding a lock in this thread would deadlock); ``interrupt_again_message``
+  is logged once afterwards, by the wake-up thread or at ``unsubscribe()``.
+
 ``subscribe()`` must run in the main thread (``signal.signal`` only works there); elsewhere it
 raises instead of silently installing nothing as CherryPy does.
 """
@@ -30,14 +41,26 @@ from __future__ import annotations
 
 import collections
 import os
+import select
 import signal as _signal
 import sys
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from multibus.wakeup import Wakeup
+
 SignalSpec = int | str
+
+
+def _signum(signal: SignalSpec) -> int:
+    if isinstance(signal, str):
+        signum = getattr(_signal, signal, None)
+        if not isinstance(signum, int):
+            raise ValueError(f"No such signal: {signal!r}")
+        return signum
+    return int(signal)
 
 
 def _stdin_is_tty() -> bool:
@@ -56,8 +79,13 @@ class SignalHandler:
     keep_ignored: frozenset[str] = frozenset({"SIGINT", "SIGHUP"})
     """Signals left alone when their disposition is SIG_IGN at subscribe() time."""
 
-    def __init__(self, bus: Any) -> None:
+    interrupt_again_message = "interrupted again: killed every worker"
+
+    def __init__(self, bus: Any, *, abort_start: Iterable[SignalSpec] = (),
+                 interrupt_again: Callable[[], Any] | None = None) -> None:
         self.bus = bus
+        self.abort_start = frozenset(_signum(s) for s in abort_start)
+        self.interrupt_again = interrupt_again
         self.handlers: dict[str, Callable[[], Any]] = {
             "SIGTERM": bus.exit,
             "SIGHUP": self.handle_SIGHUP,
@@ -70,9 +98,11 @@ class SignalHandler:
         self._pending: collections.deque[int] = collections.deque()
         self._defer = getattr(bus, "defer", None)
         self._main_listener = False
-        self._wakeup_r: int | None = None
-        self._wakeup_w: int | None = None
+        self._wakeup: Wakeup | None = None
         self._watcher: threading.Thread | None = None
+        self._closing = False
+        self._again = False  # interrupt_again ran (in the handler): say so, once, outside it
+        self._again_said = threading.Lock()
 
     # -- installing ----------------------------------------------------------------------
 
@@ -105,16 +135,10 @@ class SignalHandler:
         Raises ValueError for a signal this platform does not have.
         """
         self._require_main_thread("set_handler")
-        if isinstance(signal, str):
-            signum = getattr(_signal, signal, None)
-            if not isinstance(signum, int):
-                raise ValueError(f"No such signal: {signal!r}")
-            signame = signal
-        else:
-            signum = int(signal)
-            if signum not in self.signals:
-                raise ValueError(f"No such signal: {signal!r}")
-            signame = self.signals[signum]
+        signum = _signum(signal)
+        if signum not in self.signals:
+            raise ValueError(f"No such signal: {signal!r}")
+        signame = signal if isinstance(signal, str) else self.signals[signum]
         if signame in self.keep_ignored and _signal.getsignal(signum) is _signal.SIG_IGN:
             self.bus.log(f"{signame} is ignored by this process (nohup or background job); "
                          "leaving it ignored.")
@@ -144,32 +168,31 @@ class SignalHandler:
             self.bus.unsubscribe("main", self._dispatch)
             self._main_listener = False
         self._stop_wakeup_watcher()
+        self._say_again()
 
     # -- wake-up pipe --------------------------------------------------------------------
 
     def _start_wakeup_watcher(self) -> None:
         if self._watcher is not None:
             return
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wakeup = Wakeup()
         try:
-            previous = _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            previous = _signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
         except ValueError:
-            os.close(r)
-            os.close(w)
+            wakeup.close()
             return
         if previous != -1:  # someone (asyncio?) owns it: leave theirs, do without
             _signal.set_wakeup_fd(previous)
-            os.close(r)
-            os.close(w)
+            wakeup.close()
             return
-        os.set_blocking(r, True)
-        self._wakeup_r, self._wakeup_w = r, w
+        self._wakeup = wakeup
         self._spawn_watcher()
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (h := ref()) and h._after_fork_in_child())
 
     def _spawn_watcher(self) -> None:
-        self._watcher = threading.Thread(target=self._watch, args=(self._wakeup_r,),
+        self._closing = False
+        self._watcher = threading.Thread(target=self._watch, args=(self._wakeup,),
                                          name="SignalHandler wakeup", daemon=True)
         self._watcher._multibus_fork_safe = True  # type: ignore[attr-defined]  # see Daemonizer
         self._watcher.start()
@@ -177,54 +200,78 @@ class SignalHandler:
     def _after_fork_in_child(self) -> None:
         """The watcher thread did not survive fork() and the pipe is shared with the parent:
         give the child its own pipe and watcher (Daemonizer forks after we subscribed)."""
-        if self._watcher is None:
+        if self._watcher is None or self._wakeup is None:
             return
         self._watcher = None
         try:
-            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            wakeup = Wakeup()
         except OSError:
             return
         try:
-            _signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            _signal.set_wakeup_fd(wakeup.write_fd, warn_on_full_buffer=False)
         except ValueError:  # forked from a non-main thread: keep the shared pipe, no watcher
-            os.close(r)
-            os.close(w)
+            wakeup.close()
             return
-        for fd in (self._wakeup_r, self._wakeup_w):
-            os.close(fd)
-        os.set_blocking(r, True)
-        self._wakeup_r, self._wakeup_w = r, w
+        self._wakeup.close()
+        self._wakeup = wakeup
         self._spawn_watcher()
 
-    def _watch(self, fd: int) -> None:
-        while True:
+    def _watch(self, wakeup: Wakeup) -> None:
+        poller = select.poll()
+        poller.register(wakeup.fileno(), select.POLLIN)
+        while not self._closing:
             try:
-                data = os.read(fd, 64)
+                poller.poll()
             except OSError:
                 return
-            if not data:  # write end closed by unsubscribe
+            wakeup.drain()
+            if self._closing:
                 return
+            self._say_again()
             self._defer(self._dispatch)  # a notify from this thread always wakes the waiter
 
     def _stop_wakeup_watcher(self) -> None:
-        if self._watcher is None:
+        if self._watcher is None or self._wakeup is None:
             return
-        if _signal.set_wakeup_fd(-1) != self._wakeup_w:
+        if _signal.set_wakeup_fd(-1) != self._wakeup.write_fd:
             self.bus.log("signal wakeup fd was replaced by someone else; not restoring it", 30)
-        os.close(self._wakeup_w)  # the watcher reads EOF and returns
+        self._closing = True
+        self._wakeup.wake()
         self._watcher.join(5)
-        os.close(self._wakeup_r)
-        self._watcher = self._wakeup_r = self._wakeup_w = None
+        self._wakeup.close()
+        self._watcher = self._wakeup = None
 
     # -- handling ------------------------------------------------------------------------
 
     def _handle_signal(self, signum: int, frame: Any = None) -> None:
-        """The Python-level handler: record and wake; never touch bus state here."""
-        if signum == _signal.SIGINT and _signal.SIGINT in self._pending:
-            raise KeyboardInterrupt("second SIGINT before the bus handled the first")
+        """The Python-level handler: record and wake; never touch bus state or log here.
+
+        Exceptions: an ``abort_start`` signal while STARTING raises KeyboardInterrupt; a
+        SIGINT while exiting calls ``interrupt_again`` (see the module docstring)."""
+        state = self.bus.state
+        states = getattr(self.bus, "states", None)
+        if signum in self.abort_start and states is not None and state is states.STARTING:
+            raise KeyboardInterrupt(f"{self.signals.get(signum, signum)} while starting")
+        if signum == _signal.SIGINT:
+            exiting = getattr(self.bus, "exiting", False) or (
+                states is not None and state is states.EXITING)
+            if self.interrupt_again is not None and exiting:
+                self.interrupt_again()
+                self._again = True
+                if self._wakeup is not None:
+                    self._wakeup.wake()  # the watcher says so (os.write: safe here)
+                return
+            if _signal.SIGINT in self._pending:
+                raise KeyboardInterrupt("second SIGINT before the bus handled the first")
         self._pending.append(signum)
         if self._defer is not None:
             self._defer(self._dispatch)
+
+    def _say_again(self) -> None:
+        """Log ``interrupt_again_message`` once, after ``interrupt_again`` ran (never from
+        the handler itself)."""
+        if self._again and self._again_said.acquire(blocking=False):
+            self.bus.log(self.interrupt_again_message, 30)
 
     def _dispatch(self) -> None:
         """Main loop side: publish each recorded signal's channel, in arrival order."""

@@ -3,6 +3,7 @@
 Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
        [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T]
        [--backoff FIRST,CAP] [--env K=V]
+Runs the fleet with ``run_fleet`` (as ``multibus run`` does: same signals, same exit codes).
 Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
 "FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
 children left after the bus exited: 0 expected), then exits with the supervisor's exit code.
@@ -18,7 +19,8 @@ import threading
 import time
 
 from multibus.bus import Bus
-from multibus.supervisor import FleetError, Supervisor, WorkerSpec
+from multibus.runner import FleetRefused, run_fleet
+from multibus.supervisor import WorkerSpec
 
 
 def children_left() -> int:
@@ -56,7 +58,6 @@ def main() -> int:
             sys.stdout.write(text + "\n")
             sys.stdout.flush()
 
-
     bus = Bus()
     t0 = time.monotonic()
     stamp = bool(os.environ.get("MB_TIMES"))
@@ -64,7 +65,6 @@ def main() -> int:
     def on_log(msg: str, level: int = 20) -> None:
         emit(f"LOG {level} {msg}" + (f"  @{time.monotonic() - t0:.3f}" if stamp else ""))
 
-    bus.subscribe("log", on_log)
     bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
     env = dict(kv.split("=", 1) for kv in a.env)
     env.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,30 +76,17 @@ def main() -> int:
     if a.backoff:
         first, cap = a.backoff.split(",")
         extra["backoff"] = (float(first), float(cap))
-    sup = Supervisor(bus, [spec], name=a.name, intensity=(int(most), float(period)),
-                     term_timeout=a.term_timeout, zygote=a.zygote,
-                     zygote_preload=a.zygote_preload, **extra)
     try:
-        sup.subscribe()
-    except Exception as e:  # noqa: BLE001
+        code = run_fleet([spec], name=a.name, bus=bus, log=on_log,
+                         on_started=lambda sup: emit("FLEET STARTED"),
+                         on_failed=lambda e: emit(f"FLEET ERROR {e}"),
+                         intensity=(int(most), float(period)), term_timeout=a.term_timeout,
+                         zygote=a.zygote, zygote_preload=a.zygote_preload, **extra)
+    except FleetRefused as e:
         emit(f"REFUSED {e}")
-        return 2
-    try:
-        try:
-            bus.start()
-            emit("FLEET STARTED")
-            bus.block()
-        except KeyboardInterrupt:
-            emit("INTERRUPTED")
-        except FleetError as e:
-            emit(f"FLEET ERROR {e}")
-    finally:
-        try:
-            bus.exit()
-        except KeyboardInterrupt:
-            bus.exit()
+        return e.code
     emit(f"CHILDREN {children_left()}")
-    return sup.exit_code
+    return code
 
 
 if __name__ == "__main__":

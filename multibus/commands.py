@@ -1,0 +1,412 @@
+"""Every control command, declared once (as Circus declares one class per command).
+
+A :class:`Command` is the request's ``cmd`` name and argument ``schema`` (control.py's
+``decode_request`` checks every request against it), its ``answer`` (run by the Control
+socket thread; the reply) and its command line: the subcommands it adds to ``multibus``
+(``add_parsers``: help and arguments) and what they print (``run``). Transitions are
+:class:`Action` s: queued by 'op' or 'scale', performed one at a time on the supervisor's main
+thread (``perform``). Both sides read this table: the server (``control.Control``) and the
+parser (``cli.build_parser``).
+
+Exit status of the CLI side: 0 ok, 1 failure or no such supervisor, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from multibus.names import WorkerName, valid_group
+
+__all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
+           "TRANSITIONS", "format_status", "say_error", "state_of"]
+
+PROG = "multibus"
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+MAX_FOLLOWERS = 64  # 'logs' requests waiting for new records at once
+LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
+
+Check = Callable[[Any], bool]
+
+
+class ControlError(RuntimeError):
+    """A control request failed; the message is for the user."""
+
+
+class NotRunning(ControlError):
+    """No supervisor of that name is running."""
+
+
+def say_error(msg: str) -> None:
+    """``multibus: msg`` on stderr."""
+    sys.stderr.write(f"{PROG}: {msg}\n")
+    sys.stderr.flush()
+
+
+def is_int(v: Any, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def is_source(v: Any) -> bool:
+    """A log filter: a group, a worker (``group.index``) or 'supervisor'."""
+    return valid_group(v) or WorkerName.parse(v) is not None
+
+
+U32 = (0, 2**32 - 1)
+
+
+def state_of(bus: Any) -> str:
+    """The bus state's name ('STARTED'), for a multibus Bus or cherrypy.engine."""
+    st = bus.state
+    return getattr(st, "name", None) or str(st).rpartition(".")[2]
+
+
+# --------------------------------------------------------------------------- transitions
+
+Perform = Callable[[Any, str, dict[str, Any]], "str | None"]
+
+
+def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if state_of(ctl.bus) == "STARTED":
+        return "already STARTED"
+    ctl.bus.start()
+    return None
+
+
+def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if state == "STOPPED":
+        return "already STOPPED"
+    ctl.bus.stop()
+    return None
+
+
+def _restart(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if state != "STOPPED":
+        ctl.bus.stop()
+    return _start(ctl, state, args)
+
+
+def _graceful(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if state != "STARTED":
+        return f"nothing to reload: the fleet is {state}"
+    ctl.bus.graceful()
+    return None
+
+
+def _exit(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    ctl.exit_func()
+    return None
+
+
+def _scale(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    group = args["group"]
+    count = args.get("count")
+    if count is None:  # SIGTTIN / SIGTTOU: one more / one fewer
+        count = max(0, ctl.counts.get(group, 0) + args.get("delta", 0))
+    ctl.sup.scale(group, count)
+    ctl.counts[group] = count
+    return f"{group}: {count} worker{'s' if count != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class Action:
+    """A transition: ``perform(control, bus state name, args)`` runs it on the supervisor's
+    main thread and returns a note for the client (or None). ``op``: sent as an 'op'
+    request (the CLI subcommand of the same name)."""
+
+    name: str
+    help: str
+    perform: Perform
+    op: bool = True
+
+
+TRANSITIONS: dict[str, Action] = {a.name: a for a in (
+    Action("start", "start every worker bus (spawning missing workers)", _start),
+    Action("stop", "stop every worker bus (processes stay; the supervisor stays)", _stop),
+    Action("restart", "stop, then start every worker bus", _restart),
+    Action("graceful", "reload every worker bus (bus 'graceful')", _graceful),
+    Action("exit", "stop every worker, then the supervisor exits", _exit),
+    Action("scale", "run N workers of GROUP", _scale, op=False),
+)}
+ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
+
+
+# --------------------------------------------------------------------------- commands
+
+class Command:
+    """One request type: ``name``, ``schema`` (key -> check, exactly these keys), ``answer``
+    (server side) and the CLI side (``add_parsers``, ``run``; none by default)."""
+
+    name: ClassVar[str]
+    schema: ClassVar[dict[str, Check]] = {}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply (``ok`` and the command's keys), or None when the Control will answer
+        later (a waiting 'logs'). Raise ControlError for a refusal."""
+        raise NotImplementedError
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        """Add this command's ``multibus`` subcommands (``ctl``/``waiting``: parent parsers
+        with --name/-c and --no-wait/--timeout); each sets ``control=self``."""
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        """Do the subcommand with a client from ``connect()``; return the exit status."""
+        raise NotImplementedError
+
+
+def _queued(ctl: Any, op: Any) -> dict[str, Any]:
+    return {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
+
+
+class Status(Command):
+    name = "status"
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "status": ctl.status()}
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        st = sub.add_parser("status", parents=[ctl], help="show every worker")
+        st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
+        st.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        st = connect().status()
+        if args.json:
+            print(json.dumps(st, indent=2, sort_keys=True))
+        else:
+            print(format_status(st))
+        return EXIT_OK
+
+
+class OpCommand(Command):
+    """Queue one of ``ACTIONS``; an 'exit' while the fleet is starting interrupts the start."""
+
+    name = "op"
+    schema = {"action": lambda v: v in ACTIONS}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        op = ctl.queue(req["action"])
+        if op.action == "exit" and ctl.interrupt_start and state_of(ctl.bus) == "STARTING":
+            ctl.interrupt_start()
+        return _queued(ctl, op)
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        for action in ACTIONS:
+            text = TRANSITIONS[action].help
+            p = sub.add_parser(action, parents=[ctl, waiting], help=text, description=text)
+            p.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        client = connect()
+        return _finish(client, client.op(args.command), args.command, args)
+
+
+class Scale(Command):
+    name = "scale"
+    schema = {"group": valid_group, "count": lambda v: is_int(v, 0, 10_000)}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        group = req["group"]
+        if group not in ctl.sup.specs:
+            raise ControlError(f"no group {group!r}; groups: {', '.join(ctl.sup.specs)}")
+        return _queued(ctl, ctl.queue("scale", group=group, count=req["count"]))
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        sc = sub.add_parser("scale", parents=[ctl, waiting], help=TRANSITIONS["scale"].help)
+        sc.add_argument("group")
+        sc.add_argument("count", type=int, metavar="N")
+        sc.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        if args.count < 0:
+            say_error(f"scale {args.group}: count must be >= 0, got {args.count}")
+            return EXIT_USAGE
+        client = connect()
+        return _finish(client, client.scale(args.group, args.count),
+                       f"scale {args.group} to {args.count}", args)
+
+
+class OpStatus(Command):
+    """Where a queued operation is: queued, running, done or failed (clients poll it)."""
+
+    name = "op_status"
+    schema = {"op": lambda v: is_int(v, *U32)}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        found = ctl.op(req["op"])
+        if found is None:
+            raise ControlError(f"no operation {req['op']} (finished long ago?)")
+        return {"ok": True, **found.as_dict()}
+
+
+class Logs(Command):
+    """Records after ``since``; with ``wait`` > 0 and none yet, the answer waits for some."""
+
+    name = "logs"
+    schema = {
+        "since": lambda v: is_int(v, 0, 2**63 - 1),
+        "group": lambda v: v is None or is_source(v),
+        "limit": lambda v: is_int(v, 1, 1000),
+        "wait": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 5,
+    }
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
+        reply = self.reply(ctl, req)
+        if reply["records"] or req["wait"] <= 0 or not ctl.follow(ident, req, MAX_FOLLOWERS):
+            return reply
+        return None
+
+    @staticmethod
+    def reply(ctl: Any, req: dict[str, Any]) -> dict[str, Any]:
+        """The records a 'logs' request asks for, now (at most LOG_REPLY_BYTES of them)."""
+        recs, nxt = ctl.records(req["since"], req["group"], req["limit"])
+        out, size = [], 0
+        for r in recs:
+            size += len(r[4]) + 64
+            if out and size > LOG_REPLY_BYTES:
+                nxt = out[-1][0]
+                break
+            out.append(list(r))
+        return {"ok": True, "records": out, "next": nxt}
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        lg = sub.add_parser("logs", parents=[ctl], help="show recent log lines (of GROUP)")
+        lg.add_argument("group", nargs="?", metavar="GROUP",
+                        help="a group, a worker (group.index) or 'supervisor'")
+        lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+        lg.add_argument("-n", "--lines", type=int, default=100, metavar="N",
+                        help="how many recent lines (default 100, at most 1000)")
+        lg.add_argument("--level", default=None, metavar="LEVEL", help="minimum level")
+        lg.add_argument("--log-format", choices=("text", "json"), default=None)
+        lg.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        from multibus.config import parse_level
+        from multibus.logprinter import LogPrinter
+
+        client = connect()
+        level = parse_level(args.level) if args.level else 0
+        printer = LogPrinter(level, args.log_format or "text", sys.stdout)
+        if args.follow:
+            records = client.follow(args.group, backlog=args.lines)
+        else:
+            records = client.logs(0, args.group, max(1, min(args.lines, 1000)))[0] \
+                if args.lines else []
+        try:
+            for rec in records:
+                if rec[2] >= level:
+                    printer.write(rec)
+        except KeyboardInterrupt:
+            pass
+        return EXIT_OK
+
+
+COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), OpCommand(), Scale(), OpStatus(),
+                                                     Logs())}
+
+
+# --------------------------------------------------------------------------- CLI helpers
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+    except psutil.Error:
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _finish(client: Any, reply: dict[str, Any], what: str, args: argparse.Namespace) -> int:
+    """Wait for a queued operation (unless --no-wait) and say how it went."""
+    t0 = time.monotonic()
+    label = f"{client.name}: {what}"
+    if args.no_wait:
+        print(f"{label} queued (op {reply['op']})")
+        return EXIT_OK
+    if what == "exit":
+        if _wait_gone(int(reply["pid"]), args.timeout):
+            print(f"{label}: supervisor (pid {reply['pid']}) exited "
+                  f"in {time.monotonic() - t0:.2f}s")
+            return EXIT_OK
+        say_error(f"{label}: supervisor (pid {reply['pid']}) still running after "
+                  f"{args.timeout:g}s")
+        return EXIT_FAIL
+    try:
+        done = client.wait_op(int(reply["op"]), args.timeout)
+    except NotRunning:
+        say_error(f"{label}: the supervisor exited before it was done")
+        return EXIT_FAIL
+    if done["state"] == "failed":
+        say_error(f"{label} failed: {done['error']}")
+        return EXIT_FAIL
+    note = f" ({done['note']})" if done.get("note") else ""
+    print(f"{label} done in {time.monotonic() - t0:.2f}s{note}")
+    return EXIT_OK
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "K", "M", "G"):
+        if value < 1024 or unit == "G":
+            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return str(n)
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The human table of ``multibus status``."""
+    lines = []
+    n = len(st["workers"])
+    head = (f"{st['name']} (pid {st['pid']}): {st['state']}, {n} worker{'s' if n != 1 else ''}, "
+            f"up {_duration(st['uptime'])}")
+    lines.append(head)
+    for op in st["queue"]:
+        lines.append(f"  {op['state']}: {op['action']}"
+                     + (f" {op['args']}" if op["args"] else ""))
+    rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")]
+    for w in st["workers"]:
+        rows.append((
+            w["group"], w["name"], str(w["pid"] or "-"),
+            w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else ""),
+            str(w["restarts"]), _duration(w["uptime"] if w["pid"] else None),
+            "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}", _size(w["memory_rss"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""LogPrinter: the 'log' listener that prints a fleet's records on a terminal, never blocking.
+
+Used by ``run_fleet`` (every record of the supervisor's bus, on stderr) and by ``multibus
+logs`` (records fetched from a running supervisor, on stdout). Lines are formatted by
+:mod:`multibus.logview`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any, TextIO
+
+from multibus.logview import SUPERVISOR, Record, format_json, format_text, split_source, use_colour
+
+__all__ = ["LogPrinter"]
+
+
+class LogPrinter:
+    """The 'log' listener of ``multibus run``: filter by level, format, write.
+
+    Listeners run on the bridge's I/O thread and the process thread too, so the listener never
+    blocks on the terminal: records go to a bounded queue that one daemon thread writes out. A
+    stalled stderr (a paused pager, a slow journal) drops lines — counted and reported —
+    instead of stalling heartbeats or reaping. ``close()`` flushes what is queued.
+    """
+
+    def __init__(self, level: int, fmt: str, stream: TextIO, max_queue: int = 10000) -> None:
+        self.level = level
+        self.fmt = fmt
+        self.stream = stream
+        self.colour = fmt == "text" and use_colour(stream)
+        self.width = 0
+        self.dropped = 0
+        self._queue: collections.deque[Record] = collections.deque()
+        self._max = max_queue
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LogPrinter:
+        self._thread = threading.Thread(target=self._run, name="multibus-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def __call__(self, msg: Any = "", level: Any = 20, *args: Any, **kw: Any) -> None:
+        lvl = level if isinstance(level, int) and not isinstance(level, bool) else 20
+        if lvl < self.level:
+            return
+        source, text = split_source(msg if isinstance(msg, str) else str(msg))
+        rec = (0, time.time(), lvl, source, text)
+        if self._thread is None:
+            self.write(rec)
+            return
+        with self._cond:
+            if len(self._queue) >= self._max:
+                self.dropped += 1
+                return
+            self._queue.append(rec)
+            self._cond.notify()
+
+    def _run(self) -> None:
+        reported = 0
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = list(self._queue)
+                self._queue.clear()
+                dropped = self.dropped
+            if dropped > reported:
+                self.write((0, time.time(), 30, SUPERVISOR,
+                            f"{dropped - reported} log lines dropped (output too slow)"))
+                reported = dropped
+            for rec in batch:
+                self.write(rec)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write out what is queued (bounded by ``timeout``), then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def write(self, rec: Record) -> None:
+        if self.fmt == "json":
+            line = format_json(rec)
+        else:
+            self.width = max(self.width, min(len(rec[3]), 24))
+            line = format_text(rec, self.colour, self.width)
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # closed terminal: keep running

@@ -1,0 +1,146 @@
+"""run_fleet: run a supervised fleet in the foreground until it exits; return the exit status.
+
+The one start/block/exit sequence behind ``multibus run``, ``examples/fleet.py`` and the test
+harness: a Bus, a Supervisor on it, a Control socket (so ``multibus status`` and friends find
+it by name), signal handling, log printing and systemd notification.
+
+Signals (see :class:`~multibus.plugins.signals.SignalHandler`): SIGINT/SIGTERM stop the fleet
+gracefully, then exit; while it is starting they abort the start at once; a second Ctrl-C
+while it exits kills every worker (``Supervisor.kill_all``). SIGHUP reloads, SIGTTIN/SIGTTOU
+scale the first group, both queued on the Control socket like the matching commands.
+Exit status: 0 after a clean stop, 1 if a worker had to be killed or the fleet failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from multibus.bus import Bus
+from multibus.commands import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+from multibus.config import FleetConfig
+from multibus.control import Control
+from multibus.logprinter import LogPrinter
+from multibus.plugins.signals import SignalHandler
+from multibus.specs import WorkerSpec, coerce_specs
+from multibus.supervisor import FleetError, Supervisor
+from multibus.systemd import sd_notify
+
+__all__ = ["FleetRefused", "run_fleet", "sd_notify"]
+
+class FleetRefused(RuntimeError):
+    """Nothing was started (name in use, unsafe runtime dir, control socket); ``code`` is the
+    exit status to return (2: usage, 1: failure)."""
+
+    def __init__(self, msg: str, code: int) -> None:
+        super().__init__(msg)
+        self.code = code
+
+
+def run_fleet(
+    fleet: FleetConfig | Iterable[WorkerSpec | Mapping[str, Any]],
+    *,
+    name: str | None = None,
+    bus: Bus | None = None,
+    log: Callable[..., Any] | None = None,
+    on_started: Callable[[Supervisor], Any] | None = None,
+    on_failed: Callable[[FleetError], Any] | None = None,
+    **supervisor_options: Any,
+) -> int:
+    """Run ``fleet`` (a FleetConfig, or worker specs) until its bus exits; return 0 or 1.
+
+    ``bus``: a Bus with the caller's own listeners (default: a new one). ``log``: the 'log'
+    listener (default: a :class:`LogPrinter` on stderr at the config's level and format).
+    ``on_started(supervisor)`` runs once the first start is over; ``on_failed(error)`` replaces
+    the default log line when the fleet fails. ``supervisor_options`` override the config's
+    Supervisor arguments. Raises :class:`FleetRefused` when nothing could be started.
+    """
+    cfg = fleet if isinstance(fleet, FleetConfig) else FleetConfig(coerce_specs(fleet))
+    cfg = cfg.with_name(name)
+    notify_env = {"NOTIFY_SOCKET": os.environ.pop("NOTIFY_SOCKET", "")}  # not for workers
+    bus = Bus() if bus is None else bus
+    printer = None
+    if log is None:
+        log = printer = LogPrinter(cfg.log_level, cfg.log_format, sys.stderr).start()
+    bus.subscribe("log", log, 1)
+    options: dict[str, Any] = {
+        "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
+        "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, **supervisor_options}
+    sup = Supervisor(bus, cfg.specs, name=cfg.name, **options)
+    try:
+        sup.subscribe()
+    except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
+        if printer is not None:
+            printer.close()
+        raise FleetRefused(f"cannot start supervisor {cfg.name!r}: {e}", EXIT_USAGE) from e
+
+    stopping = threading.Event()
+
+    def notify(state: str) -> None:
+        sd_notify(state, notify_env)
+
+    def shutdown() -> None:
+        """Stop the fleet gracefully, then exit (a second ^C meanwhile: see SignalHandler)."""
+        if not stopping.is_set():
+            stopping.set()
+            notify("STOPPING=1")
+        bus.exit()
+
+    try:
+        control = Control(bus, sup, name=cfg.name, exit_func=shutdown,
+                          interrupt_start=lambda: os.kill(os.getpid(), signal.SIGTERM)).subscribe()
+    except Exception as e:  # noqa: BLE001
+        bus.exit()
+        if printer is not None:
+            printer.close()
+        raise FleetRefused(str(e), EXIT_FAIL) from e
+
+    def workers_started() -> None:
+        n = sum(1 for r in sup.table() if r["state"] == "STARTED")
+        notify(f"READY=1\nSTATUS={n} workers STARTED")
+
+    bus.subscribe("start", workers_started, 100)
+    bus.subscribe("stop", lambda: notify("STATUS=fleet STOPPED"), 100)
+    bus.subscribe("exit", lambda: stopping.is_set() or notify("STOPPING=1"), 0)
+
+    default = cfg.default_group
+    handler = SignalHandler(bus, abort_start=("SIGTERM", "SIGINT"), interrupt_again=sup.kill_all)
+    handler.handlers = {
+        "SIGTERM": shutdown,
+        "SIGINT": shutdown,
+        "SIGHUP": lambda: control.queue("graceful"),
+        "SIGTTIN": lambda: control.queue("scale", group=default, delta=1),
+        "SIGTTOU": lambda: control.queue("scale", group=default, delta=-1),
+    }
+    handler.subscribe()
+    code = EXIT_OK
+    try:
+        try:
+            bus.start()
+            if on_started is not None:
+                on_started(sup)
+            bus.block()
+        except FleetError as e:
+            if on_failed is not None:
+                on_failed(e)
+            else:
+                bus.log(f"fleet {cfg.name!r} failed: {e}", 40)
+            code = EXIT_FAIL
+        except KeyboardInterrupt:  # interrupted while starting: start() has exited the bus
+            bus.log(f"fleet {cfg.name!r}: start aborted by a stop request")
+    finally:
+        try:
+            shutdown()
+        except KeyboardInterrupt:
+            shutdown()  # interrupted again while exiting: workers are killed at once
+        try:
+            handler.unsubscribe()
+        except Exception:  # noqa: BLE001
+            pass
+        if printer is not None:
+            printer.close()
+    return max(code, sup.exit_code)
