@@ -76,7 +76,6 @@ The parts, one module each (this one is the façade with the public API):
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -91,7 +90,7 @@ from multibus.transport.endpoints import (
     remove_ipc,
     require_security,
 )
-from multibus.transport.hub import ACTIONS, HubSession
+from multibus.transport.hub import ACTIONS, HubSession, nonzero_u63
 from multibus.transport.iothread import LINGER_MS, IOThread
 from multibus.transport.outbox import BridgeError, Outbox, ThreadState
 from multibus.transport.peer import PeerSession
@@ -179,7 +178,7 @@ class Bridge:
         self.endpoints: Endpoints | None = (
             None if endpoints is None else Endpoints.parse(endpoints)
         )
-        self.epoch = random.SystemRandom().getrandbits(63) or 1
+        self.epoch = nonzero_u63()
         self._hub = role == "hub"
         self._owns_ipc = False
         self._listeners: list[tuple[str, Any]] = []

@@ -19,6 +19,7 @@ goes on (it must survive anything).
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 import time
@@ -124,7 +125,7 @@ class IOThread:
 
     def call(self, func: Any, *args: Any) -> None:
         """Run ``func(*args)`` in the I/O thread, soon."""
-        self.calls.call_soon(lambda: func(*args))
+        self.calls.call_soon(functools.partial(func, *args))
 
     def stop(self) -> None:
         self.stop_requested = True
@@ -308,7 +309,7 @@ class IOThread:
         sock = self.control
         session = self.session
         parts = session.CONTROL_PARTS
-        limit = self.outbox.frame_limit
+        outbox = self.outbox
         for _ in range(256):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
@@ -319,7 +320,7 @@ class IOThread:
                 self.invalid("frames", f"control message of {len(frames)} frames")
                 continue
             try:
-                kind, msg = wire.decode(frames[-1], limit)
+                kind, msg = wire.decode(frames[-1], outbox.frame_limit)
             except wire.WireError as exc:
                 self.invalid(exc.reason, str(exc))
                 continue
