@@ -275,7 +275,8 @@ class IOThread:
                 timeout = PAUSED_POLL_MS  # the dispatch thread wakes us; this is a backstop
         events = self._poller.poll(timeout)
         self.sleeping = False
-        calls.run_due()  # commands first: a command is sent before a batch of input is read
+        if calls:  # commands first: a command is sent before a batch of input is read
+            calls.run_due()
         for sock, _ in events:
             if sock is self.control:
                 self._recv_control()
@@ -287,7 +288,8 @@ class IOThread:
                 self._recv_monitor(sock)
             else:  # the wake-up pipe
                 self._wakeup.drain()
-        calls.run_due()
+        if calls:
+            calls.run_due()
         session.before_flush()
         outbox.flush(self.data_out)
         self.stats.fold()
