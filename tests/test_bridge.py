@@ -12,9 +12,10 @@ import zmq
 from progs.procio import wait_for
 
 from multibus.bus import Bus, ChannelFailures, states
+from multibus.rundir import runtime_dir
 from multibus.transport import wire
 from multibus.transport.bridge import Bridge
-from multibus.transport.endpoints import Endpoints, runtime_dir
+from multibus.transport.endpoints import Endpoints
 
 
 def unique(prefix: str) -> str:
@@ -152,12 +153,12 @@ def test_peer_without_channels_uses_control_only_and_applies_events_via_apply_vi
                   channels=["order"], heartbeat=None).subscribe()
     try:
         assert wait_for(lambda: {a[0] for a, _ in hub_rec.of("peer.joined")} == {"quiet", "data"})
-        assert len(quiet._sockets) == 2 and quiet._down is None
-        assert len(data._sockets) == 3
+        assert len(quiet._io._sockets) == 2 and quiet._io.data_in is None
+        assert len(data._io._sockets) == 3
         assert hub.peers()["quiet"]["joined"]
         assert quiet_rec.of("hub.joined") == [((hub.name,), {})]
         assert ("hub.joined", (hub.name,)) in ran  # the event went through apply_via
-        assert quiet._dispatcher is None
+        assert quiet._dispatch.thread is None
         quiet_bus.log("from the quiet one", 30)
         assert wait_for(lambda: (("quiet", "from the quiet one", 30), {}) in hub_rec.of("peer.log"))
         hub.bus.publish("order", "BUY", 1)
@@ -302,6 +303,6 @@ def test_peer_survives_and_counts_a_hostile_hub(fake_hub):
         stats = peer.stats()
         assert stats["gaps"] == 1 and stats["lost"] == 7
         assert any("gap of 7 messages from 'hubx'" in a[0] for a, _ in rec.of("log"))
-        assert bus.state is states.STOPPED and peer._io.is_alive()
+        assert bus.state is states.STOPPED and peer._io.thread.is_alive()
     finally:
         bus.exit()

@@ -57,7 +57,7 @@ def test_idle_io_threads_do_not_wake(quiet_pair):
     assert hub.command("start", wait=5)
     assert wait_for(lambda: hub.peers()["w1"]["state"] == "STARTED")
     time.sleep(0.3)  # settle: the last acks and state reports (not a synchronisation)
-    threads = [hub._io, peer._io, hub._dispatcher, peer._dispatcher]
+    threads = [hub._io.thread, peer._io.thread, hub._dispatch.thread, peer._dispatch.thread]
     before = [switches(t) for t in threads]
     time.sleep(1.0)
     woke = [switches(t) - b for t, b in zip(threads, before, strict=True)]
@@ -120,7 +120,7 @@ def test_peer_that_lost_its_hub_closes_without_lingering():
         t = time.monotonic()
         peer_bus.exit()
         assert time.monotonic() - t < 0.5
-        assert not peer._io.is_alive()
+        assert not peer._io.thread.is_alive()
     finally:
         peer_bus.exit()
         hub_bus.exit()

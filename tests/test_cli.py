@@ -21,7 +21,7 @@ import psutil
 import pytest
 from progs import procio
 
-from multibus.transport.endpoints import runtime_dir
+from multibus.rundir import runtime_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

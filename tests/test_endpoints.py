@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from multibus.rundir import runtime_dir, sweep_stale
 from multibus.transport.endpoints import (
     IPC_PATH_MAX,
     Endpoints,
@@ -23,8 +24,6 @@ from multibus.transport.endpoints import (
     ipc_owner,
     private_ipc,
     remove_ipc,
-    runtime_dir,
-    sweep_stale,
 )
 
 # --------------------------------------------------------------------------- parsing

@@ -125,15 +125,6 @@ def test_a_key_name_must_be_a_file_name(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_keys_api_is_still_importable_from_endpoints():
-    from multibus.transport import endpoints, keys
-
-    for name in keys.__all__:
-        assert getattr(endpoints, name) is getattr(keys, name)
-    with pytest.raises(AttributeError):
-        endpoints.no_such_thing  # noqa: B018
-
-
 def test_loose_secret_file_is_refused(tmp_path):
     _, secret = make_keys(tmp_path, name="k")
     secret.chmod(0o644)

@@ -3,7 +3,10 @@
 - ``wire``: the msgpack frame format, its limits and its validation.
 - ``endpoints``: where the sockets are (:class:`Endpoints`; private ipc in the runtime dir).
 - ``keys``: CURVE keys and the ZAP allow-list (tcp only with both).
-- ``bridge``: :class:`Bridge`, the plugin with one I/O thread that owns a bus's sockets.
+- ``bridge``: :class:`Bridge`, the plugin (a façade) that joins a bus to other processes'.
+  Its parts: ``iothread`` (the one thread that owns the sockets), ``hub`` and ``peer`` (the two
+  roles' sessions), ``outbox`` (mirrored publishes out), ``dispatch`` (what came in, onto the
+  local bus), ``applier`` (a peer following commands), ``stats`` (the counters).
 
 This package knows nothing of spawning processes (that is ``multibus.supervisor``).
 """

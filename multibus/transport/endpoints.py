@@ -21,7 +21,7 @@ from multibus.rundir import (
     HUB_SOCKETS,
     HubNameInUse,
     UnsafeRuntimeDir,
-    runtime_dir,  # re-exported for bridge.py/supervisor.py until the merge
+    runtime_dir,
     sweep_stale,
 )
 
@@ -36,31 +36,11 @@ __all__ = [
     "ipc_owner",
     "private_ipc",
     "remove_ipc",
-    "runtime_dir",
-    "sweep_stale",
 ]
 
 IPC_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, including the NUL
 _SCHEMES = ("ipc", "tcp", "inproc")
 _LOCAL_SCHEMES = ("ipc", "inproc")
-
-# re-exported for bridge.py/supervisor.py until the merge (and for code that imported them
-# from here): keys.py imports this module, so they are looked up on first use (PEP 562).
-_FROM_KEYS = frozenset({
-    "KEYGEN_HINT", "CurveConfig", "CurveKeys", "TransportSecurityError", "apply_client",
-    "apply_server", "dump_curve", "key_pipe", "load_curve", "load_keys", "load_public_keys",
-    "main", "make_keys", "read_key_fd", "read_key_file", "require_security",
-    "start_authenticator", "write_key_file",
-})
-
-
-def __getattr__(name: str) -> Any:
-    if name in _FROM_KEYS:
-        from multibus.transport import keys
-
-        return getattr(keys, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 class _Value:
     """An immutable value: its fields are its ``__slots__``; equal and hashed by them."""

@@ -1,0 +1,437 @@
+"""The hub's session: its peers, their hello/join, commands and acks, and lost peers.
+
+The hub binds three sockets (see ``bridge.py``) and keeps one :class:`PeerLink` per peer
+name: who it is, what state it is told to be in, which command it has not acked yet, and
+whether it has joined. Everything here runs on the I/O thread; ``Bridge.peers()`` reads the
+links under ``HubSession.lock``.
+
+Joining: a peer that reads 'down' (it mirrors channels) joins once a sync probe sent down the
+XPUB reached it (so nothing the hub publishes after ``peer.joined`` can miss it); a peer
+without channels joins at its hello. Commands are desired state, resent until acked; a peer
+that says hello again gets the current desired state. Lost: heartbeat silence, a 'bye', or
+(``heartbeat=None``) a control disconnect followed by probes that ROUTER_MANDATORY answers
+with EHOSTUNREACH for the gone peer.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from multibus.transport import wire
+from multibus.transport.applier import state_name
+from multibus.transport.endpoints import Endpoints
+from multibus.transport.iothread import DATA_HWM, NEVER, retry_interval
+from multibus.transport.keys import start_authenticator
+
+__all__ = ["ACTIONS", "HubSession", "PeerLink"]
+
+ACTIONS = {"start": "STARTED", "stop": "STOPPED", "exit": "EXITING", "graceful": None}
+SYNC_INTERVAL = 0.01
+PROBE_DELAYS = (0.0, 0.1, 0.5)  # heartbeat=None: probe peers after a control disconnect
+
+
+def nonzero_u63() -> int:
+    return random.SystemRandom().getrandbits(63) or 1
+
+
+class PeerLink:
+    """The hub's link to one peer: identity, desired state, pending command, join state.
+
+    Every frame the hub sends *to this peer* goes through :meth:`send` (control) or
+    :meth:`send_sync` (the sync probe on 'down'). Mirrored publishes are today one XPUB
+    broadcast to all peers (the outbox's frames), so one slow SUB holds back everyone.
+    Per-peer flow control ("containment") fits here without touching the I/O thread or the
+    façade: the hub's outbox hands each data frame to the session, which calls a
+    ``deliver(frame, n)`` on every joined link; each link keeps its own bounded queue and its
+    group's policy (drop for this peer and count the gap, or disconnect it), and drains it to
+    its own pipe. Control frames (commands, syncs, acks) keep going through :meth:`send`,
+    never behind that queue, so a full peer never delays lifecycle traffic.
+    """
+
+    __slots__ = ("session", "name", "ident", "desired", "graceful", "cmd_seq", "pending",
+                 "next_send", "pid", "peer_epoch", "state", "published_state", "connected",
+                 "joined", "token", "last_seen", "down")
+
+    def __init__(self, session: HubSession, name: str, ident: bytes,
+                 desired: str | None = None, graceful: int = 0) -> None:
+        self.session = session
+        self.name = name
+        self.ident = ident
+        self.desired = desired
+        self.graceful = graceful
+        self.cmd_seq = 0
+        self.pending = False  # a cmd not yet acked
+        self.next_send = 0.0
+        self.pid = 0
+        self.peer_epoch = 0
+        self.state: str | None = None
+        self.published_state: str | None = None
+        self.connected = False
+        self.joined = False
+        self.token = 0
+        self.last_seen = 0.0
+        self.down = True  # the peer reads 'down' (it mirrors channels): sync before joined
+
+    def send(self, frame: bytes) -> bool:
+        """A control frame to this peer; False if not sent (blocked or gone: then lost)."""
+        return self.session.send_to(self.ident, frame)
+
+    def send_sync(self) -> None:
+        """A sync probe down the XPUB: the peer answers 'ready' once it reads 'down'."""
+        try:
+            self.session.io.subs.send(
+                wire.encode("sync", target=self.name, token=self.token), zmq.NOBLOCK
+            )
+        except zmq.Again:
+            pass
+
+    def send_cmd(self, now: float) -> None:
+        """The current desired state; resent by the timer until acked."""
+        if not self.connected:
+            return
+        s = self.session
+        frame = wire.encode("cmd", epoch=s.epoch, seq=self.cmd_seq, state=self.desired,
+                            graceful=self.graceful)
+        if self.send(frame):
+            s.stats.cmd_sent += 1
+        self.next_send = t = now + s.retry
+        s.io.timer_at(t)  # resend until acked (the only timer of an idle hub)
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": self.pid, "state": self.state, "desired": self.desired,
+                "connected": self.connected, "joined": self.joined,
+                "last_seen": self.last_seen}
+
+
+class HubSession:
+    """The hub's half of the protocol, run by the I/O thread (see the module docstring)."""
+
+    CONTROL_PARTS = 2  # ROUTER: routing id + frame
+    hub_gone = False
+
+    def __init__(self, cfg: Any, io: Any) -> None:
+        self.cfg = cfg
+        self.io = io
+        self.stats = io.stats
+        self.epoch: int = cfg.epoch
+        self.retry = retry_interval(cfg.heartbeat)
+        self.lock = threading.Lock()  # guards links for readers in other threads
+        self.links: dict[str, PeerLink] = {}
+        self._default_desired: str | None = None
+        self._default_graceful = 0
+        self._cmd_seq = 0
+        self._ack_waiters: list[tuple[Any, dict[str, int]]] = []  # (held Lock, name->seq)
+        self._probe_at = 0.0  # look for gone peers (a control pipe disconnected)
+        self._probe_start = 0.0
+        self._next_hb = 0.0
+        self._auth: Any = None
+
+    # ---------------------------------------------------------------- sockets
+
+    def open(self, io: Any) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, zmq.Socket]:
+        cfg = self.cfg
+        ep = cfg.endpoints
+        if cfg.curve is not None:
+            self._auth = start_authenticator(io._ctx, cfg.curve.allowed)
+        control = io.make_socket(zmq.ROUTER, "control")
+        control.router_mandatory = 1
+        control.router_handover = 1
+        down = io.make_socket(zmq.XPUB, "down")
+        down.setsockopt(zmq.XPUB_NODROP, 1)
+        down.sndhwm = DATA_HWM
+        up = io.make_socket(zmq.PULL, "up")
+        up.rcvhwm = DATA_HWM
+        control.bind(ep.control)
+        down.bind(ep.down)
+        up.bind(ep.up)
+        resolved = Endpoints(control.last_endpoint.decode(), down.last_endpoint.decode(),
+                             up.last_endpoint.decode())
+        if resolved != ep:
+            cfg.endpoints = resolved
+        return control, up, down, down
+
+    def opened(self) -> None:
+        self._next_hb = time.monotonic()
+
+    def after_close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+
+    def has_work(self) -> bool:
+        return False
+
+    def before_flush(self) -> None:
+        pass
+
+    def closing(self) -> None:
+        pass
+
+    def closed(self) -> None:
+        pass
+
+    def on_connected(self) -> None:
+        pass
+
+    # ---------------------------------------------------------------- frames in
+
+    def on_control(self, ident: bytes, kind: str, msg: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if kind == "hello":
+            name = msg["name"]
+            if ident != name.encode():
+                self.io.invalid("unexpected",
+                                f"hello from routing id {ident[:64]!r} naming {name!r}")
+                return
+            self._hello(ident, name, msg, now)
+            return
+        name = ident.decode("ascii", "replace")
+        with self.lock:
+            link = self.links.get(name)
+        if link is None or not link.connected or link.ident != ident:
+            if kind != "bye":
+                self.send_to(ident, wire.encode("who"))
+            return
+        link.last_seen = now
+        if kind == "hb":
+            if msg["epoch"] != self.epoch:
+                link.send(wire.encode("who"))
+                return
+            if self.cfg.heartbeat is None and not msg["reply"]:
+                # a peer that uses heartbeats times us out: answer (never an answer, or two
+                # sides without heartbeats would bounce a probe's hb between them forever)
+                link.send(self._hb(reply=True))
+            self._state(link, msg["state"])
+        elif kind == "state":
+            self._state(link, msg["state"])
+        elif kind == "ack":
+            if msg["epoch"] == self.epoch and msg["seq"] >= link.cmd_seq:
+                link.pending = False
+            if self._ack_waiters and msg["epoch"] == self.epoch:
+                self._acked(link.name, msg["seq"])
+        elif kind == "ready":
+            if msg["token"] == link.token and not link.joined:
+                self._join(link)
+        elif kind == "bye":
+            self._lose(link, "exited" if link.state == "EXITING" else "left")
+        else:
+            self.io.invalid("unexpected", f"{kind!r} frame from peer {name!r}")
+
+    def on_data(self, kind: str, msg: dict[str, Any]) -> bool:
+        """A non-publish frame on 'up': a peer's 'log' records."""
+        if kind != "log":
+            return False
+        self.stats.logs_received += len(msg["msgs"])
+        self.io.dispatcher.put(("logs", msg["origin"], msg["msgs"]))
+        return True
+
+    def on_disconnected(self) -> None:
+        if self.cfg.heartbeat is None:
+            # no heartbeat will notice: probe every peer now (and a bit later, as the ROUTER
+            # may drop the pipe after the event), EHOSTUNREACH names the gone one
+            now = time.monotonic()
+            self._probe_start = self._probe_at = now
+            self.io.next_tick = now
+
+    def relay_needed(self, origin: str) -> bool:
+        """Relay a peer's batch down unless the origin is the only peer connected."""
+        with self.lock:
+            for link in self.links.values():
+                if link.connected and link.name != origin:
+                    return True
+        return False
+
+    # ---------------------------------------------------------------- peers
+
+    def _hb(self, reply: bool) -> bytes:
+        return wire.encode("hb", epoch=self.epoch, state=state_name(self.cfg.bus.state),
+                           reply=reply)
+
+    def _new_link(self, name: str, ident: bytes) -> PeerLink:
+        """(under the lock) A link that starts from the current default desired state."""
+        link = self.links[name] = PeerLink(self, name, ident, desired=self._default_desired,
+                                           graceful=self._default_graceful)
+        return link
+
+    def _hello(self, ident: bytes, name: str, msg: dict[str, Any], now: float) -> None:
+        with self.lock:
+            link = self.links.get(name)
+            if link is None:
+                link = self._new_link(name, ident)
+                if link.desired is not None:
+                    self._cmd_seq += 1
+                    link.cmd_seq = self._cmd_seq
+            fresh = link.peer_epoch != msg["epoch"] or not link.connected
+            link.ident = ident
+            link.pid = msg["pid"]
+            link.peer_epoch = msg["epoch"]
+            link.down = msg["down"]
+            link.connected = True
+            link.last_seen = now
+            if fresh:
+                link.joined = False
+                link.token = nonzero_u63()
+        self._state(link, msg["state"])
+        link.send(wire.encode("welcome", name=self.cfg.name, epoch=self.epoch,
+                              graceful=link.graceful, max_message=self.cfg.max_message))
+        if link.cmd_seq:
+            link.pending = True
+            link.send_cmd(now)
+        if not link.joined:
+            if link.down:
+                self._sync(link)
+            else:
+                self._join(link)
+
+    def _sync(self, link: PeerLink) -> None:
+        self.io.timer_at(time.monotonic() + SYNC_INTERVAL)
+        link.send_sync()
+
+    def _join(self, link: PeerLink) -> None:
+        with self.lock:
+            link.joined = True
+        self.io.emit("peer.joined", link.name, link.pid)
+        if link.state is not None:
+            link.published_state = link.state
+            self.io.emit("peer.state", link.name, link.state)
+
+    def _state(self, link: PeerLink, state: str) -> None:
+        if state != link.state:
+            with self.lock:
+                link.state = state
+        if link.joined and state != link.published_state:
+            link.published_state = state
+            self.io.emit("peer.state", link.name, state)
+
+    def _lose(self, link: PeerLink, reason: str) -> None:
+        if not link.connected:
+            return
+        with self.lock:
+            link.connected = False
+            link.joined = False
+            link.pending = link.cmd_seq > 0
+        self.io.emit("peer.lost", link.name, reason)
+
+    def send_to(self, ident: bytes, frame: bytes) -> bool:
+        """A control frame to a routing id (a link's, or an unknown one told 'who')."""
+        try:
+            self.io.control.send_multipart((ident, frame), zmq.NOBLOCK)
+            self.stats.frames_out += 1
+            return True
+        except zmq.Again:
+            self.stats.control_blocked += 1
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                with self.lock:
+                    link = self.links.get(ident.decode("ascii", "replace"))
+                if link is not None and link.ident == ident:
+                    self._lose(link, "disconnected")
+                return False
+            raise
+
+    # ---------------------------------------------------------------- calls from Bridge
+
+    def command(self, action: str, names: list[str] | None, done: Any | None) -> None:
+        """Set the desired state of ``names`` (None: every peer, and later ones); release
+        ``done`` (a held lock) once each targeted connected peer acked."""
+        desired = ACTIONS[action]
+        now = time.monotonic()
+        with self.lock:
+            if names is None:
+                if desired is None:
+                    self._default_graceful += 1
+                else:
+                    self._default_desired = desired
+                targets = list(self.links.values())
+            else:
+                targets = [self.links.get(n) or self._new_link(n, n.encode()) for n in names]
+        for link in targets:
+            self._cmd_seq += 1
+            link.cmd_seq = self._cmd_seq
+            if desired is None:
+                link.graceful += 1
+            else:
+                with self.lock:
+                    link.desired = desired
+            link.pending = True
+            link.send_cmd(now)
+        if done is not None:
+            needed = {link.name: link.cmd_seq for link in targets if link.connected}
+            if needed:
+                self._ack_waiters.append((done, needed))
+            else:
+                done.release()
+
+    def _acked(self, name: str, seq: int) -> None:
+        keep = []
+        for done, needed in self._ack_waiters:
+            if needed.get(name, seq + 1) <= seq:
+                del needed[name]
+            if needed:
+                keep.append((done, needed))
+            else:
+                done.release()
+        self._ack_waiters = keep
+
+    def forget(self, name: str) -> None:
+        with self.lock:
+            self.links.pop(name, None)
+
+    def peers(self) -> dict[str, dict[str, Any]]:
+        with self.lock:
+            return {link.name: link.info() for link in self.links.values()}
+
+    # ---------------------------------------------------------------- timers
+
+    def tick(self, now: float) -> None:
+        """Heartbeats, timeouts, command resends, sync probes, disconnect probes. With
+        ``heartbeat=None`` only what is pending sets a timer: an idle hub sleeps."""
+        io = self.io
+        hb_ivl = self.cfg.heartbeat
+        if hb_ivl is None:
+            next_tick = self._next_hb = NEVER
+        else:
+            next_tick = now + min(self.retry, hb_ivl)
+        syncing = False
+        with self.lock:
+            links = list(self.links.values())
+        beat = now >= self._next_hb
+        probe = self._probe_at and now >= self._probe_at
+        if probe:
+            self._probe_at = 0.0
+            for delay in PROBE_DELAYS:  # the next scheduled probe, if any
+                if now + 0.001 < self._probe_start + delay:
+                    self._probe_at = self._probe_start + delay
+                    next_tick = min(next_tick, self._probe_at)
+                    break
+        if beat or probe:
+            if hb_ivl is not None and beat:
+                self._next_hb = now + hb_ivl
+            hb = self._hb(reply=False)
+        for link in links:
+            if not link.connected:
+                continue
+            if hb_ivl is not None and now - link.last_seen > self.cfg.peer_timeout:
+                self._lose(link, "heartbeat timeout")
+                continue
+            if beat or probe:
+                # ROUTER_MANDATORY: a peer whose pipe is gone fails -> 'disconnected'
+                link.send(hb)
+                if not link.connected:
+                    continue
+            if link.pending:
+                if now >= link.next_send:
+                    self.stats.cmd_retries += 1
+                    link.send_cmd(now)
+                next_tick = min(next_tick, link.next_send)
+            if not link.joined and link.connected and link.down:
+                syncing = True
+                self._sync(link)
+        if syncing:
+            next_tick = min(next_tick, now + SYNC_INTERVAL)
+        io.next_tick = min(next_tick, self._next_hb)
