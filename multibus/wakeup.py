@@ -10,6 +10,7 @@ a :class:`Handle` that cancels the call (the model is Trio's entry queue and asy
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import os
@@ -30,10 +31,11 @@ class Wakeup:
     also be given to ``signal.set_wakeup_fd``.
     """
 
-    __slots__ = ("_r", "_w")
+    __slots__ = ("_r", "_w", "_pending")
 
     def __init__(self) -> None:
         self._r, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._pending = False  # a byte is in the pipe since the last drain()
 
     def fileno(self) -> int:
         """The read end: register it for reading in the owner's poller."""
@@ -45,19 +47,28 @@ class Wakeup:
         return self._w
 
     def wake(self) -> None:
+        # One byte per drain() is enough: the owner drains before it looks at its work, so
+        # work handed over before this call is seen either way.
+        if self._pending:
+            return
+        self._pending = True
         try:
             os.write(self._w, b"\0")
         except (BlockingIOError, OSError):  # full (a wake-up is pending) or closed
             pass
 
     def drain(self) -> bytes:
-        """Empty the pipe; return what was written (signal numbers, for a wakeup fd)."""
+        """Empty the pipe; return what was written (signal numbers, for a wakeup fd).
+        Call it before looking at the work the wake-up announced."""
         data = b""
         try:
             while chunk := os.read(self._r, 4096):
                 data += chunk
         except (BlockingIOError, OSError):
             pass
+        # Only now: a wake() between the read and this line finds the flag still set and
+        # skips its write, but its work was queued before, so the owner sees it anyway.
+        self._pending = False
         return data
 
     def close(self) -> None:
@@ -106,19 +117,24 @@ class CallQueue:
         self._wake = wake
         self._on_error = on_error
         self._clock = clock
+        self._ready: collections.deque[Handle] = collections.deque()  # call_soon: no clock
         self._heap: list[tuple[float, int, Handle]] = []
         self._seq = itertools.count()
         # Reentrant: a signal handler may schedule a call while the owner holds the lock.
         self._lock = threading.RLock()
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._ready) + len(self._heap)
 
     def __bool__(self) -> bool:
-        return bool(self._heap)
+        return bool(self._ready or self._heap)
 
     def call_soon(self, func: Callable[[], Any]) -> Handle:
-        return self.call_at(0.0, func)
+        handle = Handle(0.0, func)
+        self._ready.append(handle)  # deque.append is atomic: no lock on the hot path
+        if self._wake is not None:
+            self._wake()
+        return handle
 
     def call_later(self, delay: float, func: Callable[[], Any]) -> Handle:
         return self.call_at(self._clock() + delay, func)
@@ -133,6 +149,8 @@ class CallQueue:
 
     def timeout(self) -> float | None:
         """Seconds until the next call is due (0: now), or None when nothing is queued."""
+        if self._ready:
+            return 0.0
         with self._lock:
             if not self._heap:
                 return None
@@ -141,12 +159,15 @@ class CallQueue:
     def run_due(self) -> int:
         """Run every call due now (calls queued meanwhile for now run too); return how many."""
         ran = 0
-        now = self._clock()
+        now = self._clock() if self._heap else 0.0
         while True:
-            with self._lock:
-                if not self._heap or self._heap[0][0] > now:
-                    return ran
-                handle = heapq.heappop(self._heap)[2]
+            if self._ready:
+                handle = self._ready.popleft()
+            else:
+                with self._lock:
+                    if not self._heap or self._heap[0][0] > now:
+                        return ran
+                    handle = heapq.heappop(self._heap)[2]
             if handle.cancelled:
                 continue
             ran += 1
