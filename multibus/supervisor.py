@@ -27,11 +27,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
+from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, signal_group, stop_children
-from multibus.restart import GiveUp, RestartPolicy
+from multibus.restart import RestartPolicy
 from multibus.spawner import Spawner
 from multibus.specs import Intensity, SpecError, WorkerSpec, coerce_specs
 
@@ -41,26 +42,6 @@ DEFAULT_INTENSITY = Intensity()
 S = WorkerState
 STOP_DONE = frozenset({S.STOPPED, S.EXITED})
 EXIT_DONE = frozenset({S.STOPPED, S.EXITING, S.EXITED})
-
-
-class FleetError(RuntimeError):
-    """The fleet could not start, or had to be stopped (restart intensity reached)."""
-
-
-class HubBridge(Protocol):
-    """What the supervisor needs of its hub (:class:`multibus.transport.bridge.Bridge` with
-    ``role='hub'``; ``bridge_factory`` may build another implementation)."""
-
-    endpoints: Any  # .to_string() gives what a worker connects to
-
-    def subscribe(self) -> Any: ...
-
-    def command(self, action: str, peers: Iterable[str] | None = None,
-                wait: float | None = None) -> bool | None: ...
-
-    def peers(self) -> dict[str, dict[str, Any]]: ...
-
-    def forget(self, name: str) -> None: ...
 
 
 class Supervisor:
@@ -123,11 +104,10 @@ class Supervisor:
         self.pidfile: Any = None
         self.procs: ProcessManager | None = None
         self.fleet = Fleet(self.specs.values())
-        self._cond = threading.Condition(threading.RLock())
-        self._running = False  # restarts allowed (between start and stop)
-        self._fatal: str | None = None
+        self.keeper = Keeper(bus, name, self.fleet, self.restart_policy, log=self.log,
+                             log_output=log_output, term_timeout=term_timeout)
+        self._cond = self.keeper.cond  # guards the fleet; notified at every change
         self.killed: set[str] = set()  # workers that had to be signalled
-        self.failed = False
         self._subscribed: list[tuple[str, Callable[..., Any]]] = []
         self._hurry = False  # a second Ctrl-C arrived while stopping: kill, do not wait
         self._hurry_said = False
@@ -161,11 +141,13 @@ class Supervisor:
             if self.subreaper:
                 set_child_subreaper()
             self.procs = ProcessManager(
-                on_line=self._on_line, on_exit=self._on_exit, on_adopted=self._on_adopted
+                on_line=self.keeper.on_line, on_exit=self.keeper.on_exit,
+                on_adopted=self.keeper.on_adopted,
             ).start()
             self.spawner = Spawner(self.procs, self.python, heartbeat=self.heartbeat,
                                    peer_timeout=self.peer_timeout, log=self.log)
             self.bridge = self._make_bridge()
+            self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
                 self.spawner.start_zygote(self.specs.values(), self.zygote_preload)
         except BaseException:
@@ -177,10 +159,10 @@ class Supervisor:
             ("stop", self.stop, 40),
             ("graceful", self.graceful, 50),
             ("exit", self.exit, 10),
-            ("peer.joined", self._peer_joined, 50),
-            ("peer.state", self._peer_state, 50),
-            ("peer.lost", self._peer_lost, 50),
-            ("peer.log", self._peer_log, 50),
+            ("peer.joined", self.keeper.peer_joined, 50),
+            ("peer.state", self.keeper.peer_state, 50),
+            ("peer.lost", self.keeper.peer_lost, 50),
+            ("peer.log", self.keeper.peer_log, 50),
         ):
             self.bus.subscribe(channel, cb, prio)
             self._subscribed.append((channel, cb))
@@ -223,117 +205,41 @@ class Supervisor:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per worker: name, group, pid, state, restarts, exit_code, uptime."""
-        with self._cond:
-            return self.fleet.rows(time.monotonic())
-
-    def _changed(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-            if not self.bus.listeners.get("workers"):
-                return  # nobody listens: a 50-row table per change is a fleet stop's main cost
-            rows = self.table()
-        try:
-            self.bus.publish("workers", rows)
-        except Exception:  # noqa: BLE001 - a bad 'workers' listener must not break us
-            pass
+        return self.keeper.table()
 
     @property
     def exit_code(self) -> int:
         """0 after a clean stop; 1 if a worker had to be killed or the fleet failed."""
-        return 1 if (self.killed or self.failed or self._fatal) else 0
+        return 1 if (self.killed or self.failed or self.keeper.fatal) else 0
+
+    @property
+    def failed(self) -> bool:
+        """The fleet failed to start or had to be stopped."""
+        return self.keeper.failed
 
     # -- spawning -------------------------------------------------------------------------
 
-    def _spawn(self, w: WorkerSlot) -> None:
-        """Spawn ``w`` (manager thread only)."""
-        assert self.spawner is not None and self.spawner.procs.in_thread()
-        w.pending = None
-        if not w.wanted or self.fleet.get(w.name) is not w or not self._running or w.alive:
-            return
-        self.bridge.forget(w.name)
-        try:
-            child = self.spawner.spawn(w.name, w.spec, self.bridge.endpoints.to_string())
-        except OSError as e:
-            msg = f"cannot spawn worker {w.name}: {e}"
-            self.log(msg, 40)
-            w.last_lines = [msg]
-            w.exit_code = 127
-            with self._cond:
-                w.state = S.EXITED
-            self._fatal_error(msg)
-            return
-        child.data["worker"] = w
-        with self._cond:
-            w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
-        # A forked worker can join (and report STARTED) before we get here: the bridge events
-        # for it were dropped as unknown, so take its state from the bridge (read outside our
-        # lock; an event applied meanwhile is newer and wins).
-        info = self.bridge.peers().get(w.name)
-        if info and info.get("pid") == child.pid and info.get("joined"):
-            joined = WorkerState.of_bus(info.get("state")) or S.JOINED
-            with self._cond:
-                if w.child is child and w.state is S.SPAWNING:
-                    w.state = joined
-        self._changed()
 
-    def _spawn_missing(self) -> None:
-        """Spawn every wanted worker that has no live process (from any thread)."""
-        assert self.procs is not None
-        done = threading.Event()
 
-        def run() -> None:
-            try:
-                for w in self.fleet.slots():
-                    if w.wanted and not w.alive:
-                        w.cancel_restart()
-                        self._spawn(w)
-            finally:
-                done.set()
-
-        self.procs.call_soon(run)
-        while not done.wait(0.5):
-            if not self.procs.thread.is_alive():
-                raise FleetError("the process thread died")
-
-    def _wait_started(self, slots: list[WorkerSlot] | None, deadline: dict[str, float],
-                      t0: float) -> None:
-        """Until every wanted one of ``slots`` (None: of the fleet, as it is then) is
-        STARTED; FleetError when one is late or the fleet failed."""
-        with self._cond:
-            while True:
-                if self._fatal:
-                    raise FleetError(self._fatal)
-                waiting = [w for w in (self.fleet.slots() if slots is None else slots)
-                           if w.wanted and w.state is not S.STARTED]
-                if not waiting:
-                    return
-                now = time.monotonic()
-                late = [w for w in waiting if now >= deadline.get(w.name, now + 1)]
-                if late:
-                    more = f" (and {len(late) - 5} more)" if len(late) > 5 else ""
-                    raise FleetError(
-                        f"fleet {self.name!r}: {len(late)} worker(s) not STARTED after "
-                        f"{now - t0:.1f}s (start_timeout): "
-                        + "; ".join(w.describe() for w in late[:5]) + more)
-                self._cond.wait(min(deadline.get(w.name, now + 1) for w in waiting) - now)
 
     # -- bus channels ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Spawn the fleet and wait until every worker bus is STARTED."""
+        k = self.keeper
         with self._cond:
-            self._fatal = None
-            self.failed = False
-            self._running = True
+            k.fatal = None
+            k.failed = False
+            k.running = True
             self.restart_policy.reset()
         self.bridge.command("start")
         t0 = time.monotonic()
-        self._spawn_missing()
+        k.spawn_missing()
         wanted = [w for w in self.fleet.slots() if w.wanted]
         try:
-            self._wait_started(None, {w.name: t0 + w.spec.start_timeout for w in wanted}, t0)
+            k.wait_started(None, {w.name: t0 + w.spec.start_timeout for w in wanted}, t0)
         except FleetError:
-            self.failed = True
+            k.failed = True
             raise
         n = len(wanted)
         self.log(f"{n} worker{'s' if n != 1 else ''} STARTED in {time.monotonic() - t0:.3f}s")
@@ -403,8 +309,8 @@ class Supervisor:
     def stop(self) -> None:
         """Stop every worker bus (processes stay); escalate on those that do not stop in time."""
         with self._cond:
-            self._running = False
-            self._cancel_restarts()
+            self.keeper.running = False
+            self.keeper.cancel_restarts()
         # When this stop opens the bus's exit, workers exit at once: one round instead of
         # 'stop' then 'exit' (a worker's exit() stops its bus first, so its stop listeners
         # still run before we go on; a stopped worker passes STOPPED or goes to EXITING).
@@ -448,8 +354,8 @@ class Supervisor:
 
     def _exit(self) -> None:
         with self._cond:
-            self._running = False
-            self._cancel_restarts()
+            self.keeper.running = False
+            self.keeper.cancel_restarts()
         if self.bridge is not None and not self._exit_sent:
             try:
                 self.bridge.command("exit")
@@ -468,17 +374,14 @@ class Supervisor:
         self._say_hurry()
         if self.procs is not None:
             self.procs.close()
-        self._changed()
+        self.keeper.changed()
         if self.exit_code:
-            why = self._fatal or ("killed: " + ", ".join(sorted(self.killed)))
+            why = self.keeper.fatal or ("killed: " + ", ".join(sorted(self.killed)))
             self.log(f"fleet stopped with errors ({why})", 30)
         self.unsubscribe()
 
     # -- helpers --------------------------------------------------------------------------
 
-    def _cancel_restarts(self) -> None:
-        for w in self.fleet.slots():
-            w.cancel_restart()
 
     def _escalate(self, workers: list[WorkerSlot], hurry: bool) -> None:
         children = [w.child for w in workers if w.child is not None]
@@ -495,121 +398,18 @@ class Supervisor:
 
     # -- events from the process thread ---------------------------------------------------
 
-    def _on_line(self, child: Child, stream: str, line: str) -> None:
-        w = child.data.get("worker")
-        if w is not None:
-            w.last_lines = child.last_lines
-        if self.log_output:
-            self.bus.log(f"{child.name} | {line}", 20 if stream == "stdout" else 30)
 
-    def _on_adopted(self, pid: int, rc: int) -> None:
-        self.log(f"reaped orphaned process {pid} (exit status {rc})", 20)
 
-    def _on_exit(self, child: Child) -> None:
-        w: WorkerSlot | None = child.data.get("worker")
-        if w is None:
-            return
-        uptime = (child.ended or time.monotonic()) - child.started
-        with self._cond:
-            w.exit_code = child.returncode
-            w.state = S.EXITED
-            w.last_lines = child.last_lines
-            running, wanted = self._running, w.wanted
-        level = 20 if (child.returncode == 0 or not running) else 30
-        self.log(f"worker {w.name} (pid {child.pid}) exited: {child.describe_exit()} "
-                 f"after {uptime:.2f}s", level)
-        if not wanted:
-            with self._cond:
-                self.fleet.group_of(w).discard(w)
-        elif running and (w.spec.restart == "permanent"
-                          or (w.spec.restart == "transient" and child.returncode != 0)):
-            self._schedule_restart(w, child, uptime)
-        self._changed()
 
-    def _schedule_restart(self, w: WorkerSlot, child: Child, uptime: float) -> None:
-        delay = self.restart_policy.decide(w.name, uptime)
-        if isinstance(delay, GiveUp):
-            tail = w.tail()
-            self._fatal_error(f"{delay}; last: worker {w.name} {child.describe_exit()}"
-                              + (f": {tail}" if tail else ""))
-            return
-        with self._cond:
-            w.restarts += 1
-            w.state = S.BACKOFF
-        if delay:
-            self.log(f"restarting {w.name} in {delay:.2f}s", 20)
-        assert self.procs is not None
-        w.pending = self.procs.call_later(delay, lambda: self._restart(w))
 
-    def _restart(self, w: WorkerSlot) -> None:
-        with self._cond:
-            if not self._running:
-                return
-        self._spawn(w)
 
-    def _fatal_error(self, msg: str) -> None:
-        """Stop the fleet: the bus exits (from its own thread) and start() raises."""
-        with self._cond:
-            if self._fatal:
-                return
-            self._fatal = msg
-            self.failed = True
-            self._running = False
-            starting = self.bus.state is self.bus.states.STARTING
-            self._cond.notify_all()
-        self.log(msg, 40)
-        if not starting:
-            # not from this (process) thread: exit() waits for the process thread's events.
-            # Non-daemon, so the main thread's block() waits until the exit is complete.
-            threading.Thread(target=self._exit_bus, name="fleet-failure-exit").start()
 
-    def _exit_bus(self) -> None:
-        try:
-            self.bus.exit()
-        except Exception:  # noqa: BLE001 - already logged by the bus
-            pass
 
     # -- events from the bridge -----------------------------------------------------------
 
-    def _peer_joined(self, name: str, pid: int | None = None, *args: Any) -> None:
-        with self._cond:
-            changed = self.fleet.peer_joined(name, pid)
-        if changed:
-            self._changed()
 
-    def _peer_state(self, name: str, state: str, *args: Any) -> None:
-        with self._cond:
-            changed = self.fleet.peer_state(name, state)
-        if changed:
-            self._changed()
 
-    def _peer_log(self, name: str, msg: str = "", level: int = 20, *args: Any) -> None:
-        """Keep a worker's error records: they explain a failed start."""
-        if level < 40:
-            return
-        with self._cond:
-            w = self.fleet.get(name)
-            if w is not None and w.child is not None:
-                lines = w.child.last_lines
-                lines.extend(str(msg).splitlines()[-3:])
-                del lines[:-20]
-                w.last_lines = lines
 
-    def _peer_lost(self, name: str, reason: str = "", *args: Any) -> None:
-        with self._cond:
-            w = self.fleet.current(name, joined=True)
-            running = self._running
-        if w is None or not running or w.child is None:
-            return
-        child = w.child
-        self.log(f"lost contact with worker {name} (pid {child.pid}): {reason}; terminating it",
-                 30)
-        signal_group(child.pgid, 15)
-        assert self.procs is not None
-        self.procs.call_later(
-            self.term_timeout,
-            lambda: child.returncode is None and signal_group(child.pgid, 9),
-        )
 
     # -- run-time changes -----------------------------------------------------------------
 
@@ -627,16 +427,16 @@ class Supervisor:
         with self._cond:
             before = len(g.wanted())
             removed, added = g.resize(count)
-            running = self._running
+            running = self.keeper.running
         self.log(f"scaling {group} from {before} to {count}")
         self._remove(g, removed)
         if added and running:
-            self._spawn_missing()
+            self.keeper.spawn_missing()
             if timeout != 0:
                 t0 = time.monotonic()
                 limit = t0 + (g.spec.start_timeout if timeout is None else timeout)
-                self._wait_started(added, {w.name: limit for w in added}, t0)
-        self._changed()
+                self.keeper.wait_started(added, {w.name: limit for w in added}, t0)
+        self.keeper.changed()
 
     def _remove(self, g: Group, removed: list[WorkerSlot]) -> None:
         """Have scaled-away workers exit (then escalate); forget them."""
