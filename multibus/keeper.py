@@ -79,6 +79,8 @@ class Keeper:
         assert self.spawner is not None, "not attached"
         return self.spawner.procs
 
+    # -- the table, spawning, waiting (any thread) -----------------------------------------
+
     def table(self) -> list[dict[str, Any]]:
         """One row per worker: name, group, pid, state, restarts, exit_code, uptime."""
         with self.cond:
@@ -146,7 +148,7 @@ class Keeper:
                 raise FleetError("the process thread died")
 
     def wait_started(self, slots: list[WorkerSlot] | None, deadline: dict[str, float],
-                      t0: float) -> None:
+                     t0: float) -> None:
         """Until every wanted one of ``slots`` (None: of the fleet, as it is then) is
         STARTED; FleetError when one is late or the fleet failed."""
         with self.cond:
@@ -170,6 +172,8 @@ class Keeper:
     def cancel_restarts(self) -> None:
         for w in self.fleet.slots():
             w.cancel_restart()
+
+    # -- events from the process thread ---------------------------------------------------
 
     def on_line(self, child: Child, stream: str, line: str) -> None:
         w = child.data.get("worker")
@@ -207,7 +211,7 @@ class Keeper:
         if isinstance(delay, GiveUp):
             tail = w.tail()
             self.fatal_error(f"{delay}; last: worker {w.name} {child.describe_exit()}"
-                              + (f": {tail}" if tail else ""))
+                             + (f": {tail}" if tail else ""))
             return
         with self.cond:
             w.restarts += 1
@@ -243,6 +247,8 @@ class Keeper:
             self.bus.exit()
         except Exception:  # noqa: BLE001 - already logged by the bus
             pass
+
+    # -- events from the hub bridge -------------------------------------------------------
 
     def peer_joined(self, name: str, pid: int | None = None, *args: Any) -> None:
         with self.cond:

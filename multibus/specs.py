@@ -1,6 +1,7 @@
 """Worker specs: what a supervisor runs, as plain data (OTP-style child specs).
 
-A spec names a group of identical workers; each instance is called ``"<name>.<i>"``. Specs
+A spec names a group of identical workers; each instance is called ``"<name>.<i>"``
+(:class:`~multibus.names.WorkerName`). Specs
 are validated up front so a typo fails with one line naming the field and the fix, before
 anything is spawned. ``WorkerSpec.from_dict`` accepts the same keys as the constructor, so
 specs can come from JSON/TOML.
@@ -12,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from multibus.names import WorkerName
 
 __all__ = ["RESTART_MODES", "SpecError", "WorkerSpec", "Intensity"]
 
@@ -106,7 +109,8 @@ class WorkerSpec:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def instance_names(self, count: int | None = None) -> list[str]:
-        return [f"{self.name}.{i}" for i in range(self.count if count is None else count)]
+        return [str(WorkerName(self.name, i))
+                for i in range(self.count if count is None else count)]
 
 
 @dataclass(frozen=True)
