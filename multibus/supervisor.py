@@ -90,7 +90,6 @@ class Supervisor:
         self.term_timeout = term_timeout
         self.python = python
         self.subreaper = subreaper
-        self.log_output = log_output
         self.heartbeat = heartbeat
         self.peer_timeout = peer_timeout
         # forked workers are re-parented to us: the zygote needs the subreaper
