@@ -47,6 +47,7 @@ from typing import Any
 
 from multibus.names import check_name
 from multibus.specs import Intensity, SpecError, WorkerSpec
+from multibus.worker import worker_env
 
 __all__ = [
     "ConfigError",
@@ -350,18 +351,6 @@ except TargetError as e:
     sys.stderr.write(str(e) + "\\n")
     sys.exit(2)
 """
-
-
-def worker_env(spec: WorkerSpec) -> dict[str, str]:
-    """The environment a worker of ``spec`` gets (as the Supervisor builds it)."""
-    env = dict(os.environ)
-    env.update(spec.env)
-    here = str(Path(__file__).resolve().parent.parent)
-    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if here not in paths:
-        paths.append(here)
-    env["PYTHONPATH"] = os.pathsep.join(paths)
-    return env
 
 
 def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:

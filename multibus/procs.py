@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import heapq
-import itertools
 import os
 import selectors
 import signal
@@ -32,6 +30,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from multibus.wakeup import CallQueue, Handle, Wakeup
 
 __all__ = [
     "Child",
@@ -149,11 +149,9 @@ class ProcessManager:
         self.children: dict[int, Child] = {}  # pid -> live (unreaped) child
         self.adopted: dict[int, int] = {}  # pid -> pidfd of an adopted orphan
         self._sel = selectors.DefaultSelector()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
-        self._calls: list[tuple[float, int, Callable[[], Any]]] = []  # heap
-        self._seq = itertools.count()
-        self._lock = threading.Lock()
+        self._wakeup = Wakeup()
+        self._sel.register(self._wakeup.fileno(), selectors.EVENT_READ, ("wake", None))
+        self._calls = CallQueue(wake=self._wake_from_outside, on_error=self._call_failed)
         self._closing = False
         self._scan_due = False  # look for adopted orphans (at most every SCAN_GAP s)
         self._next_scan = 0.0
@@ -177,10 +175,13 @@ class ProcessManager:
         self.wake()
 
     def wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already awake, or closed
+        self._wakeup.wake()
+
+    def _wake_from_outside(self) -> None:
+        # a call queued by the thread itself is run before it sleeps again: no wake-up
+        # (a wake-up would also make it scan for adopted orphans)
+        if not self.in_thread():
+            self._wakeup.wake()
 
     @property
     def thread(self) -> threading.Thread:
@@ -189,22 +190,13 @@ class ProcessManager:
     def in_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def call_later(self, delay: float, func: Callable[[], Any]) -> list[bool]:
-        """Run ``func()`` in the manager thread after ``delay`` s; returns a cancel token."""
-        token = [False]
+    def call_later(self, delay: float, func: Callable[[], Any]) -> Handle:
+        """Run ``func()`` in the manager thread after ``delay`` s; ``.cancel()`` the handle
+        to keep it from running."""
+        return self._calls.call_later(delay, func)
 
-        def run() -> None:
-            if not token[0]:
-                func()
-
-        with self._lock:
-            heapq.heappush(self._calls, (time.monotonic() + delay, next(self._seq), run))
-        if not self.in_thread():
-            self.wake()
-        return token
-
-    def call_soon(self, func: Callable[[], Any]) -> list[bool]:
-        return self.call_later(0.0, func)
+    def call_soon(self, func: Callable[[], Any]) -> Handle:
+        return self._calls.call_soon(func)
 
     def spawn(
         self,
@@ -306,10 +298,7 @@ class ProcessManager:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                timeout = None
-                if self._calls:
-                    timeout = max(0.0, self._calls[0][0] - time.monotonic())
+            timeout = self._calls.timeout()
             if self._scan_due:
                 if self._closing or time.monotonic() >= self._next_scan:
                     self._scan_adopted()
@@ -329,24 +318,15 @@ class ProcessManager:
                 elif kind == "adopted":
                     self._reap_adopted(obj)
                 else:
-                    self._drain_wake()
+                    self._wakeup.drain()
                     self._scan_due = True  # SIGCHLD may be an orphan's
-            self._run_due()
+            self._calls.run_due()
         self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wakeup.close()
 
-    def _run_due(self) -> None:
-        now = time.monotonic()
-        while True:
-            with self._lock:
-                if not self._calls or self._calls[0][0] > now:
-                    return
-                _, _, func = heapq.heappop(self._calls)
-            try:
-                func()
-            except Exception as e:  # noqa: BLE001 - never let a callback kill the reaper
-                self._emit_internal(f"error in scheduled call {func!r}: {e!r}")
+    def _call_failed(self, func: Callable[[], Any], exc: BaseException) -> None:
+        # never let a callback kill the reaper
+        self._emit_internal(f"error in scheduled call {func!r}: {exc!r}")
 
     def _emit_internal(self, msg: str) -> None:
         try:
@@ -354,13 +334,6 @@ class ProcessManager:
 
             print(f"multibus.procs: {msg}", file=sys.stderr, flush=True)
         except Exception:  # noqa: BLE001
-            pass
-
-    def _drain_wake(self) -> None:
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
             pass
 
     def _read(self, stream: _Stream) -> None:

@@ -1,6 +1,7 @@
 """Worker specs: what a supervisor runs, as plain data (OTP-style child specs).
 
-A spec names a group of identical workers; each instance is called ``"<name>.<i>"``. Specs
+A spec names a group of identical workers; each instance is called ``"<name>.<i>"``
+(:class:`~multibus.names.WorkerName`). Specs
 are validated up front so a typo fails with one line naming the field and the fix, before
 anything is spawned. ``WorkerSpec.from_dict`` accepts the same keys as the constructor, so
 specs can come from JSON/TOML.

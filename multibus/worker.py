@@ -24,6 +24,12 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from multibus.specs import WorkerSpec
 
 PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 3
@@ -79,6 +85,50 @@ def _parse(argv: list[str]) -> dict[str, object]:
                 "[--heartbeat S] [--peer-timeout S]"
             )
     return opts
+
+
+def worker_args(
+    name: str,
+    target: str,
+    *,
+    parent_pid: int,
+    endpoints: str,
+    stop_timeout: float,
+    heartbeat: float | None,
+    peer_timeout: float,
+    channels: Iterable[str] = (),
+) -> list[str]:
+    """The command line (after ``python -m multibus.worker``) that :func:`_parse` reads."""
+    argv = [
+        "--parent-pid", str(parent_pid),
+        "--name", name,
+        "--target", target,
+        "--stop-timeout", repr(float(stop_timeout)),
+        "--endpoints", endpoints,
+        "--heartbeat", "none" if heartbeat is None else repr(float(heartbeat)),
+        "--peer-timeout", repr(float(peer_timeout)),
+    ]
+    for ch in channels:
+        argv += ["--channel", ch]
+    return argv
+
+
+def worker_env(spec: WorkerSpec | None = None) -> dict[str, str]:
+    """The environment of a worker of ``spec`` (None: of the zygote, which forks them): ours
+    plus the spec's ``env``, with this multibus on PYTHONPATH (the worker must import it as
+    we do, whatever its cwd) and unbuffered output (its lines arrive as it prints them).
+    The one definition: the supervisor spawns with it, ``multibus check`` imports targets
+    with it."""
+    env = dict(os.environ)
+    if spec is not None:
+        env.update(spec.env)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        paths.append(here)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
 
 
 class TargetError(Exception):

@@ -29,7 +29,13 @@ import json
 import os
 import socket
 import sys
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from multibus.worker import worker_env
+
+if TYPE_CHECKING:
+    from multibus.specs import WorkerSpec
 
 __all__ = ["ZygoteClient", "ForkedProcess", "can_fork"]
 
@@ -285,6 +291,27 @@ class ZygoteClient:
         self.ready = False
         self.dead = False
 
+    @classmethod
+    def launch(cls, procs: Any, python: str, specs: Iterable[WorkerSpec],
+               preload: Iterable[str] = (),
+               log: Callable[[str, int], None] | None = None) -> ZygoteClient | None:
+        """Exec a zygote for workers of ``specs`` (manager thread): it preloads while the
+        caller goes on. None (logged) if it cannot be started: workers are exec'd."""
+        preload = tuple(preload)
+        paths: list[str] = []  # where preloads are found: the workers' cwd, then PYTHONPATH
+        for spec in specs if preload else ():
+            env = worker_env(spec)
+            for p in [spec.cwd or os.getcwd(), *env["PYTHONPATH"].split(os.pathsep)]:
+                if p and p not in paths:
+                    paths.append(p)
+        z = cls(procs, python, worker_env(None), preload, log=log, paths=tuple(paths))
+        try:
+            z.start()
+        except OSError as e:
+            z.log(f"cannot start the zygote ({e}); exec'ing workers instead", 30)
+            return None
+        return z
+
     def log(self, msg: str, level: int = 30) -> None:
         if self._log is not None:
             self._log(msg, level)
@@ -376,6 +403,22 @@ class ZygoteClient:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """:meth:`shutdown` in the manager thread, then :meth:`close` (any other thread)."""
+        import threading
+
+        if not self.procs.thread.is_alive():
+            return
+        done = threading.Event()
+
+        def shut() -> None:
+            self.shutdown()
+            done.set()
+
+        self.procs.call_soon(shut)
+        done.wait(timeout)
+        self.close(wait=1.0)
 
     def close(self, wait: float = 1.0) -> None:
         """:meth:`shutdown`, give the zygote ``wait`` s to exit, then SIGKILL it.

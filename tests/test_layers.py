@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plugins",),
     ("transport",),
     ("specs", "restart", "procs", "zygote", "worker"),
-    ("fleet", "config", "supervisor"),
+    ("fleet", "spawner", "keeper", "config", "supervisor"),
     ("commands", "control"),
     ("runner", "cli", "__main__"),
 ]

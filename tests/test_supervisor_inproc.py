@@ -8,13 +8,14 @@ import sys
 import threading
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from progs.procio import wait_for
 
 from multibus.bus import Bus
 from multibus.specs import SpecError, WorkerSpec
-from multibus.supervisor import FleetError, Supervisor
+from multibus.supervisor import FleetError, HubBridge, Supervisor
 
 HERE = Path(__file__).resolve().parent
 PATH = os.pathsep.join([str(HERE), str(HERE.parent)])
@@ -169,3 +170,83 @@ def test_bad_spec_fails_before_anything_runs():
         WorkerSpec(name="w", target="a:b", channels=["main"])
     assert threading.active_count() >= 1  # nothing started
     assert sys.modules.get("multibus.supervisor") is not None
+
+
+class FakeHub:
+    """A :class:`multibus.supervisor.HubBridge` that records what the supervisor asks of it."""
+
+    def __init__(self, bus, **kw) -> None:
+        self.kw = kw
+        self.endpoints = SimpleNamespace(to_string=lambda: "ipc:///nowhere")
+        self.commands: list[tuple[str, list[str] | None]] = []
+        self.forgotten: list[str] = []
+
+    def subscribe(self) -> FakeHub:
+        return self
+
+    def command(self, action, peers=None, wait=None):
+        self.commands.append((action, None if peers is None else list(peers)))
+        return None
+
+    def peers(self):
+        return {}
+
+    def forget(self, name):
+        self.forgotten.append(name)
+
+
+@pytest.mark.timeout(30)
+def test_bridge_factory_builds_the_hub_and_scale_of_a_stopped_fleet_spawns_nothing():
+    bus = Bus()
+    hubs: list[FakeHub] = []
+
+    def factory(bus, **kw) -> HubBridge:
+        hubs.append(FakeHub(bus, **kw))
+        return hubs[-1]
+
+    spec = WorkerSpec(name="w", target="a.b:c", count=1, channels=["jobs"])
+    sup = Supervisor(bus, [spec], name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
+                     subreaper=False, bridge_factory=factory)
+    sup.subscribe()
+    try:
+        (hub,) = hubs
+        assert hub.kw["role"] == "hub" and hub.kw["channels"] == ["jobs"]
+        sup.scale("w", 3)
+        assert [(r["name"], r["state"], r["pid"]) for r in sup.table()] == [
+            ("w.0", "EXITED", None), ("w.1", "EXITED", None), ("w.2", "EXITED", None)]
+        sup.scale("w", 1)
+        assert [r["name"] for r in sup.table()] == ["w.0"]
+        assert hub.forgotten == ["w.1", "w.2"]
+    finally:
+        bus.exit()
+    assert hub.commands == [("exit", None)]
+    assert sup.exit_code == 0
+
+
+@pytest.mark.timeout(60)
+def test_kill_all_sigkills_every_live_worker_and_records_it(fleet):
+    bus, sup = fleet(count=2)
+    bus.start()
+    children = [w.child for w in sup.workers.values()]
+    sup.kill_all()
+    assert all(c.exited.wait(5) for c in children)
+    assert [c.returncode for c in children] == [-signal.SIGKILL] * 2
+    assert sup.killed == {"w.0", "w.1"}
+    bus.exit()
+    assert sup.exit_code == 1
+
+
+def test_worker_launch_contract_args_parse_back_and_env_is_built_once(monkeypatch):
+    from multibus import config
+    from multibus.worker import _parse, worker_args, worker_env
+
+    args = worker_args("w.3", "a.b:c", parent_pid=42, endpoints="ipc:///x", stop_timeout=2,
+                       heartbeat=None, peer_timeout=20.0, channels=["jobs", "news"])
+    assert _parse(args) == {"parent_pid": 42, "name": "w.3", "target": "a.b:c",
+                            "stop_timeout": 2.0, "endpoints": "ipc:///x", "heartbeat": None,
+                            "peer_timeout": 20.0, "channels": ["jobs", "news"]}
+    assert config.worker_env is worker_env  # one definition, for spawning and for checks
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    env = worker_env(WorkerSpec(name="w", target="a.b:c", env={"PORT": "80"}))
+    assert env["PORT"] == "80" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep) == ["/elsewhere", str(HERE.parent)]

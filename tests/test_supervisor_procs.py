@@ -164,7 +164,7 @@ def test_call_later_runs_in_manager_thread_in_order(pm):
     pm.call_later(0.05, lambda: (seen.append(("b", threading.current_thread())), done.set()))
     pm.call_later(0.0, lambda: seen.append(("a", threading.current_thread())))
     token = pm.call_later(0.01, lambda: seen.append(("cancelled", None)))
-    token[0] = True
+    token.cancel()
     assert done.wait(5)
     assert [s for s, _ in seen] == ["a", "b"]
     assert all(t is pm.thread for _, t in seen)

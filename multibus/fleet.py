@@ -1,0 +1,217 @@
+"""The fleet model: worker groups, their desired counts, and one slot per worker.
+
+Plain data with no processes, threads or locks (the supervisor holds its lock around every
+change). A :class:`Group` is a :class:`~multibus.specs.WorkerSpec` with the number of workers
+wanted now; each worker is a :class:`WorkerSlot` named ``group.index``
+(:class:`~multibus.names.WorkerName`) whose :class:`WorkerState` is either the supervisor's
+own view of its process (SPAWNING, JOINED, BACKOFF, EXITED) or the state its bus reported.
+The status table row of a worker is built here, once.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from multibus.bus import State
+from multibus.names import WorkerName
+from multibus.procs import Child
+from multibus.specs import WorkerSpec
+from multibus.wakeup import Handle
+
+__all__ = ["Fleet", "Group", "WorkerSlot", "WorkerState"]
+
+
+class WorkerState(enum.StrEnum):
+    """A worker's state as shown in the status table (its str is the wire/JSON form)."""
+
+    # the supervisor's view of the process
+    EXITED = "EXITED"  # no process (not spawned yet, or it exited)
+    SPAWNING = "SPAWNING"  # spawned, not yet joined the hub
+    JOINED = "JOINED"  # joined, its bus has not reported a state yet
+    BACKOFF = "BACKOFF"  # dead, a restart is scheduled
+    # what the worker's bus reported (multibus.bus.states)
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    STARTED = "STARTED"
+    STOPPING = "STOPPING"
+    EXITING = "EXITING"
+
+    @classmethod
+    def of_bus(cls, state: object) -> WorkerState | None:
+        """The state a worker's bus reported (a bus State or its name); None if unknown."""
+        try:
+            found = cls(state.name if isinstance(state, State) else str(state))
+        except ValueError:
+            return None
+        return found if found in _BUS_STATES else None
+
+
+_BUS_STATES = frozenset({WorkerState.STOPPED, WorkerState.STARTING, WorkerState.STARTED,
+                         WorkerState.STOPPING, WorkerState.EXITING})
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """One worker of a group, across the processes that successively run it."""
+
+    wn: WorkerName
+    spec: WorkerSpec
+    child: Child | None = None
+    state: WorkerState = WorkerState.EXITED
+    restarts: int = 0
+    exit_code: int | None = None
+    pid: int | None = None
+    since: float | None = None
+    wanted: bool = True  # False once scaled away: removed when its process is gone
+    pending: Handle | None = None  # a scheduled restart
+    last_lines: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return str(self.wn)
+
+    @property
+    def alive(self) -> bool:
+        """It has a process that has not been reaped."""
+        return self.child is not None and self.child.returncode is None
+
+    def cancel_restart(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+            if self.state is WorkerState.BACKOFF:
+                self.state = WorkerState.EXITED
+
+    def tail(self, lines: int = 3) -> str:
+        """Its last non-blank output lines, joined: what explains a failure."""
+        return " / ".join(line for line in self.last_lines[-lines:] if line.strip())
+
+    def describe(self) -> str:
+        """'w.0 is SPAWNING (last exit code 2): <its last lines>', for an error message."""
+        tail = self.tail()
+        last = "" if self.child is None or self.alive else f" (last {self.child.describe_exit()})"
+        return f"{self.name} is {self.state.value}{last}" + (f": {tail}" if tail else "")
+
+    def row(self, now: float) -> dict[str, Any]:
+        """The status table row: name, group, pid, state, restarts, exit_code, uptime."""
+        alive = self.alive
+        return {
+            "name": self.name,
+            "group": self.wn.group,
+            "pid": self.pid if alive else None,
+            "state": self.state.value,
+            "restarts": self.restarts,
+            "exit_code": self.exit_code,
+            "uptime": round(now - self.since, 3) if alive and self.since is not None else 0.0,
+        }
+
+
+class Group:
+    """A spec's workers: ``count`` wanted, plus any scaled away whose process still runs."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.count = 0
+        self.slots: dict[int, WorkerSlot] = {}
+        self.resize(spec.count)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def wanted(self) -> list[WorkerSlot]:
+        return sorted((s for s in self.slots.values() if s.wanted), key=lambda s: s.wn.index)
+
+    def resize(self, count: int) -> tuple[list[WorkerSlot], list[WorkerSlot]]:
+        """Want ``count`` workers: return (removed, added).
+
+        The highest-numbered are removed: no longer wanted, their restart cancelled, and
+        dropped at once unless a process still runs (then at its exit, :meth:`discard`). New
+        workers take the lowest free indices."""
+        current = self.wanted()
+        removed = current[count:]
+        for s in removed:
+            s.wanted = False
+            s.cancel_restart()
+            if not s.alive:
+                self.discard(s)
+        added = []
+        i = 0
+        while len(current) - len(removed) + len(added) < count:
+            if i not in self.slots:
+                self.slots[i] = WorkerSlot(WorkerName(self.name, i), self.spec)
+                added.append(self.slots[i])
+            i += 1
+        self.count = count
+        return removed, added
+
+    def discard(self, slot: WorkerSlot) -> None:
+        if self.slots.get(slot.wn.index) is slot:
+            del self.slots[slot.wn.index]
+
+
+class Fleet(Mapping[str, WorkerSlot]):
+    """Every group in spec order; as a mapping, worker name -> slot (group by group, by
+    index). Reading it takes no lock (a snapshot of each dict), so a signal handler can."""
+
+    def __init__(self, specs: Iterable[WorkerSpec]) -> None:
+        self.groups: dict[str, Group] = {s.name: Group(s) for s in specs}
+
+    def slots(self) -> list[WorkerSlot]:
+        out: list[WorkerSlot] = []
+        for g in list(self.groups.values()):
+            out.extend(sorted(list(g.slots.values()), key=lambda s: s.wn.index))
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([s.name for s in self.slots()])
+
+    def __len__(self) -> int:
+        return sum(len(g.slots) for g in list(self.groups.values()))
+
+    def __getitem__(self, name: str) -> WorkerSlot:
+        wn = WorkerName.parse(name)
+        group = None if wn is None else self.groups.get(wn.group)
+        if group is None or wn.index not in group.slots:  # type: ignore[union-attr]
+            raise KeyError(name)
+        return group.slots[wn.index]  # type: ignore[union-attr]
+
+    def current(self, name: str, pid: int | None = None,
+                joined: bool = False) -> WorkerSlot | None:
+        """The slot of worker ``name`` if its process runs; with ``pid``, only if that is
+        its process (not a stale report from a previous process of that name). 'peer.state'
+        and 'peer.lost' carry no pid: ask with ``joined`` for them, since until the current
+        process joins (its 'peer.joined' names its pid) they can only be about an old one."""
+        w = self.get(name)
+        if w is None or not w.alive or (pid is not None and pid != w.pid):
+            return None
+        return None if joined and w.state is WorkerState.SPAWNING else w
+
+    def peer_joined(self, name: str, pid: int | None) -> bool:
+        """The hub saw ``name`` (process ``pid``) join: SPAWNING -> JOINED. Changed?"""
+        w = self.current(name, pid)
+        if w is None or w.state is not WorkerState.SPAWNING:
+            return False
+        w.state = WorkerState.JOINED
+        return True
+
+    def peer_state(self, name: str, state: object) -> bool:
+        """Worker ``name``'s bus reported ``state``. Changed?"""
+        w = self.current(name, joined=True)
+        new = WorkerState.of_bus(state)
+        if w is None or new is None:
+            return False
+        w.state = new
+        return True
+
+    def group_of(self, slot: WorkerSlot) -> Group:
+        return self.groups[slot.wn.group]
+
+    def live(self) -> list[WorkerSlot]:
+        return [s for s in self.slots() if s.alive]
+
+    def rows(self, now: float) -> list[dict[str, Any]]:
+        return [s.row(now) for s in self.slots()]

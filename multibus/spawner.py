@@ -1,0 +1,72 @@
+"""Spawner: start one worker process, forked by the zygote when it can, else exec'd.
+
+Either way the worker runs ``multibus.worker`` with the command line and environment that
+module defines (:func:`~multibus.worker.worker_args`, :func:`~multibus.worker.worker_env`),
+and becomes a :class:`~multibus.procs.Child` of the :class:`~multibus.procs.ProcessManager`,
+whose thread is the only one that spawns (PDEATHSIG follows the spawning thread).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+from multibus.procs import Child, ProcessManager
+from multibus.specs import WorkerSpec
+from multibus.worker import worker_args, worker_env
+from multibus.zygote import ZygoteClient
+
+__all__ = ["Spawner"]
+
+
+class Spawner:
+    """Spawn workers through ``procs``; with ``zygote``, fork them from a preloaded zygote.
+
+    :meth:`spawn` and the zygote's start run in the manager thread; :meth:`close_zygote`
+    from any other thread, once nothing more will be forked (workers are exec'd after)."""
+
+    def __init__(
+        self,
+        procs: ProcessManager,
+        python: str,
+        *,
+        heartbeat: float | None,
+        peer_timeout: float,
+        log: Callable[[str, int], None],
+    ) -> None:
+        self.procs = procs
+        self.python = python
+        self.heartbeat = heartbeat
+        self.peer_timeout = peer_timeout
+        self.log = log
+        self.zygote: ZygoteClient | None = None
+
+    def start_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str]) -> None:
+        """Have the manager thread exec the zygote: it preloads while the caller goes on."""
+        specs, preload = list(specs), tuple(preload)
+
+        def start() -> None:
+            self.zygote = ZygoteClient.launch(self.procs, self.python, specs, preload,
+                                              log=self.log)
+
+        self.procs.call_soon(start)
+
+    def close_zygote(self) -> None:
+        z, self.zygote = self.zygote, None
+        if z is not None:
+            z.stop()
+
+    def spawn(self, name: str, spec: WorkerSpec, endpoints: str) -> Child:
+        """Start worker ``name`` of ``spec`` connecting to the hub at ``endpoints`` (manager
+        thread); OSError if it cannot be started."""
+        env = worker_env(spec)
+        args = worker_args(name, spec.target, parent_pid=os.getpid(), endpoints=endpoints,
+                           stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
+                           peer_timeout=self.peer_timeout, channels=spec.channels)
+        child = None
+        if self.zygote is not None:
+            child = self.zygote.spawn(name, args, env, spec.cwd)
+        if child is None:
+            argv = [self.python, "-m", "multibus.worker", *args]
+            child = self.procs.spawn(name, argv, env, spec.cwd)
+        return child
