@@ -40,7 +40,7 @@ from typing import Any
 
 from multibus.wakeup import CallQueue, Wakeup
 
-__all__ = ["Bus", "ChannelFailures", "State", "states"]
+__all__ = ["Bus", "ChannelFailures", "STATE_NAMES", "State", "state_name", "states"]
 
 # The working directory at import time: restart() returns to it before re-executing, in case
 # the application changed directory (a relative sys.executable would then be lost).
@@ -108,6 +108,16 @@ class _States:
 
 
 states = _States()
+STATE_NAMES = frozenset(("STOPPED", "STARTING", "STARTED", "STOPPING", "EXITING"))
+
+
+def state_name(state: object) -> str | None:
+    """The name of a bus state ('STARTED'), for our states, CherryPy's (whose repr is
+    ``states.STARTED``) or a name; None when ``state`` is none of the five."""
+    name = getattr(state, "name", None)
+    if not isinstance(name, str):
+        name = str(state).rpartition(".")[2]
+    return name if name in STATE_NAMES else None
 
 
 def _as_set(state: State | Iterable[State]) -> frozenset[State]:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from multibus.bus import state_name
 from multibus.names import WorkerName, valid_group
 
 __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
@@ -63,8 +64,7 @@ U32 = (0, 2**32 - 1)
 
 def state_of(bus: Any) -> str:
     """The bus state's name ('STARTED'), for a multibus Bus or cherrypy.engine."""
-    st = bus.state
-    return getattr(st, "name", None) or str(st).rpartition(".")[2]
+    return state_name(bus.state) or str(bus.state)
 
 
 # --------------------------------------------------------------------------- transitions

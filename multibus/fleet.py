@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from multibus.bus import State
+from multibus.bus import state_name
 from multibus.names import WorkerName
 from multibus.procs import Child
 from multibus.specs import WorkerSpec
@@ -42,15 +42,9 @@ class WorkerState(enum.StrEnum):
     @classmethod
     def of_bus(cls, state: object) -> WorkerState | None:
         """The state a worker's bus reported (a bus State or its name); None if unknown."""
-        try:
-            found = cls(state.name if isinstance(state, State) else str(state))
-        except ValueError:
-            return None
-        return found if found in _BUS_STATES else None
+        name = state_name(state)
+        return None if name is None else cls(name)
 
-
-_BUS_STATES = frozenset({WorkerState.STOPPED, WorkerState.STARTING, WorkerState.STARTED,
-                         WorkerState.STOPPING, WorkerState.EXITING})
 
 
 @dataclass(eq=False)

@@ -30,7 +30,8 @@ from multibus.specs import WorkerSpec, coerce_specs
 from multibus.supervisor import FleetError, Supervisor
 from multibus.systemd import sd_notify
 
-__all__ = ["FleetRefused", "run_fleet", "sd_notify"]
+__all__ = ["FleetRefused", "run_fleet"]
+
 
 class FleetRefused(RuntimeError):
     """Nothing was started (name in use, unsafe runtime dir, control socket); ``code`` is the

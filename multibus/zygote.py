@@ -5,7 +5,7 @@ of 50 on two cores waits seconds for that. The supervisor instead execs
 ``python -m multibus.zygote`` once (from its ProcessManager thread); the zygote imports the
 worker's code once and forks each worker from that warm state.
 
-The rules that make forking safe, and keep DESIGN.md's process rules intact:
+The rules that make forking safe, and keep the process rules of ``docs/design.md`` intact:
 
 - the zygote never creates a zmq Context and stays single-threaded (it refuses to serve if a
   preloaded module started a thread); it has ``PDEATHSIG=SIGKILL`` towards the supervisor;

@@ -16,21 +16,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from multibus.transport import wire
+from multibus.bus import state_name
 from multibus.transport.stats import BridgeStats
 
-__all__ = ["APPLIER_IDLE", "Applier", "state_name"]
+__all__ = ["APPLIER_IDLE", "Applier", "wire_state"]
 
 APPLIER_IDLE = 1.0  # seconds the command thread waits for the next command before ending
 
 
-def state_name(state: object) -> str:
-    """The wire name of a bus state (any bus: ours, cherrypy's, an enum or a string)."""
-    name = getattr(state, "name", None)
-    if isinstance(name, str) and name in wire.STATE_NAMES:
-        return name
-    text = str(state).rsplit(".", 1)[-1]
-    return text if text in wire.STATE_NAMES else "STOPPED"
+def wire_state(state: object) -> str:
+    """The wire name of a bus state (any bus: ours, CherryPy's, or a name); STOPPED when it is
+    not one of the five."""
+    return state_name(state) or "STOPPED"
 
 
 class Applier:
@@ -146,7 +143,7 @@ class Applier:
         bounded, since a stuck start listener must not freeze the applier forever."""
         deadline = time.monotonic() + timeout
         while True:
-            state = state_name(self.bus.state)
+            state = wire_state(self.bus.state)
             if state not in ("STARTING", "STOPPING") or time.monotonic() > deadline:
                 return state
             time.sleep(0.02)

@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from multibus.transport import wire
-from multibus.transport.applier import state_name
+from multibus.transport.applier import wire_state
 from multibus.transport.endpoints import Endpoints
 from multibus.transport.iothread import DATA_HWM, NEVER, retry_interval
 from multibus.transport.keys import start_authenticator
@@ -248,7 +248,7 @@ class HubSession:
     # ---------------------------------------------------------------- peers
 
     def _hb(self, reply: bool) -> bytes:
-        return wire.encode("hb", epoch=self.epoch, state=state_name(self.cfg.bus.state),
+        return wire.encode("hb", epoch=self.epoch, state=wire_state(self.cfg.bus.state),
                            reply=reply)
 
     def _new_link(self, name: str, ident: bytes) -> PeerLink:

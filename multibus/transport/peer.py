@@ -20,7 +20,7 @@ from typing import Any
 import zmq
 
 from multibus.transport import wire
-from multibus.transport.applier import Applier, state_name
+from multibus.transport.applier import Applier, wire_state
 from multibus.transport.iothread import DATA_HWM, NEVER, retry_interval
 
 __all__ = ["PeerSession"]
@@ -85,7 +85,7 @@ class PeerSession:
         state = self.bus.state
         if state is not self._last_state:
             self._last_state = state
-            self._states.append(state_name(state))
+            self._states.append(wire_state(state))
             self.io.wake()
 
     def on_log(self, msg: Any = "", level: Any = 20, *args: Any, **kwargs: Any) -> None:
@@ -171,7 +171,7 @@ class PeerSession:
     def _hb(self, reply: bool) -> bytes:
         """A heartbeat: the hub's epoch as we know it, our bus state, and whether it answers
         one (answers are never answered)."""
-        return wire.encode("hb", epoch=self._hub_epoch, state=state_name(self.bus.state),
+        return wire.encode("hb", epoch=self._hub_epoch, state=wire_state(self.bus.state),
                            reply=reply)
 
     def _send(self, frame: bytes) -> bool:
@@ -187,7 +187,7 @@ class PeerSession:
         self._next_hello = t = time.monotonic() + self.retry
         self.io.timer_at(t)  # retried until welcomed
         self._send(wire.encode("hello", name=self.name, pid=os.getpid(), epoch=self.cfg.epoch,
-                               state=state_name(self.bus.state), down=bool(self.cfg.channels)))
+                               state=wire_state(self.bus.state), down=bool(self.cfg.channels)))
 
     def _hub_lost(self, reason: str) -> None:
         self._welcomed = False

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgpack
 
+from multibus.bus import STATE_NAMES
 from multibus.names import NAME_MAX as MAX_NAME
 from multibus.names import valid_name
 
@@ -56,7 +57,6 @@ MIN_MESSAGE = 4096
 FRAME_OVERHEAD = 512  # header bytes reserved in a batch frame (keys, origin, epoch, seq)
 MAX_CHANNEL = 128
 MAX_BATCH = 65535  # messages per frame
-STATE_NAMES = frozenset(("STOPPED", "STARTING", "STARTED", "STOPPING", "EXITING"))
 DESIRED_STATES = frozenset(("STARTED", "STOPPED", "EXITING"))
 _U64 = (1 << 64) - 1
 
