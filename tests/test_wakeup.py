@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -110,74 +112,66 @@ def test_a_call_queued_for_now_by_a_running_call_runs_in_the_same_pass():
     assert ran == ["second"]
 
 
-def test_no_wake_up_is_lost_under_concurrent_producers():
-    """Producers on several threads; the owner polls, drains, runs: every call runs."""
+@contextlib.contextmanager
+def _owner_loop() -> Iterator[CallQueue]:
+    """A thread that owns a CallQueue as every multibus loop does: poll, drain, run."""
     w = Wakeup()
     q = CallQueue(wake=w.wake)
+    stop = threading.Event()
+
+    def owner() -> None:
+        poller = select.poll()
+        poller.register(w.fileno(), select.POLLIN)
+        while not stop.is_set():
+            timeout = q.timeout()
+            poller.poll(None if timeout is None else timeout * 1000)
+            w.drain()
+            q.run_due()
+
+    loop = threading.Thread(target=owner)
+    loop.start()
+    try:
+        yield q
+    finally:
+        stop.set()
+        q.call_soon(lambda: None)
+        loop.join(10)
+        w.close()
+
+
+def test_no_wake_up_is_lost_under_concurrent_producers():
+    """Producers on several threads, switching as often as possible: every call runs."""
     per_thread, threads = 50_000, 2
     ran = [0]
     all_ran = threading.Event()
-    stop = threading.Event()
 
     def count() -> None:
         ran[0] += 1
         if ran[0] == per_thread * threads:
             all_ran.set()
 
-    def owner() -> None:
-        poller = select.poll()
-        poller.register(w.fileno(), select.POLLIN)
-        while not stop.is_set():
-            timeout = q.timeout()
-            poller.poll(None if timeout is None else timeout * 1000)
-            w.drain()
-            q.run_due()
-
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible: more interleavings
-    loop = threading.Thread(target=owner)
-    loop.start()
-    producers = [threading.Thread(target=lambda: [q.call_soon(count) for _ in range(per_thread)])
-                 for _ in range(threads)]
+    sys.setswitchinterval(1e-6)
     try:
-        for t in producers:
-            t.start()
-        for t in producers:
-            t.join(30)
-        assert all_ran.wait(30), f"{ran[0]} of {per_thread * threads} calls ran"
+        with _owner_loop() as q:
+            producers = [
+                threading.Thread(target=lambda: [q.call_soon(count) for _ in range(per_thread)])
+                for _ in range(threads)
+            ]
+            for t in producers:
+                t.start()
+            for t in producers:
+                t.join(30)
+            assert all_ran.wait(30), f"{ran[0]} of {per_thread * threads} calls ran"
     finally:
         sys.setswitchinterval(switch)
-        stop.set()
-        q.call_soon(lambda: None)
-        loop.join(10)
-        w.close()
 
 
 def test_ping_pong_never_loses_the_wake_up_that_ends_a_sleep():
     """One call at a time, each waited for: the owner sleeps between them, so a wake-up
     lost to a race between wake() and drain() would leave a call unrun."""
-    w = Wakeup()
-    q = CallQueue(wake=w.wake)
-    stop = threading.Event()
-
-    def owner() -> None:
-        poller = select.poll()
-        poller.register(w.fileno(), select.POLLIN)
-        while not stop.is_set():
-            timeout = q.timeout()
-            poller.poll(None if timeout is None else timeout * 1000)
-            w.drain()
-            q.run_due()
-
-    loop = threading.Thread(target=owner)
-    loop.start()
-    try:
+    with _owner_loop() as q:
         for i in range(3000):
             done = threading.Event()
             q.call_soon(done.set)
             assert done.wait(10), f"call {i} never ran"
-    finally:
-        stop.set()
-        q.call_soon(lambda: None)
-        loop.join(10)
-        w.close()
