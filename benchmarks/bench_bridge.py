@@ -240,7 +240,7 @@ def child_main(cmd_fd: int, result_fd: int) -> int:
                     chan.send(**bridge.mirror(msg["count"], msg["size"], chan))
                 else:
                     chan.send(error=f"unknown phase {phase!r}")
-            except Exception as exc:  # report and keep serving; the parent decides
+            except Exception as exc:  # noqa: BLE001 - reported to the parent, which decides
                 chan.send(error=f"{type(exc).__name__}: {exc}")
     except EOFError:
         return 0

@@ -282,7 +282,7 @@ class Bus:
                 for listener in items:
                     output.append(listener(*args))
             return output
-        except Exception:
+        except Exception:  # noqa: BLE001 - the slow path below collects it
             # Slow path, only once something failed: the failed listener is the one at
             # index len(output); collect its failure and keep calling the rest.
             failures = ChannelFailures()
@@ -297,7 +297,7 @@ class Bus:
                 if e.code == 0:
                     e.code = 1  # an earlier listener failed: do not exit with success
                 raise
-            except Exception:
+            except Exception:  # noqa: BLE001 - collected into ChannelFailures
                 failures.handle_exception()
                 self._log_failure(channel, listener)
         raise failures

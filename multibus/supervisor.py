@@ -170,7 +170,9 @@ class Supervisor:
         channels = sorted({ch for s in self.specs.values() for ch in s.channels})
         factory = self._bridge_factory
         if factory is None:
-            from multibus.transport.bridge import Bridge as factory  # noqa: N813
+            from multibus.transport.bridge import Bridge
+
+            factory = Bridge
         bridge = factory(
             self.bus, role="hub", name=self.name, endpoints=self._endpoints_arg,
             channels=channels, heartbeat=self.heartbeat, peer_timeout=self.peer_timeout,

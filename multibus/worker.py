@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_TARGET
     try:
         func(bus)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the target's error, reported
         import traceback
 
         traceback.print_exc()

@@ -43,7 +43,7 @@ def _flush_all() -> None:
         if handler is not None:
             try:
                 handler.flush()
-            except Exception:
+            except Exception:  # noqa: BLE001 - best effort before fork
                 pass
 
 

@@ -132,7 +132,7 @@ class Applier:
             try:
                 bus.log(f"multibus bridge {self.name!r}: applying {desired or 'graceful'} "
                         f"failed: {type(exc).__name__}: {exc}", 40)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a failing log listener
                 pass
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise

@@ -258,7 +258,7 @@ class Bridge:
             for channel, callback in self._listeners:
                 try:
                     self.bus.unsubscribe(channel, callback)
-                except Exception:  # a bus that lost the listener already
+                except Exception:  # noqa: BLE001 - a bus that lost it already
                     pass
             self._listeners.clear()
             if not self._hub:

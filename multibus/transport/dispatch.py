@@ -100,7 +100,7 @@ class Dispatcher:
                 self.bus.log(*args)
             else:
                 self.bus.publish(channel, *args)
-        except Exception:  # a failing listener was logged by the bus; count it, go on
+        except Exception:  # noqa: BLE001 - logged by the bus; counted
             self.stats.report("dispatch_errors")
 
     def _main(self) -> None:
@@ -120,7 +120,7 @@ class Dispatcher:
                     self._logs(item[1], item[2])
             except (SystemExit, KeyboardInterrupt):
                 pass  # a listener's, not ours: this thread cannot exit the process
-            except Exception:
+            except Exception:  # noqa: BLE001 - counted and logged
                 report("internal_errors")
                 self._log_internal()
             finally:
@@ -132,7 +132,7 @@ class Dispatcher:
         try:
             self.bus.log(f"multibus bridge {self.name!r}: dispatch thread error", 40,
                          traceback=True)
-        except Exception:  # a failing 'log' listener: counted, nothing more to do
+        except Exception:  # noqa: BLE001 - a failing 'log' listener: counted
             self.stats.report("dispatch_errors")
 
     def _logs(self, origin: str, msgs: list[Any]) -> None:
@@ -143,7 +143,7 @@ class Dispatcher:
                                (bus.log, (f"{origin} | {msg}", level))):
                 try:
                     call(*args)
-                except Exception:
+                except Exception:  # noqa: BLE001 - logged by the bus; counted
                     self.stats.report("dispatch_errors")
 
     def deliver(self, runs: list[list[Any]]) -> None:
@@ -165,13 +165,13 @@ class Dispatcher:
                     for args, kw in entries:
                         try:
                             publish(ch, *args, **kw)
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - logged by the bus; counted
                             failed += 1
                 else:
                     for args in entries:
                         try:
                             publish(ch, *args)
-                        except Exception:
+                        except Exception:  # noqa: BLE001 - logged by the bus; counted
                             failed += 1
         finally:
             tls.remote = None

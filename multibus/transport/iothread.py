@@ -171,7 +171,7 @@ class IOThread:
     def _main(self) -> None:
         try:
             self._open()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised in subscribe()
             self._open_error = exc
             self._closed()
             self._ready.set()
@@ -183,7 +183,7 @@ class IOThread:
                     self._loop_once()
                 except zmq.ContextTerminated:
                     break
-                except Exception as exc:  # never die on input or a bug: count, log, go on
+                except Exception as exc:  # noqa: BLE001 - never die: count, log, go on
                     self.internal_error(f"I/O thread error: {type(exc).__name__}: {exc}")
                     time.sleep(0.01)
             self._flush_on_close()

@@ -24,7 +24,7 @@ if "--fail" in sys.argv:
     bus.subscribe("start", fail, priority=80)
 try:
     bus.start()
-except Exception:
+except Exception:  # noqa: BLE001 - any start failure exits 2
     bus.exit()
     sys.exit(2)
 bus.block()

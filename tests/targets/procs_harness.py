@@ -28,7 +28,8 @@ def main() -> None:
     pm.spawn("cmd", sys.argv[1:])
     sys.stdin.read()  # the test closes stdin when done
     pm.close()
-    left = len(open(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read().split())
+    with open(f"/proc/{os.getpid()}/task/{os.getpid()}/children") as children:
+        left = len(children.read().split())
     print(f"CLOSED {left}", file=out, flush=True)
 
 
