@@ -11,7 +11,8 @@ One long-lived thread (:class:`ProcessManager`) does all of it, because:
   ``/proc/self/task/*/children`` (on SIGCHLD and whenever a worker exits) and reaped too,
   except children in the supervisor's own process group (those belong to the application);
 - stdout/stderr are read until EOF and delivered a whole line at a time, so a worker's last
-  lines are never lost and lines from different workers never interleave.
+  lines are never lost and lines from different workers never interleave; the lines of one
+  Python traceback on stderr are delivered together, as one record (:class:`_Traceback`).
 
 Idle, the thread sleeps in ``select`` with no timeout: zero wake-ups.
 """
@@ -46,6 +47,7 @@ PR_SET_CHILD_SUBREAPER = 36
 MAX_LINE = 64 * 1024  # a longer line is delivered in pieces of this size
 READ_SIZE = 64 * 1024
 SCAN_GAP = 0.02  # s between two scans for adopted orphans while exits keep coming
+TRACEBACK_WAIT = 0.1  # s a traceback's next line may take before it is delivered as it is
 
 
 def _prctl(option: int, value: int) -> None:
@@ -88,6 +90,16 @@ class Child:
     drained: threading.Event = field(default_factory=threading.Event)
     last_lines: list[str] = field(default_factory=list)  # the last few stderr/stdout lines
     data: dict[str, Any] = field(default_factory=dict)  # free for the owner (supervisor)
+    # How its owner had to end it ('SIGTERM', 'SIGTERM, then SIGKILL', 'SIGKILL'); empty if it
+    # was never signalled. Set by :func:`stop_children` and :meth:`kill`.
+    signalled: str = ""
+
+    def kill(self) -> None:
+        """SIGKILL its process group now and say so in ``signalled``; :func:`stop_children`
+        then only waits for it. Safe in a signal handler (no lock, no log)."""
+        if self.returncode is None:
+            signal_group(self.pgid, signal.SIGKILL)
+            self.signalled = "SIGKILL"
 
     @property
     def pid(self) -> int:
@@ -111,7 +123,7 @@ class Child:
 
 
 class _Stream:
-    __slots__ = ("child", "name", "fd", "file", "buf")
+    __slots__ = ("child", "name", "fd", "file", "buf", "tb")
 
     def __init__(self, child: Child, name: str, file: Any) -> None:
         self.child = child
@@ -119,7 +131,47 @@ class _Stream:
         self.file = file
         self.fd = file.fileno()
         self.buf = b""
+        self.tb: _Traceback | None = None  # stderr: a traceback being collected
         os.set_blocking(self.fd, False)
+
+
+_CHAINED = ("During handling of the above exception", "The above exception was the direct cause")
+
+
+class _Traceback:
+    """The lines of one Python traceback (chained ones included), collected so that they
+    are delivered as one record instead of one per line. It ends at the first line that
+    cannot continue it, at EOF, or ``TRACEBACK_WAIT`` s after its last line."""
+
+    __slots__ = ("lines", "ended", "timer")
+
+    def __init__(self, first: str) -> None:
+        self.lines = [first]
+        self.ended = False  # the exception line ('ValueError: ...') has come
+        self.timer: Handle | None = None
+
+    @staticmethod
+    def starts(line: str) -> bool:
+        return line.startswith("Traceback (most recent call last):")
+
+    def add(self, line: str) -> bool:
+        """Take ``line`` if it continues the traceback."""
+        if not line or line[0] in " \t" or line.startswith(_CHAINED):
+            pass  # frames, source lines, carets, the blank lines and text between chained ones
+        elif self.starts(line):
+            last = next((x for x in reversed(self.lines) if x), "")
+            if not last.startswith(_CHAINED):
+                return False
+            self.ended = False
+        elif self.ended:
+            return False
+        else:
+            self.ended = True  # the exception line itself
+        self.lines.append(line)
+        return True
+
+    def text(self) -> str:
+        return "\n".join(self.lines).rstrip("\n")
 
 
 LineCallback = Callable[[Child, str, str], None]
@@ -130,8 +182,9 @@ class ProcessManager:
     """The thread that spawns children, waits for them and reads their output.
 
     ``on_line(child, stream, line)`` gets each output line ('stdout'/'stderr', without the
-    newline); ``on_exit(child)`` runs once a child is reaped. Both run in the manager thread,
-    as do callables passed to :meth:`call_soon` / :meth:`call_later`.
+    newline; the lines of one traceback on stderr come as one, joined by newlines);
+    ``on_exit(child)`` runs once a child is reaped. Both run in the manager thread, as do
+    callables passed to :meth:`call_soon` / :meth:`call_later`.
     """
 
     def __init__(
@@ -357,6 +410,7 @@ class ProcessManager:
         if stream.buf:
             self._line(stream, stream.buf)
             stream.buf = b""
+        self._end_traceback(stream)
         self._sel.unregister(stream.fd)
         stream.file.close()
         child = stream.child
@@ -371,6 +425,34 @@ class ProcessManager:
             child.last_lines.append(line)
             if len(child.last_lines) > self.keep_lines:
                 del child.last_lines[0]
+        if stream.name == "stderr":
+            tb = stream.tb
+            if tb is not None:
+                if tb.add(line):
+                    self._wait_traceback(stream, tb)
+                    return
+                self._end_traceback(stream)
+            if _Traceback.starts(line):
+                stream.tb = tb = _Traceback(line)
+                self._wait_traceback(stream, tb)
+                return
+        self._deliver(stream, line)
+
+    def _wait_traceback(self, stream: _Stream, tb: _Traceback) -> None:
+        """(Re)arm the timer that delivers ``tb`` if no line continues it soon."""
+        if tb.timer is not None:
+            tb.timer.cancel()
+        tb.timer = self.call_later(TRACEBACK_WAIT, lambda: self._end_traceback(stream))
+
+    def _end_traceback(self, stream: _Stream) -> None:
+        tb, stream.tb = stream.tb, None
+        if tb is not None:
+            if tb.timer is not None:
+                tb.timer.cancel()
+            self._deliver(stream, tb.text())
+
+    def _deliver(self, stream: _Stream, line: str) -> None:
+        child = stream.child
         if self.on_line is not None:
             try:
                 self.on_line(child, stream.name, line)
@@ -485,7 +567,9 @@ def stop_children(
     ``deadlines`` is a monotonic deadline per child (or one for all) by which it should have
     exited on its own (the caller asked it to). A child still alive then gets SIGTERM to its
     process group, and ``term_timeout`` later SIGKILL. A KeyboardInterrupt while waiting (a
-    second Ctrl-C) escalates to SIGKILL at once. Returns the children that had to be signalled.
+    second Ctrl-C) escalates to SIGKILL at once. A child already killed (:meth:`Child.kill`)
+    is only waited for: nothing more is sent or said about it. Returns the children that had
+    to be signalled here; each one's ``signalled`` says how.
     """
     children = [c for c in children]
     signalled: set[Child] = set()
@@ -502,25 +586,28 @@ def stop_children(
             c.exited.wait(max(0.0, when(c) - time.monotonic()))
         return [c for c in cs if not c.exited.is_set()]
 
-    def kill_all(cs: list[Child], why: str) -> None:
-        for c in cs:
-            if not c.exited.is_set():
-                say(f"{c.name} (pid {c.pid}): {why}; sending SIGKILL to its process group")
-                signal_group(c.pgid, signal.SIGKILL)
-                signalled.add(c)
+    def unkilled(cs: list[Child]) -> list[Child]:
+        return [c for c in cs if not c.exited.is_set() and c.signalled != "SIGKILL"]
 
-    left = children
+    def kill_all(cs: list[Child], why: str) -> None:
+        for c in unkilled(cs):
+            say(f"{c.name} (pid {c.pid}): {why}; sending SIGKILL to its process group")
+            signal_group(c.pgid, signal.SIGKILL)
+            c.signalled = f"{c.signalled}, then SIGKILL" if c.signalled else "SIGKILL"
+            signalled.add(c)
+
     try:
-        left = wait_until(left, deadline_of)
+        left = unkilled(wait_until(unkilled(children), deadline_of))
         for c in left:
             say(f"{c.name} (pid {c.pid}) did not stop in time; sending SIGTERM to its group")
             signal_group(c.pgid, signal.SIGTERM)
+            c.signalled = "SIGTERM"
             signalled.add(c)
         term_deadline = time.monotonic() + term_timeout
         left = wait_until(left, lambda c: term_deadline)
         kill_all(left, f"still alive {term_timeout:g}s after SIGTERM")
     except KeyboardInterrupt:
-        kill_all([c for c in children if not c.exited.is_set()], "interrupted again")
+        kill_all(children, "interrupted again")
     kill_deadline = time.monotonic() + kill_timeout
     while True:
         try:
@@ -528,8 +615,7 @@ def stop_children(
                               lambda c: kill_deadline)
             break
         except KeyboardInterrupt:
-            kill_all([c for c in children if not c.exited.is_set()], "interrupted again")
+            kill_all(children, "interrupted again")
     for c in left:
         say(f"{c.name} (pid {c.pid}) survived SIGKILL for {kill_timeout:g}s", 40)
     return signalled
-

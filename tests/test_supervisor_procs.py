@@ -191,3 +191,49 @@ def test_grandchild_is_reaped_by_subreaper():
     finally:
         p.kill()
         p.wait()
+
+
+TRACEBACKS = r"""
+import sys
+print("before", file=sys.stderr, flush=True)
+def f():
+    raise KeyError("inner")
+try:
+    f()
+except KeyError as e:
+    try:
+        raise RuntimeError("outer") from e
+    except RuntimeError:
+        import traceback
+        traceback.print_exc()
+print("after", file=sys.stderr, flush=True)
+raise ValueError("last")
+"""
+
+
+@pytest.mark.timeout(20)
+def test_a_traceback_on_stderr_is_one_record(pm):
+    child = pm.spawn("w", [PY, "-c", TRACEBACKS])
+    assert child.drained.wait(5)
+    got = [line for name, stream, line in pm.collect.lines if stream == "stderr"]
+    assert len(got) == 4, got  # before, the chained traceback, after, the last traceback
+    assert got[0] == "before" and got[2] == "after"
+    chained, last = got[1], got[3]
+    assert chained.startswith("Traceback (most recent call last):")
+    assert "KeyError: 'inner'" in chained and chained.endswith("RuntimeError: outer")
+    assert "direct cause" in chained
+    assert last.startswith("Traceback") and last.endswith("ValueError: last")
+
+
+@pytest.mark.timeout(20)
+def test_stop_children_says_nothing_more_about_a_killed_child(pm):
+    """After a second Ctrl-C killed the workers: no 'sending SIGTERM', no SIGKILL again."""
+    child = pm.spawn("w", [PY, "-c", "import signal, time; signal.signal(15, signal.SIG_IGN);"
+                                     "print('up', flush=True); time.sleep(60)"])
+    assert wait_for(lambda: ("w", "stdout", "up") in pm.collect.lines)
+    child.kill()
+    said: list[str] = []
+    assert stop_children([child], time.monotonic(), term_timeout=0.1,
+                         log=lambda msg, level: said.append(msg)) == set()
+    assert child.returncode == -signal.SIGKILL
+    assert said == [] and child.signalled == "SIGKILL"
