@@ -303,8 +303,11 @@ class Bus:
         raise failures
 
     def _log_failure(self, channel: str | None, listener: Callable[..., Any]) -> None:
-        if channel != "log":  # a failing log listener would fail again
-            self.log(f"Error in {channel!r} listener {listener!r}", 40, traceback=True)
+        if channel == "log":  # a failing log listener would fail again
+            return
+        if getattr(sys.exc_info()[1], "reported_by_caller", False):
+            return  # raised to whoever published (e.g. FleetError from start()), who reports it
+        self.log(f"Error in {channel!r} listener {listener!r}", 40, traceback=True)
 
     def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
         """Publish ``(msg, level)`` on 'log', with the current traceback appended if asked."""
@@ -333,7 +336,8 @@ class Bus:
             self._exit_quietly()
             raise
         except ChannelFailures as failures:
-            self.log("Shutting down due to error in start listener:", level=40, traceback=True)
+            # the listener's traceback was logged by publish(): not once more
+            self.log("Shutting down due to error in start listener", level=40)
             self._stop_quietly()
             errors = failures.get_instances()
             if len(errors) == 1:

@@ -380,7 +380,7 @@ def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
             if p.returncode != 0:
                 lines = [ln for ln in (err or "").splitlines() if ln.strip()]
                 why = lines[-1] if lines else f"exit status {p.returncode}"
-                hint = "" if "PYTHONPATH" in why else (
+                hint = "" if ("PYTHONPATH" in why or "pip install" in why) else (
                     " (set pythonpath or cwd in the file, or PYTHONPATH)")
                 raise ConfigError(f"{config.source}: groups.{spec.name}.target: {why}{hint}")
     finally:

@@ -5,9 +5,10 @@ Order matters and is the point of this module:
 1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, then exit if the parent pid we were given is no longer
    our parent (it died before the prctl took effect). Nothing else is imported first.
 2. Build a Bus, load the target (``package.module:callable`` called with the bus so it can
-   subscribe its plugins) — *before* connecting, so the supervisor's 'start' can never reach a
-   bus whose plugins are not subscribed yet. A target that cannot be imported or called exits
-   with status 2 and one line naming it.
+   subscribe its plugins, and return) — *before* connecting, so the supervisor's 'start' can
+   never reach a bus whose plugins are not subscribed yet. What the target logs on the bus
+   meanwhile is held and sent once connected (``Bridge.hold_logs``). A target that cannot be
+   imported or called exits with status 2 and one line naming it.
 3. Connect a Bridge (role='peer'); lifecycle commands arrive through it and are applied
    in the main thread (``bus.defer``), which has nothing else to do while it blocks.
 4. Block until the bus exits: on an 'exit' command, on SIGTERM (also what PDEATHSIG sends),
@@ -135,6 +136,17 @@ class TargetError(Exception):
     """The worker's target cannot be imported or called."""
 
 
+def _import_hint(e: Exception, module_name: str) -> str:
+    """What to do about an import error: a module missing from outside the target's own
+    package is a third-party package to install; anything else is a path to fix."""
+    missing = getattr(e, "name", None) if isinstance(e, ModuleNotFoundError) else None
+    if missing:
+        top = missing.partition(".")[0]
+        if top != module_name.partition(".")[0]:
+            return f"it needs the package {top!r}: install it, e.g. pip install {top}"
+    return "check the module is on PYTHONPATH / the spec's cwd"
+
+
 def load_target(target: str):
     """Resolve ``package.module:callable``; TargetError names the target and the fix."""
     import importlib
@@ -145,9 +157,9 @@ def load_target(target: str):
     try:
         obj = importlib.import_module(module_name)
     except Exception as e:
+        hint = _import_hint(e, module_name)
         raise TargetError(
-            f"cannot import target {target!r}: {type(e).__name__}: {e} "
-            f"(check the module is on PYTHONPATH / the spec's cwd)"
+            f"cannot import target {target!r}: {type(e).__name__}: {e} ({hint})"
         ) from e
     for part in attr.split("."):
         try:
@@ -237,7 +249,23 @@ def main(argv: list[str] | None = None) -> int:
 
     bus.subscribe("hub.lost", on_hub_lost)
 
-    # 2. the target subscribes its plugins before any command can arrive
+    # 2. the target subscribes its plugins before any command can arrive; what it logs
+    # meanwhile is held by the (not yet connected) bridge and sent first once it connects
+    from multibus.transport.bridge import Bridge
+
+    peer: Bridge | ValueError
+    try:
+        peer = Bridge(
+            bus,
+            role="peer",
+            name=name,
+            endpoints=opts.get("endpoints"),  # type: ignore[arg-type]
+            channels=opts["channels"],  # type: ignore[arg-type]
+            apply_via=bus.defer,  # commands run in this main thread, which waits in block()
+            **{k: opts[k] for k in ("heartbeat", "peer_timeout") if k in opts},  # type: ignore[arg-type]
+        ).hold_logs()
+    except ValueError as e:  # bad bridge options: raised at step 3, after the target's errors
+        peer = e
     try:
         func = load_target(str(opts["target"]))
     except TargetError as e:
@@ -258,17 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_TARGET
 
     # 3. connect
-    from multibus.transport.bridge import Bridge
-
-    bridge.append(Bridge(
-        bus,
-        role="peer",
-        name=name,
-        endpoints=opts.get("endpoints"),  # type: ignore[arg-type]
-        channels=opts["channels"],  # type: ignore[arg-type]
-        apply_via=bus.defer,  # commands run in this main thread, which waits in block()
-        **{k: opts[k] for k in ("heartbeat", "peer_timeout") if k in opts},  # type: ignore[arg-type]
-    ).subscribe())
+    if isinstance(peer, ValueError):
+        raise peer
+    bridge.append(peer.subscribe())
 
     # 4. block until exit
     bus.block()

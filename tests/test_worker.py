@@ -38,6 +38,15 @@ def test_load_target_errors_name_the_target(target, words):
         assert w in str(e.value)
 
 
+def test_a_missing_third_party_package_says_install_it():
+    with pytest.raises(TargetError) as e:
+        load_target("targets.needs_pkg:worker")
+    msg = str(e.value)
+    assert "No module named 'no_such_dependency_xyz'" in msg
+    assert "install it, e.g. pip install no_such_dependency_xyz" in msg
+    assert "PYTHONPATH" not in msg
+
+
 @pytest.mark.timeout(20)
 def test_unimportable_target_exits_2_with_one_clear_line():
     r = run_worker("--parent-pid", str(os.getpid()), "--name", "w.0",

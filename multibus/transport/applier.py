@@ -6,6 +6,7 @@ not an action, so applying one twice or late is harmless. The I/O thread never a
 through ``apply_via`` (a worker passes ``bus.defer``: its main thread idles in ``block()``
 anyway) or on its own non-daemon thread, started at the first command and ended after
 ``APPLIER_IDLE`` s without one (non-daemon, so ``block()`` waits for an exit applied there).
+A command that fails (a start listener raised) is reported to the hub (``on_failed``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from multibus.bus import state_name
 from multibus.transport.stats import BridgeStats
+from multibus.transport.wire import MAX_ERROR
 
 __all__ = ["APPLIER_IDLE", "Applier", "wire_state"]
 
@@ -43,11 +45,13 @@ class Applier:
         name: str,
         stats: BridgeStats,
         apply_via: Callable[[Callable[[], None]], None] | None = None,
+        on_failed: Callable[[str | None, str], None] | None = None,
     ) -> None:
         self.bus = bus
         self.name = name
         self.stats = stats
         self.apply_via = apply_via
+        self.on_failed = on_failed  # (desired state or None, "ExcType: message")
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._wants: collections.deque[tuple[int, str | None, int]] = collections.deque()
@@ -129,9 +133,15 @@ class Applier:
             self.stats.report("cmd_applied")
         except BaseException as exc:
             self.stats.report("cmd_failed")
+            error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR]
+            if self.on_failed is not None:
+                self.on_failed(desired, error)
+            # A listener's failure was logged by the bus with its traceback, and on_failed
+            # reports it: say it again only in the debug log.
+            level = 10 if isinstance(exc, Exception) else 40
             try:
                 bus.log(f"multibus bridge {self.name!r}: applying {desired or 'graceful'} "
-                        f"failed: {type(exc).__name__}: {exc}", 40)
+                        f"failed: {error}", level)
             except Exception:  # noqa: BLE001 - a failing log listener
                 pass
             if isinstance(exc, KeyboardInterrupt | SystemExit):

@@ -14,7 +14,7 @@ Sockets (all owned by ONE daemon I/O thread per bridge; other threads hand it wo
 its call queue and the outbox's deques, plus the one wake-up pipe of its poller)::
 
     hub ROUTER  <-> peer DEALER (routing id = peer name)  control: hello/welcome, cmd/ack,
-                                                          state, heartbeats, sync-ready, bye
+                                                          state, failed, heartbeats, sync-ready, bye
     hub XPUB     -> peer SUB                              down: mirrored publishes, sync probes
     hub PULL    <-  peer PUSH                             up: mirrored publishes and logs
 
@@ -61,6 +61,8 @@ Delivery rules (see ``wire.py`` for the frame format):
 
 Channels published on the hub's bus: ``peer.joined(name, pid)``, ``peer.state(name, state)``,
 ``peer.lost(name, reason)`` (reason: 'heartbeat timeout', 'disconnected', 'exited', 'left'),
+``peer.failed(name, desired, error)`` (a command failed there: desired is 'STARTED',
+'STOPPED', 'EXITING' or None for a graceful; error is "ExcType: message"),
 ``peer.log(name, msg, level)`` and ``log(f"{name} | {msg}", level)``. On a peer's bus:
 ``hub.joined(name)`` and ``hub.lost(reason)``. The bridge's own warnings go to 'log'.
 
@@ -179,6 +181,7 @@ class Bridge:
         self._listeners: list[tuple[str, Any]] = []
         self._lifecycle_lock = threading.Lock()
         self._started = False
+        self._holding_logs = False
 
         # the parts (no thread runs before subscribe())
         tls = ThreadState()
@@ -195,6 +198,7 @@ class Bridge:
         else:
             self._applier = Applier(bus, name, stats, apply_via)
             self._session = PeerSession(self, io, self._applier)
+            self._applier.on_failed = self._session.note_failure
         io.session = self._session
         io.on_closed = self._remove_ipc
 
@@ -225,10 +229,23 @@ class Bridge:
             self._started = True
             for ch in sorted(self.channels):
                 self._listen(ch, self._outbox.mirror_listener(ch), 50)
-            if not self._hub:
+            if not self._hub and not self._holding_logs:
                 self._listen("log", self._session.on_log, 50)
             self._listen("exit", self._on_exit, EXIT_PRIORITY)
             return self
+
+    def hold_logs(self) -> Bridge:
+        """(peer) Keep the bus's 'log' records from now on, to be sent in order once
+        :meth:`subscribe` has connected. A worker calls it before its target runs, so what
+        the target logs while it sets up is not lost (it connects only once the target
+        returned). Returns the bridge."""
+        if self._hub:
+            raise BridgeError(f"Bridge.hold_logs() is for a peer; {self.name!r} is the hub")
+        with self._lifecycle_lock:
+            if not self._holding_logs and not self._started:
+                self._holding_logs = True
+                self._listen("log", self._session.on_log, 50)  # queued in the outbox
+        return self
 
     def abandon(self) -> None:
         """Leave without last words: when this bridge closes, it lingers on nothing.

@@ -208,6 +208,8 @@ class HubSession:
             self._state(link, msg["state"])
         elif kind == "state":
             self._state(link, msg["state"])
+        elif kind == "failed":
+            self.io.emit("peer.failed", link.name, msg["state"], msg["error"])
         elif kind == "ack":
             if msg["epoch"] == self.epoch and msg["seq"] >= link.cmd_seq:
                 link.pending = False

@@ -4,10 +4,12 @@ A peer connects a DEALER (routing id = its name) to the hub's ROUTER, a PUSH to 
 it mirrors channels, a SUB to 'down'. It says hello when the control handshake succeeds (and
 again until welcomed, or when the hub says 'who'); acks each command on receipt and hands it
 to the :class:`~multibus.transport.applier.Applier`, once per (epoch, seq); reports each state
-change of its bus; and forwards its 'log' records upstream. ``hub.lost`` is published on the
+change of its bus and each command that failed in it; and forwards its 'log' records
+upstream. ``hub.lost`` is published on the
 control socket's DISCONNECTED event or a heartbeat timeout; after it the peer closes with
 linger 0 (nobody is left to read its last words). Runs on the I/O thread, except
-:meth:`PeerSession.note_state` and :meth:`PeerSession.on_log` (any thread).
+:meth:`PeerSession.note_state`, :meth:`PeerSession.note_failure` and
+:meth:`PeerSession.on_log` (any thread).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class PeerSession:
         self._last_state: object = None
         self._reported: str | None = None
         self._states: collections.deque[str] = collections.deque()  # any thread -> I/O
+        self._failures: collections.deque[bytes] = collections.deque()  # 'failed' frames
 
     # ---------------------------------------------------------------- sockets
 
@@ -88,6 +91,13 @@ class PeerSession:
             self._states.append(wire_state(state))
             self.io.wake()
 
+    def note_failure(self, desired: str | None, error: str) -> None:
+        """A command failed here (the applier's ``on_failed``): report it after the state
+        reports queued before it."""
+        self.note_state()
+        self._failures.append(wire.encode("failed", state=desired, error=error))
+        self.io.wake()
+
     def on_log(self, msg: Any = "", level: Any = 20, *args: Any, **kwargs: Any) -> None:
         """The bus's 'log' listener: forward the record upstream; note a state change
         announced by it."""
@@ -101,10 +111,10 @@ class PeerSession:
     # ---------------------------------------------------------------- I/O thread
 
     def has_work(self) -> bool:
-        return bool(self._states)
+        return bool(self._states) or bool(self._failures and self._welcomed)
 
     def before_flush(self) -> None:
-        if self._states:
+        if self._states or self._failures:
             self._send_states()
 
     def closing(self) -> None:
@@ -203,6 +213,8 @@ class PeerSession:
                 self._reported = state
                 if self._welcomed:
                     self._send(wire.encode("state", state=state))
+        while self._failures and self._welcomed:  # a command came: we were welcomed
+            self._send(self._failures.popleft())
 
     def tick(self, now: float) -> None:
         """Hub timeout, hello retries, heartbeats; with ``heartbeat=None`` only a pending

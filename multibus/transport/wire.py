@@ -35,6 +35,7 @@ from multibus.names import valid_name
 
 __all__ = [
     "FRAME_OVERHEAD",
+    "MAX_ERROR",
     "MAX_MESSAGE",
     "MAX_NAME",
     "SCHEMAS",
@@ -58,6 +59,7 @@ FRAME_OVERHEAD = 512  # header bytes reserved in a batch frame (keys, origin, ep
 MAX_CHANNEL = 128
 MAX_BATCH = 65535  # messages per frame
 DESIRED_STATES = frozenset(("STARTED", "STOPPED", "EXITING"))
+MAX_ERROR = 4096  # characters of a 'failed' frame's error text
 _U64 = (1 << 64) - 1
 
 
@@ -92,6 +94,10 @@ def _state(v: object) -> bool:
 
 def _desired(v: object) -> bool:
     return v is None or (type(v) is str and v in DESIRED_STATES)
+
+
+def _error(v: object) -> bool:
+    return type(v) is str and len(v) <= MAX_ERROR
 
 
 def _pid(v: object) -> bool:
@@ -153,6 +159,9 @@ SCHEMAS: dict[str, dict[str, _Validator]] = {
     "ready": {"token": _u64},
     "ack": {"epoch": _u64, "seq": _u64},
     "state": {"state": _state},
+    # a command failed in the peer: the desired state it could not reach (None: a graceful)
+    # and "ExcType: message". An older hub drops it (counted as 'kind'): hence no new version.
+    "failed": {"state": _desired, "error": _error},
     # both ways: the hub epoch as the sender knows it (0: none yet), its own bus state, and
     # whether this answers an hb (a side without heartbeats answers each hb that is not one)
     "hb": {"epoch": _u64, "state": _state, "reply": _bool},
