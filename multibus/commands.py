@@ -79,17 +79,30 @@ def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return None
 
 
+def _stop_bus(ctl: Any) -> str | None:
+    """Stop the bus; say which workers had to be killed meanwhile, and why (None: none)."""
+    before = len(ctl.sup.kills)
+    ctl.bus.stop()
+    kills = ctl.sup.kills[before:]
+    if not kills:
+        return None
+    return (f"{len(kills)} worker{'s' if len(kills) != 1 else ''} had to be killed, their "
+            "processes are gone: " + "; ".join(f"{name} ({why})" for name, why in kills))
+
+
 def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     if state == "STOPPED":
         return "already STOPPED"
-    ctl.bus.stop()
+    killed = _stop_bus(ctl)
+    if killed:
+        raise ControlError(killed)  # the op fails: `multibus stop` prints it and exits 1
     return None
 
 
 def _restart(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    if state != "STOPPED":
-        ctl.bus.stop()
-    return _start(ctl, state, args)
+    killed = _stop_bus(ctl) if state != "STOPPED" else None
+    note = _start(ctl, state, args)
+    return killed if killed else note  # started again: the kills are a note, not a failure
 
 
 def _graceful(ctl: Any, state: str, args: dict[str, Any]) -> str | None:

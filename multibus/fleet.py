@@ -61,6 +61,7 @@ class WorkerSlot:
     since: float | None = None
     wanted: bool = True  # False once scaled away: removed when its process is gone
     pending: Handle | None = None  # a scheduled restart
+    start_error: str | None = None  # its process reported that its bus failed to start
     last_lines: list[str] = field(default_factory=list)
 
     @property

@@ -6,7 +6,8 @@ commands; the keeper handles the events that come from elsewhere, in other threa
 - from the :class:`~multibus.procs.ProcessManager` thread: output lines, exits (the dead are
   restarted as the :class:`~multibus.restart.RestartPolicy` says, or the fleet is stopped
   with the reason), and the restarts and spawns it runs there;
-- from the hub bridge ('peer.*' on the bus): joins, bus states, error records, lost contact.
+- from the hub bridge ('peer.*' on the bus): joins, bus states, error records, a command
+  that failed in a worker (a start listener raised: the start fails at once), lost contact.
 
 Its condition ``cond`` guards the :class:`~multibus.fleet.Fleet`; every change notifies it
 (``start``/``stop``/``scale`` wait on it) and publishes the status table on 'workers'.
@@ -30,7 +31,12 @@ S = WorkerState
 
 
 class FleetError(RuntimeError):
-    """The fleet could not start, or had to be stopped (restart intensity reached)."""
+    """The fleet could not start, or had to be stopped (restart intensity reached).
+
+    Its message says everything: raised by a 'start' listener, the bus does not log it with
+    a traceback; ``bus.start()`` raises it and its caller reports it, once."""
+
+    reported_by_caller = True
 
 
 class HubBridge(Protocol):
@@ -118,6 +124,7 @@ class Keeper:
         child.data["worker"] = w
         with self.cond:
             w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
+            w.start_error = None
         # A forked worker can join (and report STARTED) before we get here: the bridge events
         # for it were dropped as unknown, so take its state from the bridge (read outside our
         # lock; an event applied meanwhile is newer and wins).
@@ -150,7 +157,7 @@ class Keeper:
     def wait_started(self, slots: list[WorkerSlot] | None, deadline: dict[str, float],
                      t0: float) -> None:
         """Until every wanted one of ``slots`` (None: of the fleet, as it is then) is
-        STARTED; FleetError when one is late or the fleet failed."""
+        STARTED; FleetError when one failed to start (at once), is late, or the fleet failed."""
         with self.cond:
             while True:
                 if self.fatal:
@@ -159,6 +166,11 @@ class Keeper:
                            if w.wanted and w.state is not S.STARTED]
                 if not waiting:
                     return
+                failed = [w for w in waiting if w.start_error is not None]
+                if failed:
+                    w = failed[0]
+                    raise FleetError(f"fleet {self.name!r}: worker {w.name} failed to start: "
+                                     f"{w.start_error}")
                 now = time.monotonic()
                 late = [w for w in waiting if now >= deadline.get(w.name, now + 1)]
                 if late:
@@ -166,8 +178,18 @@ class Keeper:
                     raise FleetError(
                         f"fleet {self.name!r}: {len(late)} worker(s) not STARTED after "
                         f"{now - t0:.1f}s (start_timeout): "
-                        + "; ".join(w.describe() for w in late[:5]) + more)
+                        + "; ".join(self._why_late(w, now - t0) for w in late[:5]) + more)
                 self.cond.wait(min(deadline.get(w.name, now + 1) for w in waiting) - now)
+
+    @staticmethod
+    def _why_late(w: WorkerSlot, waited: float) -> str:
+        """What keeps ``w`` from STARTED. A live worker that has not joined is still in its
+        target: a target subscribes its plugins and returns, and only then connects."""
+        if w.state is S.SPAWNING and w.alive:
+            return (f"{w.name}: its target {w.spec.target} has not returned after "
+                    f"{waited:.1f}s: a target subscribes its plugins and returns; run blocking "
+                    "work in a plugin or a thread it starts")
+        return w.describe()
 
     def cancel_restarts(self) -> None:
         for w in self.fleet.slots():
@@ -236,11 +258,14 @@ class Keeper:
             self.running = False
             starting = self.bus.state is self.bus.states.STARTING
             self.cond.notify_all()
-        self.log(msg, 40)
-        if not starting:
+        if not starting:  # while starting, start() raises it to its caller, who reports it
+            self.log(msg, 40)
             # not from this (process) thread: exit() waits for the process thread's events.
-            # Non-daemon, so the main thread's block() waits until the exit is complete.
-            threading.Thread(target=self._exit_bus, name="fleet-failure-exit").start()
+            # Non-daemon, so the main thread's block() waits until the exit is complete (files
+            # removed, "Bus EXITED"); said explicitly, since a thread started by a daemon
+            # thread (ours, the bridge's) would be a daemon too.
+            threading.Thread(target=self._exit_bus, name="fleet-failure-exit",
+                             daemon=False).start()
 
     def _exit_bus(self) -> None:
         try:
@@ -274,12 +299,23 @@ class Keeper:
                 del lines[:-20]
                 w.last_lines = lines
 
+    def peer_failed(self, name: str, state: str | None = None, error: str = "",
+                    *args: Any) -> None:
+        """A command failed in worker ``name``: a failed start fails the start at once."""
+        if state != "STARTED":
+            return
+        with self.cond:
+            w = self.fleet.current(name, joined=True)
+            if w is not None:
+                w.start_error = error or "its start failed"
+                self.cond.notify_all()
+
     def peer_lost(self, name: str, reason: str = "", *args: Any) -> None:
         with self.cond:
             w = self.fleet.current(name, joined=True)
             running = self.running
-        if w is None or not running or w.child is None:
-            return
+        if w is None or not running or w.child is None or not w.wanted:
+            return  # not running, or scaled away: it was asked to leave (scale times it)
         child = w.child
         self.log(f"lost contact with worker {name} (pid {child.pid}): {reason}; terminating it",
                  30)

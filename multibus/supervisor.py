@@ -30,7 +30,7 @@ from typing import Any
 
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.keeper import FleetError, HubBridge, Keeper
-from multibus.procs import Child, ProcessManager, set_child_subreaper, signal_group, stop_children
+from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
 from multibus.restart import RestartPolicy
 from multibus.spawner import Spawner
 from multibus.specs import Intensity, SpecError, WorkerSpec, coerce_specs
@@ -106,6 +106,8 @@ class Supervisor:
                              log_output=log_output, term_timeout=term_timeout)
         self._cond = self.keeper.cond  # guards the fleet; notified at every change
         self.killed: set[str] = set()  # workers that had to be signalled
+        # (worker, why) for each kill, in order: what a 'stop' op reports (append-only)
+        self.kills: list[tuple[str, str]] = []
         self._subscribed: list[tuple[str, Callable[..., Any]]] = []
         self._exit_sent = False  # the stop that opened the exit already told workers to exit
 
@@ -155,6 +157,7 @@ class Supervisor:
             ("peer.joined", self.keeper.peer_joined, 50),
             ("peer.state", self.keeper.peer_state, 50),
             ("peer.lost", self.keeper.peer_lost, 50),
+            ("peer.failed", self.keeper.peer_failed, 50),
             ("peer.log", self.keeper.peer_log, 50),
         ):
             self.bus.subscribe(channel, cb, prio)
@@ -227,6 +230,8 @@ class Supervisor:
             k.failed = False
             k.running = True
             self.restart_policy.reset()
+            for w in self.fleet.slots():
+                w.start_error = None
         self.bridge.command("start")
         t0 = time.monotonic()
         k.spawn_missing()
@@ -244,12 +249,14 @@ class Supervisor:
 
     def kill_all(self) -> None:
         """SIGKILL every live worker's process group and record it as killed. Safe in a
-        signal handler (a second Ctrl-C): it logs nothing and takes no lock."""
+        signal handler (a second Ctrl-C): it logs nothing and takes no lock. The stop or
+        exit under way then only waits for them (no SIGTERM, no more messages)."""
         for w in self.fleet.slots():
             c = w.child
-            if c is not None and c.returncode is None:
-                signal_group(c.pgid, 9)
+            if c is not None and c.returncode is None and c.signalled != "SIGKILL":
+                c.kill()
                 self.killed.add(c.name)
+                self.kills.append((c.name, "interrupted again: SIGKILL"))
 
     def stop(self) -> None:
         """Stop every worker bus (processes stay); escalate on those that do not stop in time."""
@@ -309,30 +316,38 @@ class Supervisor:
         deadlines = {w.child: now + w.spec.stop_timeout
                      for w in live if w.child}
         self._mark_killed(stop_children(list(deadlines), deadlines,
-                                        term_timeout=self.term_timeout, log=self.log))
+                                        term_timeout=self.term_timeout, log=self.log),
+                          "did not exit")
         if self.procs is not None:
             self.procs.close()
         self.keeper.changed()
-        if self.exit_code:
-            why = self.keeper.fatal or ("killed: " + ", ".join(sorted(self.killed)))
-            self.log(f"fleet stopped with errors ({why})", 30)
+        if self.killed:  # a failure was logged when it happened: only the kills are news
+            n = len(self.killed)
+            self.log(f"fleet stopped with errors: {n} worker{'s' if n != 1 else ''} had to be "
+                     f"killed ({', '.join(sorted(self.killed))})", 30)
         self.unsubscribe()
 
     # -- helpers --------------------------------------------------------------------------
 
 
     def _escalate(self, workers: list[WorkerSlot], hurry: bool) -> None:
+        """Signal ``workers`` that are late (SIGTERM, then SIGKILL) or, in a ``hurry`` (a
+        second Ctrl-C), SIGKILL them all at once and wait for them."""
         children = [w.child for w in workers if w.child is not None]
         if hurry:
             self.kill_all()
-        signalled = stop_children(children, time.monotonic(), term_timeout=self.term_timeout,
-                                  log=self.log)
-        self._mark_killed(set(children) if hurry else signalled)
+        self._mark_killed(stop_children(children, time.monotonic(),
+                                        term_timeout=self.term_timeout, log=self.log),
+                          "did not stop")
 
-    def _mark_killed(self, children: Iterable[Child]) -> None:
+    def _mark_killed(self, children: Iterable[Child], what: str) -> None:
+        """Record ``children`` as killed: ``what`` they did not do in their stop_timeout."""
         with self._cond:
             for c in children:
                 self.killed.add(c.name)
+                w = c.data.get("worker")
+                limit = f" within {w.spec.stop_timeout:g}s" if w is not None else " in time"
+                self.kills.append((c.name, f"{what}{limit}: {c.signalled}"))
 
     # -- events from the process thread ---------------------------------------------------
 
@@ -384,7 +399,7 @@ class Supervisor:
             children = [w.child for w in live if w.child is not None]
             self._mark_killed(stop_children(
                 children, time.monotonic() + g.spec.stop_timeout,
-                term_timeout=self.term_timeout, log=self.log))
+                term_timeout=self.term_timeout, log=self.log), "did not exit")
         for w in removed:
             self.bridge.forget(w.name)
             self.restart_policy.forget(w.name)

@@ -40,6 +40,7 @@ class FakeSupervisor:
         self.hold.set()
         self.stopping = threading.Event()
         self.scaled: list[tuple[str, int]] = []
+        self.kills: list[tuple[str, str]] = []  # (worker, why) per kill, as the Supervisor's
         bus.subscribe("stop", self.stop)
 
     def stop(self) -> None:
@@ -261,3 +262,38 @@ def test_log_printer_never_blocks_the_caller():
     text = "".join(stream.lines)
     assert "line 0\n" in text and "debug line" not in text
     assert f"{printer.dropped} log lines dropped (output too slow)" in text
+
+
+@pytest.mark.timeout(60)
+def test_stop_that_had_to_kill_says_which_and_why_and_exits_1(capsys):
+    """`multibus stop` when a worker ignores its stop: the op fails naming it, exit 1."""
+    import argparse
+    import uuid
+    from pathlib import Path
+
+    from multibus.commands import _finish
+    from multibus.supervisor import Supervisor
+
+    here = Path(__file__).resolve().parent
+    bus = Bus()
+    spec = WorkerSpec(name="w", target="targets.jobs:stubborn", count=1, stop_timeout=0.3,
+                      env={"PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])})
+    sup = Supervisor(bus, [spec], name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
+                     subreaper=False, term_timeout=0.3).subscribe()
+    Control(bus, sup).subscribe()  # unsubscribes itself at the bus's exit
+    waiter = threading.Thread(target=bus.wait, args=(states.EXITING,), daemon=True)
+    try:
+        bus.start()
+        waiter.start()  # runs the queued transitions, like the main thread in block()
+        client = ControlClient(sup.name, timeout=5)
+        code = _finish(client, client.op("stop"), "stop",
+                       argparse.Namespace(no_wait=False, timeout=30))
+    finally:
+        bus.defer(bus.exit)
+        waiter.join(20)
+        if bus.state is not states.EXITING:
+            bus.exit()
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"{sup.name}: stop failed: 1 worker had to be killed" in err
+    assert "w.0 (did not stop within 0.3s: SIGTERM, then SIGKILL)" in err

@@ -228,10 +228,13 @@ def test_second_ctrl_c_during_stop_kills_at_once_exit_nonzero(fleets):
     f.ctrl_c()
     f.wait_line("Bus STOPPING", 10)
     t0 = time.monotonic()
+    before = len(f.lines)
     f.ctrl_c()
     assert f.wait() == 1
     assert time.monotonic() - t0 < 5  # not the 30 s stop timeout
     f.wait_line("interrupted again", 1)
+    # killed is killed: no escalation messages about those workers afterwards
+    assert not [ln for ln in f.lines[before:] if "sending SIG" in ln], f.lines[before:]
     f.assert_all_gone()
 
 
@@ -377,3 +380,72 @@ def test_second_supervisor_with_same_name_is_refused_with_first_pid(fleets):
     assert "REFUSED" in r.stdout and f"pid {f.proc.pid}" in r.stdout
     f.ctrl_c()
     assert f.wait() == 0
+
+
+# -- issue 15: what a new user tripped over ---------------------------------------------------
+
+def runtime_files(name: str) -> list[str]:
+    """The files supervisor ``name`` keeps in the (test's private) runtime dir."""
+    from multibus.rundir import runtime_dir
+
+    return sorted(p.name for p in runtime_dir(create=False).glob(f"{name}.*"))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("way", ["ctrl_c", "failed_start", "restart_limit"])
+def test_every_way_out_removes_the_runtime_files_and_logs_bus_exited(fleets, way):
+    args = {"ctrl_c": (), "failed_start": ("--target", "targets.jobs:failing_start"),
+            "restart_limit": ("--target", "targets.jobs:dies_soon", "--intensity", "2,30")}[way]
+    f = fleets(*args, n=1)
+    if way == "ctrl_c":
+        f.wait_line("^FLEET STARTED", 30)
+        assert f"{f.name}.pid" in runtime_files(f.name)
+        f.ctrl_c()
+    elif way == "restart_limit":
+        f.wait_line("^FLEET STARTED", 30)
+        f.wait_line("restart intensity reached", 30)
+    assert f.wait() == (0 if way == "ctrl_c" else 1), "\n".join(f.lines[-30:])
+    f.wait_line(r"^LOG 20 Bus EXITED", 1)
+    assert runtime_files(f.name) == []
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_failed_start_listener_fails_the_start_at_once_and_says_it_once(fleets):
+    f = fleets("--target", "targets.jobs:failing_start", "--start-timeout", "60", n=2)
+    t0 = time.monotonic()
+    err = f.wait_line("^FLEET ERROR", 20)  # not the 60 s start_timeout
+    assert time.monotonic() - t0 < 20
+    assert re.search(r"worker w\.[01] failed to start: RuntimeError: cannot open port 99999",
+                     err), err
+    assert f.wait() == 1
+    out = "\n".join(f.lines)
+    assert out.count("FLEET ERROR") == 1
+    # each worker's own traceback once; none from the supervisor
+    assert out.count("Traceback (most recent call last)") <= 2
+    assert "FleetError" not in out
+    assert not re.search(r"\(\w*: ?\)|killed: \)", out), "an empty list was printed"
+    f.assert_all_gone()
+
+
+@pytest.mark.timeout(60)
+def test_bus_log_in_the_target_body_arrives_in_order(fleets):
+    f = fleets("--target", "targets.jobs:logs_in_body", n=1)
+    f.wait_line("^FLEET STARTED", 30)
+    f.wait_line(r"^LOG 20 w\.0 \| start record", 10)
+    got = [ln for ln in f.lines if re.match(r"^LOG \d+ w\.0 \| \w+ record", ln)]
+    assert got[:3] == ["LOG 20 w.0 | body record 1", "LOG 30 w.0 | body record 2",
+                       "LOG 20 w.0 | start record"]
+    f.ctrl_c()
+    assert f.wait() == 0
+
+
+@pytest.mark.timeout(60)
+def test_target_that_never_returns_is_named_at_start_timeout(fleets):
+    f = fleets("--target", "targets.jobs:never_returns", "--start-timeout", "1",
+               "--stop-timeout", "0.5", "--term-timeout", "0.5", n=1)
+    err = f.wait_line("^FLEET ERROR", 30)
+    assert "w.0: its target targets.jobs:never_returns has not returned after" in err
+    assert "a target subscribes its plugins and returns" in err
+    assert f.wait() == 1
+    f.assert_all_gone()

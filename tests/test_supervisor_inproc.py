@@ -153,7 +153,9 @@ def test_start_timeout_names_worker_and_its_error(fleet):
     with pytest.raises(FleetError) as e:
         bus.start()
     msg = str(e.value)
-    assert "w.0" in msg and "not STARTED" in msg and "cannot open port 99999" in msg
+    # issue 15 item 3: the worker reports its failed start, so the start fails at once
+    # (it said "not STARTED" after start_timeout before)
+    assert "w.0" in msg and "failed to start" in msg and "cannot open port 99999" in msg
     bus.exit()
     assert sup.exit_code == 1
 
@@ -250,3 +252,21 @@ def test_worker_launch_contract_args_parse_back_and_env_is_built_once(monkeypatc
     env = worker_env(WorkerSpec(name="w", target="a.b:c", env={"PORT": "80"}))
     assert env["PORT"] == "80" and env["PYTHONUNBUFFERED"] == "1"
     assert env["PYTHONPATH"].split(os.pathsep) == ["/elsewhere", str(HERE.parent)]
+
+
+@pytest.mark.timeout(60)
+def test_scaling_down_is_not_a_loss(fleet):
+    """Workers that exit because they were scaled away are not 'lost': no warning, no
+    SIGTERM, exit code 0 (SIGTTOU and `multibus scale` both come here)."""
+    bus, sup = fleet(count=4)
+    records: list[tuple[str, int]] = []
+    bus.subscribe("log", lambda msg, level=20: records.append((msg, level)))
+    bus.start()
+    gone = [w.child for w in list(sup.workers.values())[1:]]
+    sup.scale("w", 1)
+    assert all(c.exited.wait(5) for c in gone)
+    assert [c.returncode for c in gone] == [0, 0, 0]
+    assert all(c.signalled == "" for c in gone)
+    assert not [m for m, lvl in records if lvl >= 30 or "lost contact" in m], records
+    bus.exit()
+    assert sup.exit_code == 0 and sup.kills == []

@@ -88,3 +88,26 @@ def chatty_on_exit(bus) -> None:
         sys.stdout.flush()
 
     bus.subscribe("exit", exit_)
+
+
+def dies_soon(bus) -> None:
+    """Reports STARTED, then dies (exit 1) $MB_DIE_AFTER s later (default 0.3): restarted
+    again and again, it reaches the restart limit of a running fleet."""
+
+    def start() -> None:
+        delay = float(os.environ.get("MB_DIE_AFTER", "0.3"))
+        threading.Timer(delay, lambda: os._exit(1)).start()
+
+    bus.subscribe("start", start)
+
+
+def logs_in_body(bus) -> None:
+    """Logs on its bus in its own body (before the worker connects) and when started."""
+    bus.log("body record 1")
+    bus.log("body record 2", 30)
+    bus.subscribe("start", lambda: bus.log("start record"))
+
+
+def never_returns(bus) -> None:
+    """A target that does its work itself instead of returning (the mistake)."""
+    threading.Event().wait()
