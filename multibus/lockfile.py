@@ -3,8 +3,11 @@
 The PID file and the hub-name lock in the runtime dir are both such files, so the careful
 open is written once, here:
 
-* opened ``O_RDWR|O_CLOEXEC|O_NOFOLLOW`` (mode 0600 when created): a symlink planted at the
-  path is refused, and no child inherits the lock;
+* opened ``O_RDWR|O_CLOEXEC|O_NOFOLLOW|O_NONBLOCK`` (mode 0600 when created): a symlink planted
+  at the path is refused, and no child inherits the lock;
+* refused unless it is a plain file of ours: not a FIFO or device, not a hard link (a second
+  name for someone else's file, which we would truncate and chmod), not owned by another user
+  (who could still write it) -- :class:`LockUnsafe` says which;
 * locked ``LOCK_EX|LOCK_NB``: the kernel drops the lock when its holder dies, however it
   dies, so a lock can never be stale, only its file's content;
 * after locking, the locked inode must still be the one at the path (an exiting holder
@@ -21,10 +24,11 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 
-__all__ = ["LockBusy", "LockError", "LockReplaced", "LockedFile", "acquire", "parse_record",
-           "probe"]
+__all__ = ["LockBusy", "LockError", "LockReplaced", "LockUnsafe", "LockedFile", "acquire",
+           "parse_record", "probe"]
 
 _READ_MAX = 256
 _TRIES = 20  # opens of a file that keeps being replaced before we give up
@@ -46,6 +50,24 @@ class LockBusy(LockError):
 
 class LockReplaced(LockError):
     """The file kept being unlinked or replaced between our open and our lock."""
+
+
+class LockUnsafe(LockError):
+    """The path is not a plain file of ours; ``text`` says what it is instead."""
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.text}"
+
+
+def _unsafe(st: os.stat_result) -> str | None:
+    """Why a file with status ``st`` must not be taken as a lock file; None when it may."""
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    if st.st_nlink > 1:
+        return f"it has {st.st_nlink} hard links (it is another name for some other file)"
+    if st.st_uid != os.geteuid():
+        return f"it belongs to uid {st.st_uid}, not to this process's uid {os.geteuid()}"
+    return None
 
 
 def _read(fd: int) -> str:
@@ -119,15 +141,20 @@ def acquire(
 ) -> LockedFile:
     """Open and lock ``path``. A lock held by someone else is retried for ``wait`` seconds,
     then raises :class:`LockBusy` carrying the holder's record. Raises :class:`LockReplaced`
-    after ``tries`` opens that each found another file at the path once locked, and
-    ``OSError`` when the file cannot be opened (``ELOOP`` for a symlink; ``FileNotFoundError``
-    when it is missing and ``create`` is false)."""
+    after ``tries`` opens that each found another file at the path once locked,
+    :class:`LockUnsafe` when the path is not a plain file of ours, and ``OSError`` when the
+    file cannot be opened (``ELOOP`` for a symlink; ``FileNotFoundError`` when it is missing and
+    ``create`` is false)."""
     path = os.fspath(path)
-    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_CREAT if create else 0)
+    flags = (os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+             | (os.O_CREAT if create else 0))
     deadline = time.monotonic() + wait
     for _ in range(tries):
         fd = os.open(path, flags, 0o600)
         try:
+            why = _unsafe(os.fstat(fd))
+            if why is not None:
+                raise LockUnsafe(path, why)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             text = _read(fd)
@@ -150,10 +177,12 @@ def probe(path: str | os.PathLike[str]) -> str | None:
     """The content of ``path`` if someone holds its lock; None if nobody does or it cannot be
     opened. Takes only a shared lock for an instant, so it never blocks a holder."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None  # a FIFO or device holds no record (and pread() on it fails)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:

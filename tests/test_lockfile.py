@@ -130,3 +130,34 @@ def test_the_lock_dies_with_its_holder(tmp_path):
 ])
 def test_parse_record_never_raises(text, record):
     assert parse_record(text) == record
+
+
+def test_a_fifo_is_refused_and_probing_it_does_not_block(tmp_path):
+    path = tmp_path / "x.pid"
+    os.mkfifo(path)
+    with pytest.raises(lockfile.LockUnsafe) as info:
+        acquire(path)
+    assert info.value.text == "it is not a regular file"
+    assert probe(path) is None
+
+
+def test_a_hard_link_is_refused_and_the_other_file_is_left_untouched(tmp_path):
+    victim = tmp_path / "precious"
+    victim.write_text("keep me")
+    victim.chmod(0o644)
+    path = tmp_path / "x.pid"
+    os.link(victim, path)
+    with pytest.raises(lockfile.LockUnsafe, match="2 hard links"):
+        acquire(path)
+    assert victim.read_text() == "keep me"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_a_file_owned_by_another_user_is_refused(tmp_path):
+    path = tmp_path / "x.pid"
+    path.write_text("theirs")
+    os.chown(path, 65534, 65534)
+    with pytest.raises(lockfile.LockUnsafe, match="belongs to uid 65534"):
+        acquire(path)
+    assert path.read_text() == "theirs"
