@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
@@ -44,8 +45,19 @@ def place_random_order(bus: Bus) -> None:
     bus.publish("order", side, quantity, symbol)
 
 
+_out = threading.Lock()
+
+
+def show(line: str) -> None:
+    """Print one whole line in one write: the bank prints from several threads (and the broker
+    shares its terminal), and print()'s separate newline let two lines run into one."""
+    with _out:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def say(who: str, msg: str) -> None:
-    print(f"{who:<6} | {msg}", flush=True)
+    show(f"{who:<6} | {msg}")
 
 
 # -- the broker (child) ---------------------------------------------------------------------
@@ -87,7 +99,7 @@ def broker(endpoints: str, parent: int) -> int:
 
 def bank(tick: float) -> int:
     bus = Bus()
-    bus.subscribe("log", lambda msg, level=20: print(msg, flush=True)
+    bus.subscribe("log", lambda msg, level=20: show(msg)
                   if msg.startswith(f"{BROKER} | ") else say("bank", msg))
     SignalHandler(bus).subscribe()
     bridge = Bridge(bus, role="hub", name=f"bank-{os.getpid()}", channels=["order"]).subscribe()

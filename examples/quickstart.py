@@ -36,18 +36,19 @@ def main() -> int:
 
     bus = Bus()
     LogBridge(bus).subscribe()            # bus 'log' channel -> logging, levels kept
+    print(f"PID file: {args.pidfile}", flush=True)
+    pidfile = PIDFile(bus, args.pidfile)
+    try:
+        pidfile.start()  # take it before anything else: a second copy is refused in one line
+    except PIDFileError as e:
+        print(f"quickstart: {e}", file=sys.stderr)
+        return 1
+    pidfile.subscribe()                   # ... and removed when the bus exits
     SignalHandler(bus).subscribe()        # SIGTERM/SIGINT -> exit, SIGUSR1 -> graceful
-    PIDFile(bus, args.pidfile).subscribe()
     Monitor(bus, lambda: log.info("heartbeat"), frequency=args.interval,
             name="heartbeat").subscribe()
 
-    print(f"PID file: {args.pidfile}", flush=True)
-    try:
-        bus.start()
-    except PIDFileError as e:
-        print(f"quickstart: {e}", file=sys.stderr)
-        bus.exit()
-        return 1
+    bus.start()
     bus.block()  # returns once the bus has exited (Ctrl-C, SIGTERM, bus.exit())
     return 0
 

@@ -332,7 +332,7 @@ class Bus:
         try:
             self.publish("start")
         except (KeyboardInterrupt, SystemExit):
-            self.log("Interrupted while starting: exiting bus", level=40)
+            self.log("Interrupted while starting: exiting bus")  # a request, not an error
             self._exit_quietly()
             raise
         except ChannelFailures as failures:
@@ -517,7 +517,9 @@ class Bus:
             self._exit_quietly()
             raise
 
-        self.log("Waiting for child threads to terminate...")
+        # CherryPy's line (its tests expect it), at DEBUG: printed on every exit, it was noise;
+        # each thread actually waited for is still logged at INFO below
+        self.log("Waiting for child threads to terminate...", 10)
         deadline = None if timeout is None else time.monotonic() + timeout
         current = threading.current_thread()
         for t in threading.enumerate():

@@ -5,6 +5,7 @@
     multibus start | stop | restart | graceful | exit
     multibus scale GROUP N
     multibus logs [-f] [GROUP]
+    multibus --version
 
 This module only parses argv. ``run`` loads and checks the fleet, then calls
 :func:`multibus.runner.run_fleet` (the foreground supervisor: Bus, Supervisor, Control socket,
@@ -104,6 +105,19 @@ def _client(args: argparse.Namespace) -> ControlClient:
 
 # --------------------------------------------------------------------------- parser
 
+def version() -> str:
+    """The installed package's version (its metadata), or the source tree's."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("multibus")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        from multibus import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -111,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 ok, 1 failure (or no such supervisor), 2 bad usage or "
                "configuration.",
     )
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     ap.add_argument("--name", dest="global_name", metavar="NAME", help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -135,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run a fleet in the foreground: TARGET is "
                          "'package.module:callable' (called with each worker's bus), or a "
                          "fleet .toml file. Ctrl-C / SIGTERM stop it gracefully; SIGHUP "
-                         "reloads; SIGTTIN / SIGTTOU add / remove a worker of the first group.")
+                         "stops it too on a terminal, and reloads when detached (stdin not a "
+                         "terminal: systemd, a daemon); SIGTTIN / SIGTTOU add / remove a worker "
+                         "of the first group.")
     run.add_argument("target", metavar="TARGET|FILE")
     run.add_argument("-n", type=int, default=None, metavar="N",
                      help="number of workers of TARGET (default 1)")

@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -186,7 +186,9 @@ class Status(Command):
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
                     waiting: argparse.ArgumentParser) -> None:
-        st = sub.add_parser("status", parents=[ctl], help="show every worker")
+        text = "show every worker: group, pid, state, restarts, uptime, CPU% and memory"
+        st = sub.add_parser("status", parents=[ctl], help="show every worker",
+                            description=text + "; and the operations queued")
         st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
         st.set_defaults(control=self)
 
@@ -235,7 +237,9 @@ class Scale(Command):
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
                     waiting: argparse.ArgumentParser) -> None:
-        sc = sub.add_parser("scale", parents=[ctl, waiting], help=TRANSITIONS["scale"].help)
+        text = TRANSITIONS["scale"].help
+        sc = sub.add_parser("scale", parents=[ctl, waiting], help=text,
+                            description=f"{text}: start or stop workers of that group")
         sc.add_argument("group")
         sc.add_argument("count", type=int, metavar="N")
         sc.set_defaults(control=self)
@@ -274,6 +278,8 @@ class Logs(Command):
     }
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
+        if req["since"] == 0:  # the first request of a `multibus logs`: an unknown name fails
+            ctl.check_source(req["group"])
         reply = self.reply(ctl, req)
         if reply["records"] or req["wait"] <= 0 or not ctl.follow(ident, req, MAX_FOLLOWERS):
             return reply
@@ -294,7 +300,9 @@ class Logs(Command):
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
                     waiting: argparse.ArgumentParser) -> None:
-        lg = sub.add_parser("logs", parents=[ctl], help="show recent log lines (of GROUP)")
+        lg = sub.add_parser("logs", parents=[ctl], help="show recent log lines (of GROUP)",
+                            description="Show the supervisor's recent log lines (it keeps the "
+                            "last 5000): every worker's, or those of GROUP")
         lg.add_argument("group", nargs="?", metavar="GROUP",
                         help="a group, a worker (group.index) or 'supervisor'")
         lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
@@ -306,16 +314,22 @@ class Logs(Command):
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         from multibus.config import parse_level
-        from multibus.logprinter import LogPrinter
+        from multibus.logprinter import LogPrinter, fleet_sources
 
         client = connect()
         level = parse_level(args.level) if args.level else 0
-        printer = LogPrinter(level, args.log_format or "text", sys.stdout)
+        lines = max(0, min(args.lines, 1000))
+        records: Iterable[Any]
+        seen: list[str] = []
         if args.follow:
-            records = client.follow(args.group, backlog=args.lines)
-        else:
-            records = client.logs(0, args.group, max(1, min(args.lines, 1000)))[0] \
-                if args.lines else []
+            records = client.follow(args.group, backlog=lines)
+        else:  # asked even for -n 0, so that an unknown name fails
+            recs = client.logs(0, args.group, max(1, lines))[0]
+            records = recs[-lines:] if lines else []
+            seen = [rec[3] for rec in records]
+        groups = client.status()["groups"]  # a stable column: as wide as the widest name
+        sources = [*fleet_sources({g["name"]: g["count"] for g in groups}), *seen]
+        printer = LogPrinter(level, args.log_format or "text", sys.stdout, sources=sources)
         try:
             for rec in records:
                 if rec[2] >= level:

@@ -234,6 +234,21 @@ class Control:
         'supervisor'), at most ``limit`` (the latest when ``since`` is 0); and the next seq."""
         return self.logs.records(since, limit, lambda source: _matches(source, group))
 
+    def check_source(self, source: str | None) -> None:
+        """Raise ControlError unless ``source`` (a 'logs' filter) names 'supervisor', a group
+        of this fleet, or a worker that runs or has logged."""
+        if not source or source == SUPERVISOR or source in self.sup.specs:
+            return
+        worker = WorkerName.parse(source)
+        group = worker.group if worker is not None else source
+        if group not in self.sup.specs:
+            raise ControlError(f"no group {group!r}; groups: {', '.join(self.sup.specs)}")
+        known = {r["name"] for r in self.sup.table() if r["group"] == group}
+        if source in known or source in self.logs.sources():
+            return
+        names = ", ".join(sorted(known, key=WorkerName.parse)) or "none"
+        raise ControlError(f"no worker {source!r}; workers of {group}: {names}")
+
     def follow(self, ident: bytes, req: dict[str, Any], most: int) -> bool:
         """Answer the 'logs' request ``req`` once records come or its wait is over; False if
         ``most`` requests are waiting already (answer it now)."""
@@ -326,10 +341,12 @@ class Control:
                           "exit_code", "uptime", "cpu_percent", "memory_rss"}],
              "queue": [{"op", "action", "args", "state", "error", "note"}]}
         """
+        order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
         rows = self.sup.table()
         workers = []
         live = set()
-        for r in sorted(rows, key=lambda r: WorkerName.parse(r["name"])):
+        for r in sorted(rows, key=lambda r: (order.get(r["group"], len(order)),
+                                             WorkerName.parse(r["name"]))):
             cpu, rss = self._usage(r.get("pid"))
             if r.get("pid"):
                 live.add(r["pid"])

@@ -10,11 +10,21 @@ from __future__ import annotations
 import collections
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any, TextIO
 
 from multibus.logview import SUPERVISOR, Record, format_json, format_text, split_source, use_colour
 
-__all__ = ["LogPrinter"]
+__all__ = ["LogPrinter", "MAX_WIDTH", "fleet_sources"]
+
+MAX_WIDTH = 24  # the source column never grows past this
+
+
+def fleet_sources(counts: Mapping[str, int]) -> list[str]:
+    """The widest sources a fleet's lines can show: 'supervisor' and, per group (name ->
+    worker count), a worker with an index of two digits at least, so that the column keeps
+    its width while a group scales up to 100."""
+    return [SUPERVISOR, *(f"{group}.{max(n, 100) - 1}" for group, n in counts.items())]
 
 
 class LogPrinter:
@@ -26,12 +36,16 @@ class LogPrinter:
     instead of stalling heartbeats or reaping. ``close()`` flushes what is queued.
     """
 
-    def __init__(self, level: int, fmt: str, stream: TextIO, max_queue: int = 10000) -> None:
+    def __init__(self, level: int, fmt: str, stream: TextIO, max_queue: int = 10000,
+                 sources: Iterable[str] = ()) -> None:
+        """``sources``: the source names expected (e.g. :func:`fleet_sources`): the source
+        column is as wide as the widest from the first line on, instead of widening partway
+        (it still widens for a longer one, up to ``MAX_WIDTH``)."""
         self.level = level
         self.fmt = fmt
         self.stream = stream
         self.colour = fmt == "text" and use_colour(stream)
-        self.width = 0
+        self.width = min(max((len(s) for s in sources), default=0), MAX_WIDTH)
         self.dropped = 0
         self._queue: collections.deque[Record] = collections.deque()
         self._max = max_queue
@@ -90,7 +104,7 @@ class LogPrinter:
         if self.fmt == "json":
             line = format_json(rec)
         else:
-            self.width = max(self.width, min(len(rec[3]), 24))
+            self.width = max(self.width, min(len(rec[3]), MAX_WIDTH))
             line = format_text(rec, self.colour, self.width)
         try:
             self.stream.write(line + "\n")

@@ -30,6 +30,7 @@ class LogRing:
         self._records: collections.deque[Record] = collections.deque(maxlen=size)
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
+        self._sources: set[str] = set()
         self.on_record = on_record
 
     def __call__(self, msg: Any = "", level: Any = 20, *args: Any, **kw: Any) -> None:
@@ -41,8 +42,14 @@ class LogRing:
         source, text = split_source(text)
         with self._lock:
             self._records.append((next(self._seq), time.time(), lvl, source, text))
+            self._sources.add(source)
         if self.on_record is not None:
             self.on_record()
+
+    def sources(self) -> frozenset[str]:
+        """Every source that logged a record (kept or since dropped from the ring)."""
+        with self._lock:
+            return frozenset(self._sources)
 
     def records(self, since: int = 0, limit: int = 1000,
                 keep: Callable[[str], bool] | None = None) -> tuple[list[Record], int]:

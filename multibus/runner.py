@@ -6,8 +6,10 @@ it by name), signal handling, log printing and systemd notification.
 
 Signals (see :class:`~multibus.plugins.signals.SignalHandler`): SIGINT/SIGTERM stop the fleet
 gracefully, then exit; while it is starting they abort the start at once; a second Ctrl-C
-while it exits kills every worker (``Supervisor.kill_all``). SIGHUP reloads, SIGTTIN/SIGTTOU
-scale the first group, both queued on the Control socket like the matching commands.
+while it exits kills every worker (``Supervisor.kill_all``). SIGHUP, as CherryPy's: on a
+terminal (it closed) like SIGTERM; detached (daemon, service, stdin not a tty) a reload.
+SIGHUP's reload and SIGTTIN/SIGTTOU (scale the first group) are queued on the Control socket
+like the matching commands.
 Exit status: 0 after a clean stop, 1 if a worker had to be killed or the fleet failed.
 """
 
@@ -24,8 +26,11 @@ from multibus.bus import Bus
 from multibus.commands import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from multibus.config import FleetConfig
 from multibus.control import Control
-from multibus.logprinter import LogPrinter
+from multibus.logprinter import LogPrinter, fleet_sources
+from multibus.logview import SUPERVISOR, split_source
+from multibus.plugins.pidfile import PIDFileError
 from multibus.plugins.signals import SignalHandler
+from multibus.rundir import HubNameInUse
 from multibus.specs import WorkerSpec, coerce_specs
 from multibus.supervisor import FleetError, Supervisor
 from multibus.systemd import sd_notify
@@ -40,6 +45,52 @@ class FleetRefused(RuntimeError):
     def __init__(self, msg: str, code: int) -> None:
         super().__init__(msg)
         self.code = code
+
+
+class _StartedLines:
+    """Each worker's own "Bus STARTED" line, so the supervisor's comes after them.
+
+    A worker reports its state and sends its log lines on two sockets, so the supervisor may
+    see every worker STARTED (and say "Bus STARTED") before their "Bus STARTED" lines arrive.
+    Its 'start' listener (after the Supervisor's) waits, at most ``timeout`` seconds, until it
+    has heard each STARTED worker say so; ``heard`` (a 'log' listener) notes the lines."""
+
+    def __init__(self, sup: Supervisor, timeout: float = 0.5) -> None:
+        self.sup = sup
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._heard: set[str] = set()
+
+    def forget(self) -> None:
+        """A start begins: lines of earlier starts do not count."""
+        with self._cond:
+            self._heard.clear()
+
+    def heard(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
+        source, text = split_source(msg) if isinstance(msg, str) else ("", "")
+        if text == "Bus STARTED" and source != SUPERVISOR:
+            with self._cond:
+                self._heard.add(source)
+                self._cond.notify_all()
+
+    def wait(self) -> None:
+        started = {r["name"] for r in self.sup.table() if r["state"] == "STARTED"}
+        with self._cond:
+            self._cond.wait_for(lambda: started <= self._heard, self.timeout)
+
+
+def _refusal(name: str, error: Exception, pidfile: Any) -> str:
+    """The one line saying why supervisor ``name`` could not start. A name in use (its
+    default PID file, or its hub lock) is fixed with ``--name``; an explicit PID file's own
+    message says which path to change."""
+    by_name = isinstance(error, HubNameInUse) or (
+        isinstance(error, PIDFileError) and pidfile in (None, True))
+    if not by_name:
+        return f"cannot start supervisor {name!r}: {error}"
+    pid = getattr(error, "pid", None)
+    who = f"pid {pid}" if pid else "another process"
+    return (f"cannot start supervisor {name!r}: that name is in use by {who}; run this one "
+            f"with --name OTHER, or stop that one first (multibus exit --name {name})")
 
 
 def run_fleet(
@@ -66,7 +117,9 @@ def run_fleet(
     bus = Bus() if bus is None else bus
     printer = None
     if log is None:
-        log = printer = LogPrinter(cfg.log_level, cfg.log_format, sys.stderr).start()
+        sources = fleet_sources({spec.name: spec.count for spec in cfg.specs})
+        log = printer = LogPrinter(cfg.log_level, cfg.log_format, sys.stderr,
+                                   sources=sources).start()
     bus.subscribe("log", log, 1)
     options: dict[str, Any] = {
         "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
@@ -77,7 +130,7 @@ def run_fleet(
     except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
         if printer is not None:
             printer.close()
-        raise FleetRefused(f"cannot start supervisor {cfg.name!r}: {e}", EXIT_USAGE) from e
+        raise FleetRefused(_refusal(cfg.name, e, options["pidfile"]), EXIT_USAGE) from e
 
     stopping = threading.Event()
 
@@ -104,16 +157,34 @@ def run_fleet(
         n = sum(1 for r in sup.table() if r["state"] == "STARTED")
         notify(f"READY=1\nSTATUS={n} workers STARTED")
 
+    lines = _StartedLines(sup)
+    bus.subscribe("log", lines.heard, 2)  # after the printer and the Control's ring (1)
+    bus.subscribe("start", lines.forget, 0)
+    bus.subscribe("start", lines.wait, 99)  # after the Supervisor's (75)
     bus.subscribe("start", workers_started, 100)
     bus.subscribe("stop", lambda: notify("STATUS=fleet STOPPED"), 100)
     bus.subscribe("exit", lambda: stopping.is_set() or notify("STOPPING=1"), 0)
 
     default = cfg.default_group
-    handler = SignalHandler(bus, abort_start=("SIGTERM", "SIGINT"), interrupt_again=sup.kill_all)
+    detached = SignalHandler.is_detached()
+    # a closed terminal (SIGHUP when attached) stops the fleet as Ctrl-C does, start included
+    handler = SignalHandler(bus, interrupt_again=sup.kill_all, abort_start=(
+        "SIGTERM", "SIGINT", *(() if detached else ("SIGHUP",))))
+
+    def hangup() -> None:
+        """SIGHUP, as CherryPy's SignalHandler: detached (daemon, service), a reload; on a
+        terminal, the terminal closed: stop the fleet and exit."""
+        if detached:
+            bus.log("SIGHUP without a terminal: graceful reload")
+            control.queue("graceful")
+        else:
+            bus.log("SIGHUP on a terminal (it closed): stopping the fleet")
+            shutdown()
+
     handler.handlers = {
         "SIGTERM": shutdown,
         "SIGINT": shutdown,
-        "SIGHUP": lambda: control.queue("graceful"),
+        "SIGHUP": hangup,
         "SIGTTIN": lambda: control.queue("scale", group=default, delta=1),
         "SIGTTOU": lambda: control.queue("scale", group=default, delta=-1),
     }

@@ -60,6 +60,9 @@ def test_bank_broker_orders_logs_and_ctrl_c():
     assert "bank   | Bus EXITED" in text
     assert "broker | Bus EXITED" in text
     assert "bank   | broker exited with code 0" in text
+    # one record per line, never two run together (`broker gone: exitedbroker | Bus EXITED`)
+    assert all(re.match(r"(bank  |broker) \| ", ln) for ln in lines), text
+    assert not any(re.search(r"(bank  |broker) \| .*(bank  |broker) \| ", ln) for ln in lines), text
     assert wait_gone(broker_pid, 3), "the broker outlived the bank"
 
 

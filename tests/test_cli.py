@@ -59,14 +59,28 @@ def unique(prefix: str) -> str:
     return f"{prefix}{os.getpid()}x{time.monotonic_ns() % 100000}"
 
 
+# run as a session leader whose controlling terminal is its stdin (what a terminal's shell
+# gives a command), then exec `python -m multibus ARGS`
+ON_TERMINAL = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+               "os.execv(sys.executable, [sys.executable, '-m', 'multibus', *sys.argv[1:]])")
+
+
 @contextlib.contextmanager
-def running(*args: str, env: dict | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
-    """``multibus run ARGS`` in the background, output in a file; always stopped and reaped."""
+def running(*args: str, env: dict | None = None,
+            terminal: int | None = None) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """``multibus run ARGS`` in the background, output in a file; always stopped and reaped.
+
+    Detached (stdin /dev/null, as under systemd), or with ``terminal`` (a pty's slave fd) as
+    its stdin and controlling terminal."""
     with tempfile.NamedTemporaryFile("w+", prefix="mb-run-", suffix=".log", delete=False) as f:
         log = Path(f.name)
     out = open(log, "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen([sys.executable, "-m", "multibus", "run", *args], cwd=ROOT,
-                            stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    head = [sys.executable, "-m", "multibus"] if terminal is None else [
+        sys.executable, "-c", ON_TERMINAL]
+    proc = subprocess.Popen([*head, "run", *args], cwd=ROOT, stdout=out,
+                            stderr=subprocess.STDOUT, text=True, env=env,
+                            stdin=subprocess.DEVNULL if terminal is None else terminal,
+                            start_new_session=terminal is not None)
     descendants: set[int] = set()
 
     def note() -> None:
@@ -277,6 +291,33 @@ def test_signals_logs_and_systemd_notify(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_closing_the_terminal_stops_the_fleet():
+    """SIGHUP with a controlling terminal exits (as CherryPy's SignalHandler), instead of the
+    reload it is when detached (test_signals_logs_and_systemd_notify): closing the terminal
+    does not leave the fleet running (issue 15)."""
+    name = unique("th")
+    master, slave = os.openpty()
+    try:
+        with running(str(EXAMPLES / "fleet.toml"), "--name", name, terminal=slave) as (
+                proc, log):
+            os.close(slave)
+            slave = -1
+            st = wait_for(lambda: all_started(name, 3), 30, "3 workers STARTED")
+            os.close(master)  # the terminal goes away: the kernel sends SIGHUP
+            master = -1
+            assert proc.wait(20) == 0
+            text = output(log)
+            assert "SIGHUP on a terminal (it closed): stopping the fleet" in text
+            assert "Bus graceful" not in text
+            assert not any(psutil.pid_exists(w["pid"]) and psutil.Process(w["pid"]).status()
+                           != psutil.STATUS_ZOMBIE for w in st["workers"])
+    finally:
+        for fd in (master, slave):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.timeout(60)
 def test_logs_follow_and_level_filter():
     name = unique("tl")
     with running(str(EXAMPLES / "fleet.toml"), "--name", name, "--log-level", "warning") as (
@@ -416,28 +457,18 @@ def test_cherrypy_site_graceful_without_failed_requests(tmp_path):
 
 # --------------------------------------------------------------------------- a slow start
 
-SLOW = '''
-import threading
-
-def slow(bus):
-    """A worker whose start takes a minute."""
-    gate = threading.Event()
-    bus.subscribe("start", lambda: gate.wait(60))
-'''
-
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["SIGTERM", "exit"])
 def test_exit_is_not_delayed_by_a_slow_start(tmp_path, how):
     """Answered while starting, and an exit request aborts the start instead of queueing
     behind it for start_timeout."""
-    (tmp_path / "slowmod.py").write_text(SLOW)
     name = unique("tz")
     path = tmp_path / "slow.toml"
     path.write_text(f'[supervisor]\nname = "{name}"\nterm_timeout = 1\n'
-                    f'pythonpath = ["{tmp_path}"]\n'
-                    '[groups.s]\ntarget = "slowmod:slow"\ncount = 2\nstart_timeout = 50\n'
-                    'stop_timeout = 2\n')
+                    f'pythonpath = ["{ROOT / "tests"}"]\n'
+                    '[groups.s]\ntarget = "targets.jobs:slow_start"\ncount = 2\n'
+                    'start_timeout = 50\nstop_timeout = 2\n')
     with running(str(path)) as (proc, log):
         st = wait_for(lambda: (s := status(name)) and s["state"] == "STARTING" and all(
             w["state"] == "STARTING" for w in s["workers"]) and s, 30, "workers STARTING")

@@ -134,6 +134,42 @@ def test_logs_buffer_and_long_poll(served):
     assert recs == []
 
 
+def test_logs_of_an_unknown_name_fail_as_scale_does(served, capsys):
+    """`multibus logs nosuch` and `logs job.9` fail (one line, exit 1) as `scale nosuch 3`
+    does, instead of printing nothing with exit 0 (issue 15)."""
+    from multibus.cli import main
+
+    bus, sup, control, client = served
+    for argv in (["scale", "nosuch", "3"], ["logs", "nosuch"], ["logs", "nosuch.1", "-f"],
+                 ["logs", "job.9"], ["logs", "job.9", "-n", "0"]):
+        assert main([*argv, "--name", client.name]) == 1, argv
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1, (argv, err)
+        expected = ("multibus: no worker 'job.9'; workers of job: job.0, job.1"
+                    if "job.9" in argv else "multibus: no group 'nosuch'; groups: job")
+        assert err.strip() == expected, argv
+    # known names: a group, a running worker, one that has left but logged, the supervisor
+    bus.log("job.7 | scaled away")
+    for source in ("job", "job.1", "job.7", "supervisor"):
+        assert main(["logs", source, "--name", client.name]) == 0, source
+    assert any(ln.split()[1:] == ["job.7", "|", "scaled", "away"]
+               for ln in capsys.readouterr().out.splitlines())
+
+
+def test_status_lists_groups_in_fleet_file_order(served):
+    """Groups as the fleet file orders them (web before api), not alphabetically (issue 15)."""
+    bus, sup, control, client = served
+    sup.specs = {g: WorkerSpec(name=g, target="m:f", count=2) for g in ("web", "api")}
+    sup.rows = [{"name": f"{g}.{i}", "group": g, "pid": os.getpid(), "state": "STARTED",
+                 "restarts": 0, "exit_code": None, "uptime": 1.0}
+                for g in ("api", "web") for i in (1, 0)]
+    st = client.status()
+    assert [w["name"] for w in st["workers"]] == ["web.0", "web.1", "api.0", "api.1"]
+    assert [g["name"] for g in st["groups"]] == ["web", "api"]
+    assert [ln.split()[1] for ln in format_status(st).splitlines()[2:]] == [
+        "web.0", "web.1", "api.0", "api.1"]
+
+
 def test_invalid_requests_are_answered_and_counted(served):
     bus, sup, control, client = served
     ctx = zmq.Context.instance()

@@ -95,6 +95,8 @@ def test_run_fleet_refuses_a_name_in_use_and_starts_nothing():
             codes.append(e.code)
             assert f"cannot start supervisor {name!r}" in str(e)
             assert f"pid {os.getpid()}" in str(e)
+            # the fix is another name, not another PID file path (issue 15)
+            assert "with --name OTHER" in str(e) and "PID file path" not in str(e)
         done.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -142,6 +144,24 @@ def test_every_transition_has_its_cli_subcommand_with_its_help():
         assert sub.choices[action].description == TRANSITIONS[action].help
         assert sub.choices[action].get_default("control") is COMMANDS["op"]
     assert sub.choices["scale"].get_default("control") is COMMANDS["scale"]
+
+
+def test_version_and_a_description_for_every_subcommand(capsys):
+    """`multibus --version` prints the package's version; `multibus X --help` of every
+    subcommand (status included) starts with a line saying what it does (issue 15)."""
+    from importlib.metadata import version
+
+    from multibus.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"multibus {version('multibus')}"
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"run", "status", "logs", "scale", *ACTIONS} <= set(sub.choices)
+    for name, parser in sub.choices.items():
+        assert parser.description and len(parser.description) > 20, name
+        assert parser.description in " ".join(parser.format_help().split()), name
 
 
 @pytest.mark.parametrize("cmd", sorted(COMMANDS))

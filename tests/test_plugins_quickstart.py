@@ -24,6 +24,9 @@ def test_quickstart_heartbeat_then_ctrl_c(tmp_path):
         with Child(EXAMPLE, "--pidfile", str(pidfile)) as second:
             assert second.wait() == 1
             assert any(f"pid {child.pid}" in ln for ln in second.stderr), second.stderr
+            # the expected refusal is one line, no traceback (issue 15)
+            assert len(second.stderr) == 1, second.stderr
+            assert second.stderr[0].startswith("quickstart: PID file "), second.stderr
         child.signal(signal.SIGINT)
         assert child.wait() == 0
         assert not any("Traceback" in ln for ln in child.stderr), child.stderr

@@ -32,7 +32,12 @@ which the kernel reports rounded to whole seconds and which can move by one."""
 
 
 class PIDFileError(RuntimeError):
-    """The PID file is owned by another live process or cannot be used."""
+    """The PID file is owned by another live process or cannot be used; ``pid``: the live
+    owner it names (None when there is none)."""
+
+    def __init__(self, msg: str, pid: int | None = None) -> None:
+        super().__init__(msg)
+        self.pid = pid
 
 
 def _process_matches(pid: int, create_time: float | None) -> bool:
@@ -96,7 +101,9 @@ class PIDFile(SimplePlugin):
             raise PIDFileError(
                 f"cannot open PID file {self.pidfile}: {e.strerror}; {hint}") from None
         except lockfile.LockBusy as busy:
-            raise PIDFileError(self._owner_message(*parse_record(busy.text))) from None
+            pid, ctime = parse_record(busy.text)
+            live = pid if pid is not None and _process_matches(pid, ctime) else None
+            raise PIDFileError(self._owner_message(pid, ctime), live) from None
         except lockfile.LockReplaced:
             raise PIDFileError(f"PID file {self.pidfile} keeps being replaced by another "
                                "process; make sure only one program manages it") from None

@@ -1,7 +1,8 @@
 """SignalHandler: turn OS signals into bus transitions, run by the main loop, not the handler.
 
 Default actions: SIGTERM -> exit, SIGINT -> exit, SIGUSR1 -> graceful, SIGHUP -> graceful when
-daemonized (parent is init or stdin is not a tty; a closed terminal sends SIGHUP), else exit.
+detached (parent is init or stdin is not a tty: a daemon, a service), else exit (a closed
+terminal sends SIGHUP), as CherryPy's ``handle_SIGHUP`` (see ``is_detached``).
 
 Why not act inside the handler (as CherryPy does): a Python signal handler runs in the main
 thread between two bytecodes of whatever it was doing, possibly in the middle of a publish or
@@ -284,9 +285,18 @@ class SignalHandler:
             self.bus.log(f"Caught signal {signame}.")
             self.bus.publish(signame)
 
-    def _is_daemonized(self) -> bool:
-        """True when re-parented to init or when stdin is not a terminal."""
+    @staticmethod
+    def is_detached() -> bool:
+        """True when no terminal can hang up on us: re-parented to init, or stdin is not a
+        terminal (a daemon, a systemd service, ``nohup``, ``< /dev/null``). CherryPy's
+        ``_is_daemonized`` also wants the pid to have changed since construction (a
+        Daemonizer fork); we do not, so a service that never forks (systemd's ``ExecReload=
+        kill -HUP``) reloads instead of exiting."""
         return os.getppid() == 1 or not _stdin_is_tty()
+
+    def _is_daemonized(self) -> bool:
+        """CherryPy's name for :meth:`is_detached` (subclasses may override it)."""
+        return self.is_detached()
 
     def handle_SIGHUP(self) -> None:
         """Graceful if daemonized (no terminal to lose), else exit (the terminal closed)."""

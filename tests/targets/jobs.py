@@ -42,6 +42,13 @@ def failing_start(bus) -> None:
     bus.subscribe("start", start)
 
 
+def slow_start(bus) -> None:
+    """A 'start' listener that takes $MB_START_SECONDS (default 60): the worker stays STARTING."""
+    gate = threading.Event()
+    seconds = float(os.environ.get("MB_START_SECONDS", "60"))
+    bus.subscribe("start", lambda: gate.wait(seconds))
+
+
 def stubborn(bus) -> None:
     """Ignores SIGTERM and never finishes stopping."""
     forever = threading.Event()
