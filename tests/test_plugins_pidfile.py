@@ -114,6 +114,23 @@ def test_symlink_is_refused(tmp_path):
     bus.exit()
 
 
+def test_hard_link_and_fifo_are_refused_in_one_line(tmp_path):
+    victim = tmp_path / "precious"
+    victim.write_text("keep me\n")
+    linked = tmp_path / "linked.pid"
+    os.link(victim, linked)
+    fifo = tmp_path / "fifo.pid"
+    os.mkfifo(fifo)
+    for path, why in ((linked, "2 hard links"), (fifo, "not a regular file")):
+        bus = Bus()
+        PIDFile(bus, path).subscribe()
+        with pytest.raises(PIDFileError, match=why) as info:
+            bus.start()
+        assert "\n" not in str(info.value) and "remove it" in str(info.value)
+        bus.exit()
+    assert victim.read_text() == "keep me\n"
+
+
 def test_replaced_file_is_not_unlinked(tmp_path):
     """Exit removes the file only if it is still the one we locked."""
     path = tmp_path / "app.pid"

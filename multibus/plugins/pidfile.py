@@ -107,6 +107,9 @@ class PIDFile(SimplePlugin):
         except lockfile.LockReplaced:
             raise PIDFileError(f"PID file {self.pidfile} keeps being replaced by another "
                                "process; make sure only one program manages it") from None
+        except lockfile.LockUnsafe as unsafe:
+            raise PIDFileError(f"refusing PID file {self.pidfile}: {unsafe.text}; remove it, "
+                               "or choose a path in a directory only you can write") from None
 
     def _owner_message(self, pid: int | None, ctime: float | None) -> str:
         fix = "stop it first or use another PID file path"
