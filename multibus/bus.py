@@ -420,13 +420,14 @@ class Bus:
 
     # -- waiting -------------------------------------------------------------------------
 
-    def defer(self, func: Callable[[], Any]) -> None:
+    def defer(self, func: Callable[[], Any], first: bool = False) -> None:
         """Run ``func()`` in the thread waiting in ``wait()``/``block()``, as soon as possible.
 
         The main thread runs it if it is waiting, else any waiting thread. Safe to call from
         any thread and from a signal handler (the condition's lock is reentrant for that).
+        Deferred calls run in order; ``first`` puts this one before those already waiting.
         """
-        self._deferred.call_soon(func)
+        self._deferred.call_soon(func, first)
         with self._cond:
             self._notify()
 

@@ -175,7 +175,10 @@ class Command:
 
 
 def _queued(ctl: Any, op: Any) -> dict[str, Any]:
-    return {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
+    reply = {"ok": True, "op": op.id, "pid": os.getpid(), "state": op.state}
+    if op.note:  # e.g. an 'exit' that cancelled the queued ops says how many
+        reply["note"] = op.note
+    return reply
 
 
 class Status(Command):
@@ -372,8 +375,9 @@ def _finish(client: Any, reply: dict[str, Any], what: str, args: argparse.Namesp
         return EXIT_OK
     if what == "exit":
         if _wait_gone(int(reply["pid"]), args.timeout):
+            note = f" ({reply['note']})" if reply.get("note") else ""
             print(f"{label}: supervisor (pid {reply['pid']}) exited "
-                  f"in {time.monotonic() - t0:.2f}s")
+                  f"in {time.monotonic() - t0:.2f}s{note}")
             return EXIT_OK
         say_error(f"{label}: supervisor (pid {reply['pid']}) still running after "
                   f"{args.timeout:g}s")

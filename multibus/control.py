@@ -24,6 +24,7 @@ Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import threading
@@ -70,7 +71,9 @@ __all__ = [
 PROTOCOL = 1
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 4 << 20
-MAX_OPS_KEPT = 256
+MAX_OPS_KEPT = 256  # finished ops remembered for op_status
+MAX_QUEUED = 100  # ops waiting to run; one more is refused
+CANCELLED = "cancelled: the supervisor is exiting"
 
 
 # --------------------------------------------------------------------------- names
@@ -171,7 +174,9 @@ class Control:
         self.invalid = 0
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
-        self._ops: dict[int, Op] = {}
+        self._ops: dict[int, Op] = {}  # op_status answers these: waiting, running, finished
+        self._waiting: dict[int, Op] = {}  # queued, not started yet (bounded)
+        self._done: collections.deque[int] = collections.deque()  # finished, oldest first
         self._op_ids = itertools.count(1)
         self._ops_lock = threading.Lock()
         self._serial = threading.Lock()
@@ -260,28 +265,64 @@ class Control:
     # -- queued operations ----------------------------------------------------------------
 
     def queue(self, action: str, **args: Any) -> Op:
-        """Queue a transition (``ACTIONS`` or 'scale' with group + count or delta)."""
+        """Queue a transition (``ACTIONS`` or 'scale' with group + count or delta).
+
+        The queue is bounded: past ``MAX_QUEUED`` waiting ops, ControlError. An op identical
+        to one still waiting is that op (a relative scale, ``delta``, never is). An 'exit'
+        cancels every waiting op and runs before them."""
         with self._ops_lock:
+            same = (None if "delta" in args else
+                    next((o for o in self._waiting.values()
+                          if o.action == action and o.args == args), None))
+            if same is not None:
+                return same
+            if action == "exit":
+                cancelled = self._cancel_waiting(CANCELLED)
+            elif len(self._waiting) >= MAX_QUEUED:
+                raise ControlError(
+                    f"the operation queue is full ({MAX_QUEUED} waiting); wait for them to run "
+                    "(multibus status lists them) and try again")
             op = Op(next(self._op_ids), action, args, queued_at=time.monotonic())
+            if action == "exit" and cancelled:
+                op.note = f"cancelled {cancelled} queued operation{'s' if cancelled != 1 else ''}"
             self._ops[op.id] = op
-            if len(self._ops) > MAX_OPS_KEPT:
-                for oid in [i for i, o in self._ops.items() if o.state in ("done", "failed")][
-                        :len(self._ops) - MAX_OPS_KEPT]:
-                    del self._ops[oid]
+            self._waiting[op.id] = op
         if self._defer is not None:
-            self._defer(lambda: self._run_op(op))
+            self._defer(lambda: self._run_op(op), action == "exit")
         else:  # a bus without defer (cherrypy.engine): run on a thread, one at a time
             threading.Thread(target=self._run_op_serial, args=(op,), daemon=True).start()
         return op
+
+    def cancel_waiting(self, reason: str = CANCELLED) -> int:
+        """Fail every op still waiting with ``reason`` (SIGTERM/SIGINT/exit); how many."""
+        with self._ops_lock:
+            return self._cancel_waiting(reason)
+
+    def _cancel_waiting(self, reason: str) -> int:
+        ops = list(self._waiting.values())
+        self._waiting.clear()
+        for op in ops:
+            op.state, op.error, op.ended_at = "failed", reason, time.monotonic()
+            self._finished(op)
+        return len(ops)
+
+    def _finished(self, op: Op) -> None:
+        """Remember ``op`` among the last ``MAX_OPS_KEPT`` finished ones (lock held)."""
+        self._done.append(op.id)
+        while len(self._done) > MAX_OPS_KEPT:
+            self._ops.pop(self._done.popleft(), None)
 
     def _run_op_serial(self, op: Op) -> None:
         with self._serial:
             self._run_op(op)
 
     def _run_op(self, op: Op) -> None:
-        op.state = "running"
+        with self._ops_lock:
+            if self._waiting.pop(op.id, None) is None:
+                return  # cancelled while it waited
+            op.state = "running"
         try:
-            op.note = self._perform(op)
+            op.note = self._perform(op) or op.note
             op.state = "done"
         except (KeyboardInterrupt, SystemExit):
             op.state, op.error = "failed", "interrupted"
@@ -292,6 +333,8 @@ class Control:
             self.bus.log(f"{op.action} failed: {op.error}", 40)
         finally:
             op.ended_at = time.monotonic()
+            with self._ops_lock:
+                self._finished(op)
 
     def _state(self) -> str:
         return state_of(self.bus)
@@ -306,6 +349,7 @@ class Control:
         return self._ops.get(op_id)
 
     def pending(self) -> list[Op]:
+        """The running op (if any) and those waiting, in order: at most MAX_QUEUED + 1."""
         with self._ops_lock:
             return [o for o in self._ops.values() if o.state in ("queued", "running")]
 

@@ -25,7 +25,7 @@ from typing import Any
 from multibus.bus import Bus
 from multibus.commands import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from multibus.config import FleetConfig
-from multibus.control import Control
+from multibus.control import Control, ControlError
 from multibus.logprinter import LogPrinter, fleet_sources
 from multibus.logview import SUPERVISOR, split_source
 from multibus.plugins.pidfile import PIDFileError
@@ -137,11 +137,16 @@ def run_fleet(
     def notify(state: str) -> None:
         sd_notify(state, notify_env)
 
+    control: Control | None = None
+
     def shutdown() -> None:
-        """Stop the fleet gracefully, then exit (a second ^C meanwhile: see SignalHandler)."""
+        """Cancel the queued control ops, stop the fleet gracefully, then exit (a second ^C
+        meanwhile: see SignalHandler)."""
         if not stopping.is_set():
             stopping.set()
             notify("STOPPING=1")
+        if control is not None:
+            control.cancel_waiting()
         bus.exit()
 
     try:
@@ -176,17 +181,24 @@ def run_fleet(
         terminal, the terminal closed: stop the fleet and exit."""
         if detached:
             bus.log("SIGHUP without a terminal: graceful reload")
-            control.queue("graceful")
+            queue("graceful")
         else:
             bus.log("SIGHUP on a terminal (it closed): stopping the fleet")
             shutdown()
+
+    def queue(action: str, **args: Any) -> None:
+        """Queue what a signal asks for, as the matching command would (a full queue: said)."""
+        try:
+            control.queue(action, **args)
+        except ControlError as e:
+            bus.log(f"{action} not queued: {e}", 30)
 
     handler.handlers = {
         "SIGTERM": shutdown,
         "SIGINT": shutdown,
         "SIGHUP": hangup,
-        "SIGTTIN": lambda: control.queue("scale", group=default, delta=1),
-        "SIGTTOU": lambda: control.queue("scale", group=default, delta=-1),
+        "SIGTTIN": lambda: queue("scale", group=default, delta=1),
+        "SIGTTOU": lambda: queue("scale", group=default, delta=-1),
     }
     handler.subscribe()
     code = EXIT_OK

@@ -129,9 +129,12 @@ class CallQueue:
     def __bool__(self) -> bool:
         return bool(self._ready or self._heap)
 
-    def call_soon(self, func: Callable[[], Any]) -> Handle:
+    def call_soon(self, func: Callable[[], Any], first: bool = False) -> Handle:
+        """Run ``func`` on the owner's next turn, after the calls already waiting; ``first``:
+        before them (urgent work, e.g. a signal, must not wait behind a backlog)."""
         handle = Handle(0.0, func)
-        self._ready.append(handle)  # deque.append is atomic: no lock on the hot path
+        # deque.append/appendleft are atomic: no lock on the hot path
+        (self._ready.appendleft if first else self._ready.append)(handle)
         if self._wake is not None:
             self._wake()
         return handle

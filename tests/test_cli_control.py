@@ -13,6 +13,8 @@ import zmq
 from multibus.bus import Bus, states
 from multibus.cli import format_status, sd_notify
 from multibus.control import (
+    CANCELLED,
+    MAX_QUEUED,
     Control,
     ControlClient,
     ControlError,
@@ -111,6 +113,57 @@ def test_status_and_queued_transitions(served):
         client.scale("web", 1)
     with pytest.raises(ControlError, match="no operation 99999"):
         client.request("op_status", op=99999)
+
+
+def test_the_queue_is_bounded_and_status_stays_small(served):
+    bus, sup, control, client = served
+    sup.hold.clear()
+    stop = client.op("stop")  # running, held: everything after it waits
+    assert sup.stopping.wait(5)
+    for count in range(MAX_QUEUED):
+        client.scale("job", count)
+    with pytest.raises(ControlError, match=rf"queue is full \({MAX_QUEUED} waiting\)"):
+        client.scale("job", MAX_QUEUED)
+    t0 = time.monotonic()
+    st = client.status()
+    assert time.monotonic() - t0 < 2
+    assert len(st["queue"]) == MAX_QUEUED + 1  # the running stop and the waiting ops
+    assert len(msgpack.packb(st)) < 64 * 1024
+    sup.hold.set()
+    assert client.wait_op(stop["op"], 10)["state"] == "done"
+
+
+def test_identical_waiting_ops_coalesce_but_relative_scales_do_not(served):
+    bus, sup, control, client = served
+    sup.hold.clear()
+    client.op("stop")
+    assert sup.stopping.wait(5)
+    assert client.op("start")["op"] == client.op("start")["op"]
+    assert client.scale("job", 3)["op"] == client.scale("job", 3)["op"]
+    assert client.scale("job", 3)["op"] != client.scale("job", 4)["op"]
+    ttin = [control.queue("scale", group="job", delta=1) for _ in range(2)]
+    assert ttin[0] is not ttin[1]  # two SIGTTINs are two more workers
+    sup.hold.set()
+    assert client.wait_op(ttin[1].id, 10)["state"] == "done"
+
+
+def test_exit_cancels_the_waiting_ops_and_says_so(served):
+    bus, sup, control, client = served
+    sup.hold.clear()
+    stop = client.op("stop")
+    assert sup.stopping.wait(5)
+    waiting = [client.op("start"), client.op("restart"), client.scale("job", 1)]
+    leave = client.op("exit")
+    assert leave["note"] == "cancelled 3 queued operations"
+    for op in waiting:
+        answer = client.request("op_status", op=op["op"])
+        assert (answer["state"], answer["error"]) == ("failed", CANCELLED)
+    exited = threading.Event()
+    bus.subscribe("exit", exited.set)
+    sup.hold.set()  # the stop ends; the exit runs next, nothing cancelled runs
+    assert exited.wait(10)
+    assert control.op(stop["op"]).state == "done"  # the exit itself is running now
+    assert sup.scaled == [] and all(control.op(op["op"]).state == "failed" for op in waiting)
 
 
 def test_logs_buffer_and_long_poll(served):

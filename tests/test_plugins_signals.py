@@ -112,6 +112,23 @@ def test_real_signal_in_process(bus):
         handler.unsubscribe()
 
 
+def test_a_signal_is_handled_before_the_work_already_waiting(bus):
+    """300 queued operations must not make SIGTERM wait (issue: 150 s)."""
+    order: list[object] = []
+    handler = SignalHandler(bus)
+    handler.handlers = {"SIGUSR2": lambda: order.append("signal")}
+    handler.subscribe()
+    try:
+        for i in range(300):
+            bus.defer(lambda i=i: order.append(i))
+        bus.defer(bus.exit)
+        handler._handle_signal(signal.SIGUSR2, None)
+        assert bus.wait(states.EXITING, timeout=5)
+        assert order[0] == "signal" and order[1:] == list(range(300))
+    finally:
+        handler.unsubscribe()
+
+
 def test_second_sigint_before_dispatch_interrupts(bus):
     handler = SignalHandler(bus).subscribe()
     try:

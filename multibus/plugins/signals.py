@@ -229,7 +229,7 @@ class SignalHandler:
             if self._closing:
                 return
             self._say_again()
-            self._defer(self._dispatch)  # a notify from this thread always wakes the waiter
+            self._defer(self._dispatch, True)  # a notify from here always wakes the waiter
 
     def _stop_wakeup_watcher(self) -> None:
         if self._watcher is None or self._wakeup is None:
@@ -266,7 +266,7 @@ class SignalHandler:
                 raise KeyboardInterrupt("second SIGINT before the bus handled the first")
         self._pending.append(signum)
         if self._defer is not None:
-            self._defer(self._dispatch)
+            self._defer(self._dispatch, True)  # ahead of queued work (control ops, ...)
 
     def _say_again(self) -> None:
         """Log ``interrupt_again_message`` once, after ``interrupt_again`` ran (never from
