@@ -88,7 +88,7 @@ class Keeper:
     # -- the table, spawning, waiting (any thread) -----------------------------------------
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per worker: name, group, pid, state, restarts, exit_code, uptime."""
+        """One row per worker (:meth:`~multibus.fleet.WorkerSlot.row`)."""
         with self.cond:
             return self.fleet.rows(time.monotonic())
 
@@ -125,6 +125,7 @@ class Keeper:
         with self.cond:
             w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
             w.start_error = None
+            w.launch = child.data.get("launch")
         # A forked worker can join (and report STARTED) before we get here: the bridge events
         # for it were dropped as unknown, so take its state from the bridge (read outside our
         # lock; an event applied meanwhile is newer and wins).
