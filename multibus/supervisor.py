@@ -241,13 +241,12 @@ class Supervisor:
         self.bridge.command("start")
         t0 = time.monotonic()
         k.spawn_missing()
-        wanted = [w for w in self.fleet.slots() if w.wanted]
+        n = sum(1 for w in self.fleet.slots() if w.wanted)
         try:
-            k.wait_started(None, {w.name: t0 + w.spec.start_timeout for w in wanted}, t0)
+            k.wait_started(None, t0)  # each worker's start_timeout from its own spawn
         except FleetError:
             k.failed = True
             raise
-        n = len(wanted)
         self.log(f"{n} worker{'s' if n != 1 else ''} STARTED in {time.monotonic() - t0:.3f}s")
 
     def graceful(self) -> None:
@@ -390,11 +389,11 @@ class Supervisor:
         self.log(f"scaling {group} from {before} to {count}")
         self._remove(g, removed)
         if added and running:
+            t0 = time.monotonic()
             self.keeper.spawn_missing()
             if timeout != 0:
-                t0 = time.monotonic()
-                limit = t0 + (g.spec.start_timeout if timeout is None else timeout)
-                self.keeper.wait_started(added, {w.name: limit for w in added}, t0)
+                limit = None if timeout is None else time.monotonic() + timeout
+                self.keeper.wait_started(added, t0, limit)
         self.keeper.changed()
 
     def _remove(self, g: Group, removed: list[WorkerSlot]) -> None:

@@ -310,3 +310,19 @@ def test_exec_reason_names_the_start_up_variables():
                             PYTHONWARNINGS="error"), base) == \
         "LC_ALL set, MALLOC_ARENA_MAX set, PYTHONMALLOC set and 1 more"
 
+
+@pytest.mark.timeout(60)
+def test_start_timeout_counts_from_each_workers_own_spawn(fleets, tmp_path):
+    """w.0's first process is slow and crashes: its replacement starts after the fleet's
+    start_timeout (from the start) but within its own (from its spawn)."""
+    _, make = fleets
+    f = make("--target", "targets.probe:slow_then_crash_once", "--start-timeout", "3",
+             "--env", f"MB_MARK={tmp_path / 'mark'}", "--env", "MB_SLOW=2",
+             "--env", "MB_SLOW2=1.5", n=1)
+    t0 = time.monotonic()
+    f.wait_line("^FLEET STARTED", 30)
+    assert time.monotonic() - t0 > 3  # longer than start_timeout in all
+    assert f.table()[0]["restarts"] == 1
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
