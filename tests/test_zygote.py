@@ -224,6 +224,13 @@ def test_can_fork_only_without_interpreter_settings():
 
 # -- exec semantics (issue 18): a forked worker sees what an exec'd one of its spec sees -------
 
+def _stop_ok(f: Fleet) -> None:
+    """Ctrl-C: a clean stop (exit status 0), no worker left."""
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
 def _title(pid: int) -> tuple[str, str]:
     """(command line, name) as ps and top show them."""
     with open(f"/proc/{pid}/cmdline") as f:
@@ -276,9 +283,7 @@ def test_forked_worker_has_the_exec_semantics_of_an_execd_worker(fleets, tmp_pat
     for key in execd:
         assert fork[key] == execd[key], key
     for f in made.values():
-        f.ctrl_c()
-        assert f.wait() == 0
-        f.assert_all_gone()
+        _stop_ok(f)
 
 
 @pytest.mark.timeout(60)
@@ -294,9 +299,7 @@ def test_group_whose_env_changes_the_interpreter_is_execd_and_status_says_why(fl
     assert [w["launch"] for w in st["workers"]] == [why, why]
     text = format_status(st).splitlines()
     assert text[1].split()[-1] == "LAUNCH" and text[2].endswith(why)
-    f.ctrl_c()
-    assert f.wait() == 0
-    f.assert_all_gone()
+    _stop_ok(f)
 
 
 def test_exec_reason_names_the_start_up_variables():
@@ -323,6 +326,4 @@ def test_start_timeout_counts_from_each_workers_own_spawn(fleets, tmp_path):
     f.wait_line("^FLEET STARTED", 30)
     assert time.monotonic() - t0 > 3  # longer than start_timeout in all
     assert f.table()[0]["restarts"] == 1
-    f.ctrl_c()
-    assert f.wait() == 0
-    f.assert_all_gone()
+    _stop_ok(f)
