@@ -3,7 +3,7 @@
     python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--repeat 5]
                                      [--no-circus] [--no-exec]
 
-"multibus" forks workers from a zygote that preloaded their module (``Supervisor(zygote=True,
+"multibus" forks workers from a zygote (the default) that preloaded their module (``Supervisor(
 zygote_preload=["bench_fleet"])``); "mb-exec" execs each.
 
 Measured for each system; ready and stop are the median of ``--repeat`` launches, the
@@ -106,9 +106,10 @@ def _supervise(n: int, name: str, zygote: bool = True) -> int:
     bus.subscribe("peer.state", on_state)
     spec = WorkerSpec(name="b", target="bench_fleet:idle", count=n,
                       env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])})
-    # the zygote imports the worker code once (as a forkserver user would ask it to)
-    sup = Supervisor(bus, [spec], name=name, pidfile=False, zygote=zygote,
-                     zygote_preload=["bench_fleet"] if zygote else ())
+    # the zygote (the default) imports the worker code once (as a forkserver user would ask
+    # it to); mb-exec opts out
+    opts = {"zygote_preload": ["bench_fleet"]} if zygote else {"zygote": False}
+    sup = Supervisor(bus, [spec], name=name, pidfile=False, **opts)
     sup.subscribe()
     try:
         bus.start()

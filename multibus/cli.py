@@ -73,6 +73,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             if not valid_module(module):
                 raise ConfigError(f"--preload {module!r}: expected a module name like "
                                   "'app.jobs'")
+        zygote = (cfg.zygote or args.zygote or bool(args.preload)) and not args.exec
+        if args.exec and (args.zygote or args.preload or cfg.zygote_preload):
+            raise ConfigError("--exec: cannot be combined with --zygote, --preload or the "
+                              "fleet file's zygote_preload; drop one of them")
         check_targets(cfg)
     except ConfigError as e:
         say_error(str(e))
@@ -81,7 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from multibus.runner import FleetRefused, run_fleet
 
     cfg = replace(cfg, log_level=level, log_format=fmt,
-                  zygote=cfg.zygote or args.zygote or bool(args.preload),
+                  zygote=zygote,
                   zygote_preload=(*cfg.zygote_preload, *(args.preload or ())))
     try:
         return run_fleet(cfg)
@@ -162,12 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="debug, info (default), warning, error, critical")
     run.add_argument("--log-format", choices=("text", "json"), default=None,
                      help="text lines (default) or JSON lines")
+    run.add_argument("--exec", action="store_true",
+                     help="start an interpreter for each worker instead of forking it from "
+                     "one preloaded process, the default (as 'zygote = false' in a fleet file)")
     run.add_argument("--zygote", action="store_true",
-                     help="fork workers from one preloaded process instead of starting an "
-                     "interpreter for each (faster; as 'zygote = true' in a fleet file)")
+                     help="fork workers from one preloaded process (the default; overrides "
+                     "'zygote = false')")
     run.add_argument("--preload", action="append", metavar="MODULE",
                      help="have that process import MODULE once, e.g. your worker module, "
-                     "instead of each worker (implies --zygote; repeatable)")
+                     "instead of each worker (repeatable)")
 
     for command in COMMANDS.values():
         command.add_parsers(sub, ctl, waiting)

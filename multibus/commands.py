@@ -429,14 +429,17 @@ def format_status(st: dict[str, Any]) -> str:
     for op in st["queue"]:
         lines.append(f"  {op['state']}: {op['action']}"
                      + (f" {op['args']}" if op["args"] else ""))
-    rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")]
+    # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
+    launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
+    rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")
+            + (("LAUNCH",) if launch else ())]
     for w in st["workers"]:
         rows.append((
             w["group"], w["name"], str(w["pid"] or "-"),
             w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else ""),
             str(w["restarts"]), _duration(w["uptime"] if w["pid"] else None),
             "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}", _size(w["memory_rss"]),
-        ))
+        ) + ((w.get("launch") or "-",) if launch else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())

@@ -19,8 +19,9 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     log_level = "info"        # debug | info | warning | error | critical
     log_format = "text"       # text | json
     pythonpath = ["."]        # prepended to every worker's PYTHONPATH
-    zygote = false            # true: fork workers from one preloaded process (faster start)
-    zygote_preload = []       # modules that process imports once, e.g. ["app"]; implies zygote
+    zygote = true             # fork workers from one preloaded process (the default: fast);
+                              # false: exec an interpreter per worker (multibus run --exec)
+    zygote_preload = []       # modules that process imports once, e.g. ["app"] (opt-in)
 
     [groups.web]              # groups run in file order; the first is the default group
     target = "app:serve"      # package.module:callable, called with the worker's bus
@@ -82,7 +83,7 @@ class FleetConfig:
     log_level: int = 20
     log_format: str = "text"
     source: str | None = None  # the file it came from (for messages)
-    zygote: bool = False  # fork workers from a preloaded zygote (Supervisor(zygote=True))
+    zygote: bool = True  # fork workers from a preloaded zygote (Supervisor(zygote=...))
     zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
 
     @property
@@ -269,7 +270,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     for module in preload:
         if not valid_module(module):
             raise c.fail("supervisor.zygote_preload", "module names like 'app.jobs'", module)
-    zygote = c.boolean("supervisor.zygote", sup.get("zygote", bool(preload)))
+    zygote = c.boolean("supervisor.zygote", sup.get("zygote", True))
     if preload and not zygote:
         raise ConfigError(f"{source}: supervisor.zygote_preload: needs the zygote; remove "
                           "'zygote = false' or the preload list")

@@ -382,7 +382,8 @@ class Control:
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
              "groups": [{"name", "target", "count" (desired), "running"}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
-                          "exit_code", "uptime", "cpu_percent", "memory_rss"}],
+                          "exit_code", "uptime", "cpu_percent", "memory_rss",
+                          "launch" ('fork', 'exec (why)'; None before its first spawn)}],
              "queue": [{"op", "action", "args", "state", "error", "note"}]}
         """
         order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
@@ -399,6 +400,7 @@ class Control:
                 "index": WorkerName.parse(r["name"]).index, "pid": r.get("pid"),
                 "state": r["state"], "restarts": r["restarts"], "exit_code": r["exit_code"],
                 "uptime": r["uptime"], "cpu_percent": cpu, "memory_rss": rss,
+                "launch": r.get("launch"),
             })
         for pid in [p for p in self._procs if p not in live]:
             del self._procs[pid]

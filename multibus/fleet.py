@@ -62,6 +62,7 @@ class WorkerSlot:
     wanted: bool = True  # False once scaled away: removed when its process is gone
     pending: Handle | None = None  # a scheduled restart
     start_error: str | None = None  # its process reported that its bus failed to start
+    launch: str | None = None  # how its process was started: 'fork' or 'exec (why)'
     last_lines: list[str] = field(default_factory=list)
 
     @property
@@ -91,7 +92,8 @@ class WorkerSlot:
         return f"{self.name} is {self.state.value}{last}" + (f": {tail}" if tail else "")
 
     def row(self, now: float) -> dict[str, Any]:
-        """The status table row: name, group, pid, state, restarts, exit_code, uptime."""
+        """The status table row: name, group, pid, state, restarts, exit_code, uptime,
+        launch (how its current or last process was started; None before any)."""
         alive = self.alive
         return {
             "name": self.name,
@@ -101,6 +103,7 @@ class WorkerSlot:
             "restarts": self.restarts,
             "exit_code": self.exit_code,
             "uptime": round(now - self.since, 3) if alive and self.since is not None else 0.0,
+            "launch": self.launch,
         }
 
 

@@ -88,7 +88,7 @@ class Keeper:
     # -- the table, spawning, waiting (any thread) -----------------------------------------
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per worker: name, group, pid, state, restarts, exit_code, uptime."""
+        """One row per worker (:meth:`~multibus.fleet.WorkerSlot.row`)."""
         with self.cond:
             return self.fleet.rows(time.monotonic())
 
@@ -125,6 +125,7 @@ class Keeper:
         with self.cond:
             w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
             w.start_error = None
+            w.launch = child.data.get("launch")
         # A forked worker can join (and report STARTED) before we get here: the bridge events
         # for it were dropped as unknown, so take its state from the bridge (read outside our
         # lock; an event applied meanwhile is newer and wins).
@@ -154,10 +155,18 @@ class Keeper:
             if not self.procs.thread.is_alive():
                 raise FleetError("the process thread died")
 
-    def wait_started(self, slots: list[WorkerSlot] | None, deadline: dict[str, float],
-                     t0: float) -> None:
+    @staticmethod
+    def _deadline(w: WorkerSlot, t0: float) -> float:
+        """``w``'s start_timeout counted from its own spawn (from ``t0`` for a process
+        spawned earlier): a large fleet is not failed by the time it takes to spawn it."""
+        return max(t0, w.since or t0) + w.spec.start_timeout
+
+    def wait_started(self, slots: list[WorkerSlot] | None, t0: float,
+                     limit: float | None = None) -> None:
         """Until every wanted one of ``slots`` (None: of the fleet, as it is then) is
-        STARTED; FleetError when one failed to start (at once), is late, or the fleet failed."""
+        STARTED; FleetError when one failed to start (at once), is late, or the fleet failed.
+        Late: past its start_timeout from its own spawn (:meth:`_deadline`), or past
+        ``limit`` (a monotonic time) if given."""
         with self.cond:
             while True:
                 if self.fatal:
@@ -172,14 +181,18 @@ class Keeper:
                     raise FleetError(f"fleet {self.name!r}: worker {w.name} failed to start: "
                                      f"{w.start_error}")
                 now = time.monotonic()
-                late = [w for w in waiting if now >= deadline.get(w.name, now + 1)]
+                deadline = {w.name: self._deadline(w, t0) if limit is None else limit
+                            for w in waiting}
+                late = [w for w in waiting if now >= deadline[w.name]]
                 if late:
                     more = f" (and {len(late) - 5} more)" if len(late) > 5 else ""
+                    waited = now - max(t0, late[0].since or t0)
                     raise FleetError(
                         f"fleet {self.name!r}: {len(late)} worker(s) not STARTED after "
-                        f"{now - t0:.1f}s (start_timeout): "
-                        + "; ".join(self._why_late(w, now - t0) for w in late[:5]) + more)
-                self.cond.wait(min(deadline.get(w.name, now + 1) for w in waiting) - now)
+                        f"{waited:.1f}s (start_timeout): "
+                        + "; ".join(self._why_late(w, now - max(t0, w.since or t0))
+                                    for w in late[:5]) + more)
+                self.cond.wait(min(deadline.values()) - now)
 
     @staticmethod
     def _why_late(w: WorkerSlot, waited: float) -> str:

@@ -4,6 +4,8 @@ Either way the worker runs ``multibus.worker`` with the command line and environ
 module defines (:func:`~multibus.worker.worker_args`, :func:`~multibus.worker.worker_env`),
 and becomes a :class:`~multibus.procs.Child` of the :class:`~multibus.procs.ProcessManager`,
 whose thread is the only one that spawns (PDEATHSIG follows the spawning thread).
+How it was started is kept in ``child.data["launch"]``: ``"fork"``, or ``"exec (why)"``, which
+``multibus status`` shows (e.g. ``exec (PYTHONHASHSEED set)``, ``exec (zygote disabled)``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ __all__ = ["Spawner"]
 
 
 class Spawner:
-    """Spawn workers through ``procs``; with ``zygote``, fork them from a preloaded zygote.
+    """Spawn workers of fleet ``fleet`` through ``procs``, forked from a preloaded zygote once
+    :meth:`start_zygote` was called, else exec'd (``exec_why`` says why in the status).
 
     :meth:`spawn` and the zygote's start run in the manager thread; :meth:`close_zygote`
     from any other thread, once nothing more will be forked (workers are exec'd after)."""
@@ -33,13 +36,16 @@ class Spawner:
         heartbeat: float | None,
         peer_timeout: float,
         log: Callable[[str, int], None],
+        fleet: str | None = None,
     ) -> None:
         self.procs = procs
         self.python = python
         self.heartbeat = heartbeat
         self.peer_timeout = peer_timeout
         self.log = log
+        self.fleet = fleet
         self.zygote: ZygoteClient | None = None
+        self.exec_why = "zygote disabled"  # why workers are exec'd while there is no zygote
 
     def start_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str]) -> None:
         """Have the manager thread exec the zygote: it preloads while the caller goes on."""
@@ -48,11 +54,13 @@ class Spawner:
         def start() -> None:
             self.zygote = ZygoteClient.launch(self.procs, self.python, specs, preload,
                                               log=self.log)
+            self.exec_why = "zygote unavailable"
 
         self.procs.call_soon(start)
 
     def close_zygote(self) -> None:
         z, self.zygote = self.zygote, None
+        self.exec_why = "zygote closed"
         if z is not None:
             z.stop()
 
@@ -62,11 +70,16 @@ class Spawner:
         env = worker_env(spec)
         args = worker_args(name, spec.target, parent_pid=os.getpid(), endpoints=endpoints,
                            stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
-                           peer_timeout=self.peer_timeout, channels=spec.channels)
-        child = None
+                           peer_timeout=self.peer_timeout, channels=spec.channels,
+                           fleet=self.fleet)
+        child, why = None, self.exec_why
         if self.zygote is not None:
             child = self.zygote.spawn(name, args, env, spec.cwd)
+            why = self.zygote.failure
         if child is None:
             argv = [self.python, "-m", "multibus.worker", *args]
             child = self.procs.spawn(name, argv, env, spec.cwd)
+            child.data["launch"] = f"exec ({why})"
+        else:
+            child.data["launch"] = "fork"
         return child

@@ -52,12 +52,14 @@ class Supervisor:
     ``bridge_factory(bus, **kw)`` builds the :class:`HubBridge`. ``heartbeat``/``peer_timeout``
     go to the hub and every worker bridge: a dead worker is noticed at once anyway (pidfd);
     heartbeats (default None: none, so an idle fleet costs no wake-ups) only find hung ones.
-    ``zygote=True`` forks workers from one preloaded ``python -m multibus.zygote`` instead of
-    exec'ing an interpreter for each: a large fleet starts several times faster. It also
-    imports the modules in ``zygote_preload`` (typically the workers' own module), once:
-    opt-in, like gunicorn's ``preload_app``, since their import-time code then runs in the
-    zygote. Workers it cannot serve (see :func:`~multibus.zygote.can_fork`), or all of them
-    once it is gone, are exec'd as usual.
+    By default (``zygote=True``) workers are forked from one preloaded
+    ``python -m multibus.zygote`` instead of exec'ing an interpreter for each: a large fleet
+    starts several times faster, with the semantics of an exec (see :mod:`multibus.zygote`).
+    ``zygote=False`` (``zygote = false``, ``multibus run --exec``) execs every worker. The
+    zygote also imports the modules in ``zygote_preload`` (typically the workers' own module),
+    once: opt-in, like gunicorn's ``preload_app``, since their import-time code then runs in
+    the zygote. Workers it cannot serve (see :func:`~multibus.zygote.exec_reason`), or all
+    of them once it is gone, are exec'd; each worker's ``launch`` in the status says which.
     """
 
     def __init__(
@@ -77,7 +79,7 @@ class Supervisor:
         log_output: bool = True,
         heartbeat: float | None = None,
         peer_timeout: float = 20.0,
-        zygote: bool = False,
+        zygote: bool = True,
         zygote_preload: Iterable[str] = (),
     ) -> None:
         self.bus = bus
@@ -92,6 +94,7 @@ class Supervisor:
         self.heartbeat = heartbeat
         self.peer_timeout = peer_timeout
         # forked workers are re-parented to us: the zygote needs the subreaper
+        self.zygote_requested = bool(zygote)
         self.use_zygote = bool(zygote) and subreaper
         self.zygote_preload = tuple(zygote_preload)
         self.spawner: Spawner | None = None
@@ -141,7 +144,10 @@ class Supervisor:
                 on_adopted=self.keeper.on_adopted,
             ).start()
             self.spawner = Spawner(self.procs, self.python, heartbeat=self.heartbeat,
-                                   peer_timeout=self.peer_timeout, log=self.log)
+                                   peer_timeout=self.peer_timeout, log=self.log,
+                                   fleet=self.name)
+            if self.zygote_requested and not self.use_zygote:
+                self.spawner.exec_why = "zygote needs subreaper=True"
             self.bridge = self._make_bridge()
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
@@ -235,13 +241,12 @@ class Supervisor:
         self.bridge.command("start")
         t0 = time.monotonic()
         k.spawn_missing()
-        wanted = [w for w in self.fleet.slots() if w.wanted]
+        n = sum(1 for w in self.fleet.slots() if w.wanted)
         try:
-            k.wait_started(None, {w.name: t0 + w.spec.start_timeout for w in wanted}, t0)
+            k.wait_started(None, t0)  # each worker's start_timeout from its own spawn
         except FleetError:
             k.failed = True
             raise
-        n = len(wanted)
         self.log(f"{n} worker{'s' if n != 1 else ''} STARTED in {time.monotonic() - t0:.3f}s")
 
     def graceful(self) -> None:
@@ -384,11 +389,11 @@ class Supervisor:
         self.log(f"scaling {group} from {before} to {count}")
         self._remove(g, removed)
         if added and running:
+            t0 = time.monotonic()
             self.keeper.spawn_missing()
             if timeout != 0:
-                t0 = time.monotonic()
-                limit = t0 + (g.spec.start_timeout if timeout is None else timeout)
-                self.keeper.wait_started(added, {w.name: limit for w in added}, t0)
+                limit = None if timeout is None else time.monotonic() + timeout
+                self.keeper.wait_started(added, t0, limit)
         self.keeper.changed()
 
     def _remove(self, g: Group, removed: list[WorkerSlot]) -> None:

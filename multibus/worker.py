@@ -54,6 +54,55 @@ def die_with_parent(parent_pid: int, sig: int = 15, who: str = "multibus.worker"
         os._exit(EXIT_PARENT_GONE)
 
 
+_TITLE: list = []  # the setproctitle function, once loaded (None: not available)
+
+
+def title_setter():
+    """setproctitle's C function, set up. Its extension module is loaded on its own when it
+    can be: the package's ``__init__`` imports logging, ~6 ms of every exec'd worker's start.
+    Call it before the environment changes: setproctitle finds the argv area from it."""
+    if not _TITLE:
+        func = None
+        try:
+            import importlib.machinery
+            import importlib.util
+
+            spec = importlib.util.find_spec("setproctitle")
+            for d in (spec.submodule_search_locations or []) if spec else []:
+                for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                    path = os.path.join(d, "_setproctitle" + suffix)
+                    if os.path.exists(path):
+                        loader = importlib.machinery.ExtensionFileLoader(
+                            "setproctitle._setproctitle", path)
+                        module = importlib.util.module_from_spec(
+                            importlib.util.spec_from_loader(loader.name, loader))
+                        loader.exec_module(module)
+                        module.getproctitle()  # finds the argv area (from environ)
+                        func = module.setproctitle
+                        break
+                if func:
+                    break
+        except (ImportError, OSError, AttributeError):
+            func = None
+        if func is None:
+            try:
+                from setproctitle import getproctitle
+                from setproctitle import setproctitle as func
+
+                getproctitle()
+            except ImportError:  # a dependency; without it the title stays the command line
+                func = None
+        _TITLE.append(func)
+    return _TITLE[0]
+
+
+def set_title(name: str, fleet: str | None) -> None:
+    """Show as ``multibus: job.3 [fleet]`` in ps and top (forked or exec'd alike)."""
+    func = title_setter()
+    if func is not None:
+        func(f"multibus: {name}" + (f" [{fleet}]" if fleet else ""))
+
+
 def _parse(argv: list[str]) -> dict[str, object]:
     """Tiny ``--key value`` parser (argparse costs startup time). --channel repeats."""
     opts: dict[str, object] = {"channels": [], "stop_timeout": 5.0, "parent_pid": 0}
@@ -74,7 +123,7 @@ def _parse(argv: list[str]) -> dict[str, object]:
             opts[key] = None  # no heartbeats: the supervisor watches our pidfd instead
         elif key in ("stop_timeout", "heartbeat", "peer_timeout"):
             opts[key] = float(value)
-        elif key in ("name", "target", "endpoints"):
+        elif key in ("name", "target", "endpoints", "fleet"):
             opts[key] = value
         else:
             raise SystemExit(f"multibus.worker: unknown option {arg}")
@@ -83,7 +132,7 @@ def _parse(argv: list[str]) -> dict[str, object]:
             raise SystemExit(
                 "usage: python -m multibus.worker --name NAME --target pkg.mod:callable "
                 "[--parent-pid PID] [--endpoints E] [--channel C]... [--stop-timeout S] "
-                "[--heartbeat S] [--peer-timeout S]"
+                "[--heartbeat S] [--peer-timeout S] [--fleet NAME]"
             )
     return opts
 
@@ -98,8 +147,10 @@ def worker_args(
     heartbeat: float | None,
     peer_timeout: float,
     channels: Iterable[str] = (),
+    fleet: str | None = None,
 ) -> list[str]:
-    """The command line (after ``python -m multibus.worker``) that :func:`_parse` reads."""
+    """The command line (after ``python -m multibus.worker``) that :func:`_parse` reads;
+    ``fleet``, the supervisor's name, goes into the process title."""
     argv = [
         "--parent-pid", str(parent_pid),
         "--name", name,
@@ -111,6 +162,8 @@ def worker_args(
     ]
     for ch in channels:
         argv += ["--channel", ch]
+    if fleet:
+        argv += ["--fleet", fleet]
     return argv
 
 
@@ -188,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     import multibus.fastexit  # noqa: F401 - for run(); an import while exiting costs ~0.4 ms
     opts = _parse(args)
     name = str(opts["name"])
+    set_title(name, opts.get("fleet"))  # type: ignore[arg-type]
     # the target (and anything it starts) can tell which worker it is, e.g. to pick a port
     os.environ["MULTIBUS_WORKER"] = name
     stop_timeout = float(opts["stop_timeout"])  # type: ignore[arg-type]

@@ -19,7 +19,21 @@ The rules that make forking safe, and keep the process rules of ``docs/design.md
   ``PDEATHSIG`` (the kernel would send it on the re-parenting itself) and checks that its
   parent is the supervisor.
 
-Forked workers share the zygote's hash seed and show the zygote's command line in ``ps``.
+A forked worker has what an exec'd one of the same spec would have (``tests/test_zygote.py``
+compares them): its environment (``os.environ``, and ``sys.path`` rebuilt as ``python -m`` with
+its PYTHONPATH builds it), cwd, the supervisor's current umask and rlimits (sent with each
+request), the signal dispositions and mask a fresh exec gets (recorded when the zygote
+started), its own title (``multibus.worker`` sets it, as for an exec'd worker), ``sys.argv``.
+What a fork cannot give is decided by the supervisor before asking (:func:`exec_reason`):
+
+- environment variables that act while an interpreter or libc starts (:data:`STARTUP_VARS`,
+  :data:`STARTUP_PREFIXES`) differing from the zygote's: the worker is exec'd, and
+  ``multibus status`` says why (``launch: "exec (PYTHONHASHSEED set)"``);
+- the supervisor's user/groups changed, or a hard rlimit was raised, since the zygote started.
+
+User and group: groups have no user/group settings; a forked worker has the supervisor's ids
+as an exec'd one would (checked per request, see above). Forked workers share the zygote's
+``__main__`` module (``multibus.zygote``), not ``multibus.worker``'s.
 :class:`ZygoteClient` is the supervisor's end; it is used from the ProcessManager thread only.
 """
 
@@ -37,7 +51,7 @@ from multibus.worker import worker_env
 if TYPE_CHECKING:
     from multibus.specs import WorkerSpec
 
-__all__ = ["ZygoteClient", "ForkedProcess", "can_fork"]
+__all__ = ["ZygoteClient", "ForkedProcess", "can_fork", "exec_reason", "launch_state"]
 
 PRELOAD = ("multibus.worker", "multibus.fastexit", "multibus.bus", "multibus.transport.bridge")
 MAX_MESSAGE = 1 << 20
@@ -47,18 +61,155 @@ READY_TIMEOUT = 5.0  # seconds the zygote gets to preload before workers are exe
 REPLY_TIMEOUT = 10.0
 
 
+# -- what a fork cannot give (decided by the supervisor) ----------------------------------------
+
+# Variables read while an interpreter or libc starts: a forked worker inherits the zygote's
+# start-up, so a group whose value differs from the zygote's is exec'd. Every PYTHON* counts
+# (``python --help-env``: PYTHONHASHSEED, PYTHONOPTIMIZE, PYTHONDONTWRITEBYTECODE,
+# PYTHONMALLOC, PYTHONWARNINGS, PYTHONUNBUFFERED, PYTHONIOENCODING, PYTHONUTF8, PYTHONHOME,
+# PYTHONSAFEPATH, PYTHONNOUSERSITE, PYTHONDEVMODE, ... and any later one) except those in
+# RUNTIME_PYTHON_VARS; LD_* (the dynamic loader: LD_PRELOAD, LD_LIBRARY_PATH...), MALLOC_* and
+# GLIBC_TUNABLES (glibc), LANG and LC_* (the locale, hence stdio and file name encodings).
+# TZ is honoured in the worker (time.tzset()); HOME only matters for the user site-packages.
+STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "LC_")
+STARTUP_VARS = frozenset({"LANG", "GLIBC_TUNABLES"})
+RUNTIME_PYTHON_VARS = frozenset({
+    "PYTHONPATH",  # the worker rebuilds sys.path from it, as python -m does
+    "PYTHONBREAKPOINT",  # read by each breakpoint() call
+    "PYTHONASYNCIODEBUG",  # read when an event loop is made
+    "PYTHONSTARTUP",  # interactive sessions only
+})
+
+
+def _acts_at_startup(key: str) -> bool:
+    if key in RUNTIME_PYTHON_VARS:
+        return False
+    if key == "HOME":  # where the user site-packages directory is, if it is used
+        import site
+
+        return bool(site.ENABLE_USER_SITE)
+    return key in STARTUP_VARS or key.startswith(STARTUP_PREFIXES)
+
+
+def exec_reason(env: dict[str, str], base_env: dict[str, str]) -> str | None:
+    """Why a worker with environment ``env`` must be exec'd rather than forked from a zygote
+    started with ``base_env`` (e.g. 'PYTHONHASHSEED set'); None: it can be forked."""
+    keys = sorted(k for k in set(env) | set(base_env)
+                  if env.get(k) != base_env.get(k) and _acts_at_startup(k))
+    if not keys:
+        return None
+    said = [f"{k} {'set' if k not in base_env else 'unset' if k not in env else 'changed'}"
+            for k in keys[:3]]
+    return ", ".join(said) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def can_fork(env: dict[str, str], base_env: dict[str, str]) -> bool:
+    """A worker with environment ``env`` can be forked (see :func:`exec_reason`)."""
+    return exec_reason(env, base_env) is None
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o22)  # not atomic, hence only without /proc
+    os.umask(mask)
+    return mask
+
+
+def launch_state() -> dict[str, Any]:
+    """What a process spawned now inherits besides its environment: umask, rlimits, ids."""
+    import resource
+
+    limits = {}
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            try:
+                limits[name] = list(resource.getrlimit(getattr(resource, name)))
+            except (OSError, ValueError):
+                pass
+    return {"umask": _umask(), "rlimits": limits,
+            "ids": [list(os.getresuid()), list(os.getresgid()), sorted(os.getgroups())]}
+
+
+def state_reason(now: dict[str, Any], then: dict[str, Any]) -> str | None:
+    """Why a zygote started in launch state ``then`` cannot give a worker the state ``now``:
+    other ids, or a hard rlimit raised (a worker can only lower them); None if it can."""
+    import resource
+
+    if now["ids"] != then["ids"]:
+        return "the supervisor's user or groups changed since the zygote started"
+
+    def num(v: int) -> float:
+        return float("inf") if v == resource.RLIM_INFINITY else v
+
+    raised = [n for n, (_soft, hard) in now["rlimits"].items()
+              if n in then["rlimits"] and num(hard) > num(then["rlimits"][n][1])]
+    if raised:
+        return f"{raised[0]} hard limit raised since the zygote started"
+    return None
+
+
 # -- the zygote process -----------------------------------------------------------------------
 
-def _reset_signals() -> None:
-    """What a fresh interpreter has: defaults, SIGINT raising KeyboardInterrupt, SIGPIPE off."""
+# What this process got from its exec, recorded before anything runs (see _record_inherited):
+# a forked worker is given the same, as an exec'd worker would get it.
+INHERITED: dict[str, Any] = {}
+
+
+def _record_inherited() -> None:
+    """Signal dispositions and mask, the environment as exec'd and what Python's start-up
+    added to it (locale coercion sets LC_CTYPE), and sys.path after PYTHONPATH."""
     import signal
 
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2,
-                signal.SIGQUIT, signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    INHERITED["signals"] = {
+        sig: signal.getsignal(sig) for sig in signal.valid_signals()
+        if sig not in (signal.SIGKILL, signal.SIGSTOP)}
+    INHERITED["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            raw = f.read()
+        initial = dict(item.decode("utf-8", "surrogateescape").partition("=")[::2]
+                       for item in raw.split(b"\0") if b"=" in item)
+    except OSError:
+        initial = dict(os.environ)
+    INHERITED["environ"] = initial
+    INHERITED["startup_env"] = {k: v for k, v in os.environ.items() if initial.get(k) != v}
+    # sys.path of `python -m`: cwd, PYTHONPATH (absolute, deduplicated), then the rest
+    pp = _abs_unique(os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    INHERITED["path_tail"] = sys.path[1 + len(pp):]
+
+
+def _abs_unique(paths: Iterable[str]) -> list[str]:
+    """As ``site.removeduppaths`` leaves them: absolute, first occurrence only."""
+    return list(dict.fromkeys(os.path.abspath(p) for p in paths if p))
+
+
+def _restore_signals() -> None:
+    """The dispositions and mask this process was exec'd with (a fresh exec gets the same):
+    whatever a preloaded module changed is undone."""
+    import signal
+
+    for sig, handler in INHERITED["signals"].items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, INHERITED["mask"])
+
+
+def _apply_limits(umask: int, rlimits: dict[str, list[int]]) -> None:
+    """The supervisor's umask and rlimits as they are now (it may have changed them since it
+    started the zygote; hard limits are only lowered: see :func:`state_reason`)."""
+    import resource
+
+    os.umask(umask)
+    for name, value in rlimits.items():
+        which = getattr(resource, name, None)
+        if which is not None and list(resource.getrlimit(which)) != value:
+            resource.setrlimit(which, tuple(value))
 
 
 def _wait_reparented(intermediate: int, timeout: float = 5.0) -> None:
@@ -88,29 +239,36 @@ def _become_worker(sock: socket.socket, req: dict[str, Any], fds: list[int],
             os.setpgid(0, 0)
         except OSError:
             pass
-        _reset_signals()
+        _restore_signals()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
         os.closerange(3, 1 << 16)  # nothing of the zygote's leaks into the worker
         _wait_reparented(intermediate)
-        env = req["env"]
+        env = dict(req["env"])
+        for key, value in INHERITED["startup_env"].items():
+            if env.get(key) == INHERITED["environ"].get(key):
+                env[key] = value  # the same start-up input: an exec would add the same
         os.environ.clear()
         os.environ.update(env)
+        import time
+
+        time.tzset()  # TZ as the worker's environment says
+        _apply_limits(req["umask"], req["rlimits"])
         if req.get("cwd"):
             os.chdir(req["cwd"])
-        # what `python -m` would have: cwd first, then PYTHONPATH
-        sys.path[0] = os.getcwd()
-        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                 if p and p not in sys.path]
-        sys.path[1:1] = extra
+        # what `python -m` would have: cwd first (added after site's deduplication), then
+        # PYTHONPATH and the rest, absolute and deduplicated
+        sys.path[:] = [os.getcwd(), *_abs_unique(
+            [*env.get("PYTHONPATH", "").split(os.pathsep), *INHERITED["path_tail"]])]
         import importlib
 
         importlib.invalidate_caches()
-        sys.argv = [sys.argv[0], *req["args"]]
         from multibus import worker
 
+        sys.argv = [worker.__file__, *req["args"]]
+        sys.orig_argv = list(req.get("orig_argv") or sys.argv)
         worker.run()  # ends with os._exit
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -214,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     import signal
 
-    from multibus.worker import die_with_parent
+    _record_inherited()  # before anything can change it
+    from multibus.worker import die_with_parent, title_setter
+
+    title_setter()  # set up once here (before a preload can change environ), used by workers
 
     die_with_parent(parent_pid, int(signal.SIGKILL), "multibus.zygote")
     sock = socket.socket(fileno=fd)
@@ -260,21 +421,11 @@ class ForkedProcess:
         return self.returncode  # the ProcessManager owns the wait and writes it here
 
 
-def can_fork(env: dict[str, str], base_env: dict[str, str]) -> bool:
-    """A forked worker cannot honour interpreter/loader settings that differ from the zygote's
-    (PYTHON* other than PYTHONPATH, LD_*): such workers are exec'd."""
-    for key in set(env) | set(base_env):
-        if (key.startswith("PYTHON") and key != "PYTHONPATH") or key.startswith("LD_"):
-            if env.get(key) != base_env.get(key):
-                return False
-    return True
-
-
 class ZygoteClient:
     """Start a zygote through a ProcessManager and ask it for workers (manager thread only).
 
     :meth:`spawn` returns ``None`` whenever the zygote cannot serve (not started, died,
-    refused): the caller then execs the worker as usual.
+    refused), and :attr:`failure` says why: the caller then execs the worker as usual.
     """
 
     def __init__(self, procs: Any, python: str, env: dict[str, str],
@@ -290,6 +441,8 @@ class ZygoteClient:
         self.child: Any = None
         self.ready = False
         self.dead = False
+        self.failure = ""  # why the last spawn() returned None
+        self.state0: dict[str, Any] = {}  # launch_state() when the zygote was started
 
     @classmethod
     def launch(cls, procs: Any, python: str, specs: Iterable[WorkerSpec],
@@ -325,6 +478,7 @@ class ZygoteClient:
                 argv += ["--preload", name]
             for path in self.paths:
                 argv += ["--path", path]
+            self.state0 = launch_state()
             self.child = self.procs.spawn("zygote", argv, self.env,
                                           pass_fds=(theirs.fileno(),))
             self.child.data["term_group_on_exit"] = False
@@ -358,9 +512,17 @@ class ZygoteClient:
 
     def spawn(self, name: str, args: list[str], env: dict[str, str],
               cwd: str | None) -> Any:
-        """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it."""
-        if self.dead or self.sock is None or not can_fork(env, self.env):
+        """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it
+        (:attr:`failure` says why)."""
+        if self.dead or self.sock is None:
+            self.failure = "zygote unavailable"
             return None
+        state = launch_state()
+        why = exec_reason(env, self.env) or state_reason(state, self.state0)
+        if why:
+            self.failure = why
+            return None
+        self.failure = "zygote unavailable"
         if not self.ready:
             hello = self._recv(READY_TIMEOUT)
             if hello is None:
@@ -372,7 +534,9 @@ class ZygoteClient:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
-            req = {"args": args, "env": env, "cwd": cwd}
+            req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
+                   "rlimits": state["rlimits"],
+                   "orig_argv": [self.python, "-m", "multibus.worker", *args]}
             try:
                 socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
             except OSError as e:
@@ -386,6 +550,7 @@ class ZygoteClient:
                 return None
             if "pid" not in reply:
                 self.log(f"zygote could not fork {name}: {reply.get('error')}; exec'ing it", 30)
+                self.failure = "the zygote could not fork it"
                 return None
             proc = ForkedProcess(int(reply["pid"]), os.fdopen(out_r, "rb"),
                                  os.fdopen(err_r, "rb"),

@@ -80,7 +80,7 @@ def test_full_file(tmp_path):
 def test_defaults(tmp_path):
     cfg = load(write(tmp_path, '[groups.w]\ntarget = "m:f"\n'))
     assert cfg.name == "multibus" and cfg.pidfile is None and cfg.log_format == "text"
-    assert cfg.zygote is False and cfg.zygote_preload == ()
+    assert cfg.zygote is True and cfg.zygote_preload == ()  # issue 18: the zygote by default
     (spec,) = cfg.specs
     assert (spec.count, spec.restart, spec.env) == (1, "permanent", {})
 
@@ -129,6 +129,11 @@ def test_defaults(tmp_path):
 ])
 def test_errors_name_file_and_key(tmp_path, text, expected):
     assert expected in error_of(write(tmp_path, text))
+
+
+def test_zygote_false_opts_out(tmp_path):
+    cfg = load(write(tmp_path, '[supervisor]\nzygote = false\n[groups.w]\ntarget = "m:f"\n'))
+    assert cfg.zygote is False
 
 
 def test_zygote_preload_implies_the_zygote(tmp_path):

@@ -33,7 +33,8 @@ def test_fleet_maps_worker_names_to_slots_group_by_group():
     assert len(fleet) == 3
     rows = fleet.rows(now=0.0)
     assert rows[0] == {"name": "web.0", "group": "web", "pid": None, "state": "EXITED",
-                       "restarts": 0, "exit_code": None, "uptime": 0.0}
+                       "restarts": 0, "exit_code": None, "uptime": 0.0,
+                       "launch": None}  # issue 18 added "launch"
 
 
 def test_resize_removes_the_highest_and_refills_the_lowest_free_indices():

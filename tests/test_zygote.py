@@ -3,12 +3,14 @@ stopped by Ctrl-C; exec fallback when the zygote is gone or cannot serve a spec.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import time
 
 import psutil
 import pytest
-from test_supervisor import Fleet, alive, started
+from test_supervisor import HERE, Fleet, alive, started
 
 from multibus.zygote import can_fork
 
@@ -53,8 +55,9 @@ def _zygotes(f: Fleet) -> list[psutil.Process]:
     return out
 
 
-def _is_forked(pid: int) -> bool:
-    return "multibus.zygote" in psutil.Process(pid).cmdline()
+def _is_forked(row: dict) -> bool:
+    """The supervisor forked it (workers retitle themselves: the command line cannot tell)."""
+    return row["launch"] == "fork"
 
 
 @pytest.mark.timeout(60)
@@ -69,7 +72,7 @@ def test_forked_workers_are_supervisor_children_in_own_groups_and_ctrl_c_stops_a
     assert zyg[0].num_threads() == 1  # single-threaded: no zmq Context (its I/O thread)
     for row in t:
         p = psutil.Process(row["pid"])
-        assert _is_forked(row["pid"]), p.cmdline()  # forked, not exec'd
+        assert _is_forked(row), p.cmdline()  # forked, not exec'd
         assert p.ppid() == f.proc.pid  # re-parented to the supervisor: it owns the wait
         assert os.getpgid(row["pid"]) == row["pid"]  # own process group: ^C is not theirs
     f.ctrl_c()
@@ -111,7 +114,7 @@ def test_killed_forked_worker_is_reaped_and_replaced(fleets):
         t = f.wait_table(lambda t, i=i: t[1]["restarts"] == i and t[1]["state"] == "STARTED",
                          10)
         assert t[1]["exit_code"] == -signal.SIGKILL  # our own wait saw the real status
-        assert t[1]["pid"] != victim["pid"] and _is_forked(t[1]["pid"])
+        assert t[1]["pid"] != victim["pid"] and _is_forked(t[1])
         assert not alive(victim["pid"])
     f.ctrl_c()
     assert f.wait() == 0
@@ -130,7 +133,7 @@ def test_workers_are_execd_once_the_zygote_is_gone(fleets):
     assert alive(victim["pid"])  # workers do not depend on the zygote
     os.kill(victim["pid"], signal.SIGKILL)
     t = f.wait_table(lambda t: t[0]["restarts"] == 1 and t[0]["state"] == "STARTED", 15)
-    assert not _is_forked(t[0]["pid"])  # exec'd instead
+    assert not _is_forked(t[0])  # exec'd instead
     f.wait_line("zygote unavailable", 1)
     f.ctrl_c()
     assert f.wait() == 0
@@ -154,7 +157,7 @@ def test_spec_env_with_interpreter_settings_is_execd(fleets):
     _, make = fleets
     f = make("--env", "PYTHONHASHSEED=7", n=1)
     f.wait_line("^FLEET STARTED", 30)
-    assert not _is_forked(f.table()[0]["pid"])
+    assert not _is_forked(f.table()[0])
     f.ctrl_c()
     assert f.wait() == 0
     f.assert_all_gone()
@@ -165,7 +168,7 @@ def test_preloaded_target_module_serves_forked_workers(fleets):
     _, make = fleets
     f = make("--zygote-preload", "targets.jobs", n=2)
     f.wait_line("^FLEET STARTED", 30)
-    assert all(_is_forked(r["pid"]) for r in f.table())
+    assert all(_is_forked(r) for r in f.table())
     f.ctrl_c()
     assert f.wait() == 0
     f.assert_all_gone()
@@ -178,7 +181,7 @@ def test_preload_that_cannot_be_imported_is_named_and_workers_still_fork(fleets)
     f.wait_line("^FLEET STARTED", 30)
     f.wait_line("cannot preload no_such_module_here: No module named 'no_such_module_here'; "
                 "workers are forked without it", 1)
-    assert _is_forked(f.table()[0]["pid"])
+    assert _is_forked(f.table()[0])
     f.ctrl_c()
     assert f.wait() == 0
     f.assert_all_gone()
@@ -189,7 +192,7 @@ def test_zygote_that_is_not_single_threaded_refuses_and_workers_are_execd(fleets
     _, make = fleets
     f = make("--zygote-preload", "targets.threaded_preload", n=2)
     f.wait_line("^FLEET STARTED", 30)
-    assert not any(_is_forked(r["pid"]) for r in f.table())
+    assert not any(_is_forked(r) for r in f.table())
     f.wait_line("zygote unavailable.*not single-threaded", 1)
     f.ctrl_c()
     assert f.wait() == 0
@@ -204,7 +207,7 @@ def test_forked_worker_imports_its_target_from_the_spec_cwd_like_python_m(fleets
     _, make = fleets
     f = make("--target", "cwd_only_mod:job", "--cwd", str(tmp_path), n=1)
     f.wait_line("^FLEET STARTED", 30)
-    assert _is_forked(f.table()[0]["pid"])
+    assert _is_forked(f.table()[0])
     f.wait_line(f"w.0 \\| cwd {tmp_path}$", 5)
     f.ctrl_c()
     assert f.wait() == 0
@@ -217,3 +220,110 @@ def test_can_fork_only_without_interpreter_settings():
     assert not can_fork(dict(base, PYTHONHASHSEED="0"), base)
     assert not can_fork(dict(base, LD_PRELOAD="/x.so"), base)
     assert not can_fork({k: v for k, v in base.items() if k != "PYTHONUNBUFFERED"}, base)
+
+
+# -- exec semantics (issue 18): a forked worker sees what an exec'd one of its spec sees -------
+
+def _stop_ok(f: Fleet) -> None:
+    """Ctrl-C: a clean stop (exit status 0), no worker left."""
+    f.ctrl_c()
+    assert f.wait() == 0
+    f.assert_all_gone()
+
+
+def _title(pid: int) -> tuple[str, str]:
+    """(command line, name) as ps and top show them."""
+    with open(f"/proc/{pid}/cmdline") as f:
+        cmdline = f.read().split("\0")[0]
+    with open(f"/proc/{pid}/comm") as f:
+        return cmdline, f.read().strip()
+
+
+def _wait_file(path, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.02)
+    return json.loads(path.read_text())
+
+
+@pytest.mark.timeout(90)
+def test_forked_worker_has_the_exec_semantics_of_an_execd_worker(fleets, tmp_path):
+    """env (os.environ, sys.path through a relative and an absolute PYTHONPATH entry), cwd,
+    umask and rlimits the supervisor set after starting its zygote, signal state, threads,
+    ids, interpreter flags, process title: each the same as an exec'd worker's."""
+    _, make = fleets
+    (tmp_path / "rel").mkdir()
+    made = {}
+    for how in ("fork", "exec"):
+        (tmp_path / how).mkdir()
+        made[how] = make(
+            "--target", "targets.probe:report", "--cwd", str(tmp_path),
+            "--env", f"MB_PROBE_DIR={tmp_path / how}", "--env", "MB_PARITY=\u00e9 x=y",
+            "--env", f"PYTHONPATH=rel{os.pathsep}{HERE}", "--umask", "027", "--nofile", "999",
+            *(["--exec"] if how == "exec" else []), n=1)
+    seen, rows = {}, {}
+    for how, f in made.items():
+        f.wait_line("^FLEET STARTED", 30)
+        seen[how] = _wait_file(tmp_path / how / "w.0.json", 10)
+        rows[how] = f.table()[0]
+        cmdline, comm = _title(rows[how]["pid"])
+        assert cmdline == f"multibus: w.0 [{f.name}]"  # ps
+        assert comm == "multibus: w.0 ["[:15]  # top: the kernel keeps 15 characters
+    assert rows["fork"]["launch"] == "fork"
+    assert rows["exec"]["launch"] == "exec (zygote disabled)"
+    fork, execd = seen["fork"], seen["exec"]
+    for d in (fork, execd):
+        d["environ"].pop("MB_PROBE_DIR")
+    assert fork["environ"]["MB_PARITY"] == "\u00e9 x=y"
+    assert fork["sys_path"][:3] == [str(tmp_path), str(tmp_path / "rel"), str(HERE)]
+    assert fork["umask"] == "0027" and fork["rlimits"]["RLIMIT_NOFILE"][0] == 999
+    assert fork["sigmask"] == [] and fork["signals"]["SIGINT"] == "default_int_handler"
+    assert fork["threads"] == 1
+    for key in execd:
+        assert fork[key] == execd[key], key
+    for f in made.values():
+        _stop_ok(f)
+
+
+@pytest.mark.timeout(60)
+def test_group_whose_env_changes_the_interpreter_is_execd_and_status_says_why(fleets):
+    from multibus.commands import format_status
+    from multibus.control import ControlClient, resolve_name
+
+    _, make = fleets
+    f = make("--env", "PYTHONHASHSEED=7", "--env", "LD_PRELOAD=libc.so.6", n=2)
+    f.wait_line("^FLEET STARTED", 30)
+    st = ControlClient(resolve_name(f.name), timeout=5).status()
+    why = "exec (LD_PRELOAD set, PYTHONHASHSEED set)"
+    assert [w["launch"] for w in st["workers"]] == [why, why]
+    text = format_status(st).splitlines()
+    assert text[1].split()[-1] == "LAUNCH" and text[2].endswith(why)
+    _stop_ok(f)
+
+
+def test_exec_reason_names_the_start_up_variables():
+    from multibus.zygote import exec_reason
+
+    base = {"PATH": "/bin", "PYTHONPATH": "/a", "PYTHONUNBUFFERED": "1", "LANG": "C.UTF-8"}
+    assert exec_reason(dict(base, PYTHONPATH="/b", TZ="UTC", PYTHONBREAKPOINT="0"), base) is None
+    assert exec_reason(dict(base, PYTHONOPTIMIZE="2"), base) == "PYTHONOPTIMIZE set"
+    assert exec_reason(dict(base, LANG="fr_FR.UTF-8"), base) == "LANG changed"
+    assert exec_reason(dict(base, MALLOC_ARENA_MAX="2", LC_ALL="C", PYTHONMALLOC="malloc",
+                            PYTHONWARNINGS="error"), base) == \
+        "LC_ALL set, MALLOC_ARENA_MAX set, PYTHONMALLOC set and 1 more"
+
+
+@pytest.mark.timeout(60)
+def test_start_timeout_counts_from_each_workers_own_spawn(fleets, tmp_path):
+    """w.0's first process is slow and crashes: its replacement starts after the fleet's
+    start_timeout (from the start) but within its own (from its spawn)."""
+    _, make = fleets
+    f = make("--target", "targets.probe:slow_then_crash_once", "--start-timeout", "3",
+             "--env", f"MB_MARK={tmp_path / 'mark'}", "--env", "MB_SLOW=2",
+             "--env", "MB_SLOW2=1.5", n=1)
+    t0 = time.monotonic()
+    f.wait_line("^FLEET STARTED", 30)
+    assert time.monotonic() - t0 > 3  # longer than start_timeout in all
+    assert f.table()[0]["restarts"] == 1
+    _stop_ok(f)

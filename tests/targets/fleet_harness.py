@@ -2,7 +2,8 @@
 
 Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
        [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T]
-       [--backoff FIRST,CAP] [--env K=V]
+       [--backoff FIRST,CAP] [--env K=V] [--exec] [--zygote-preload M] [--cwd DIR]
+       [--umask OCTAL] [--nofile SOFT]
 Runs the fleet with ``run_fleet`` (as ``multibus run`` does: same signals, same exit codes).
 Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
 "FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
@@ -47,9 +48,12 @@ def main() -> int:
     ap.add_argument("--intensity", default="5,10")
     ap.add_argument("--backoff", default=None, help="restart backoff: first delay, cap")
     ap.add_argument("--env", action="append", default=[])
-    ap.add_argument("--zygote", action="store_true", help="fork workers from a zygote")
+    ap.add_argument("--zygote", action="store_true", help="fork workers from a zygote (default)")
+    ap.add_argument("--exec", action="store_true", help="exec every worker (zygote=False)")
     ap.add_argument("--zygote-preload", action="append", default=[])
     ap.add_argument("--cwd", default=None, help="the workers' working directory")
+    ap.add_argument("--umask", default=None, help="set when the fleet starts (after the zygote)")
+    ap.add_argument("--nofile", type=int, default=None, help="RLIMIT_NOFILE soft limit, ditto")
     a = ap.parse_args()
     lock = threading.Lock()
 
@@ -66,6 +70,18 @@ def main() -> int:
         emit(f"LOG {level} {msg}" + (f"  @{time.monotonic() - t0:.3f}" if stamp else ""))
 
     bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
+
+    def set_limits() -> None:
+        """What a supervisor may change after it started its zygote: workers get it too."""
+        import resource
+
+        if a.umask is not None:
+            os.umask(int(a.umask, 8))
+        if a.nofile is not None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (a.nofile, hard))
+
+    bus.subscribe("start", set_limits, 10)  # before the supervisor's start (75) spawns
     env = dict(kv.split("=", 1) for kv in a.env)
     env.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     spec = WorkerSpec(name="w", target=a.target, count=a.n, restart=a.restart,
@@ -81,7 +97,7 @@ def main() -> int:
                          on_started=lambda sup: emit("FLEET STARTED"),
                          on_failed=lambda e: emit(f"FLEET ERROR {e}"),
                          intensity=(int(most), float(period)), term_timeout=a.term_timeout,
-                         zygote=a.zygote, zygote_preload=a.zygote_preload, **extra)
+                         zygote=not a.exec, zygote_preload=a.zygote_preload, **extra)
     except FleetRefused as e:
         emit(f"REFUSED {e}")
         return e.code
