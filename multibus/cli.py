@@ -28,7 +28,6 @@ from multibus.commands import (
     EXIT_OK,
     EXIT_USAGE,
     PROG,
-    format_status,
     say_error,
 )
 from multibus.config import (
@@ -41,10 +40,8 @@ from multibus.config import (
     valid_module,
 )
 from multibus.control import ControlClient, ControlError, NotRunning, resolve_name
-from multibus.logprinter import LogPrinter
-from multibus.systemd import sd_notify
 
-__all__ = ["LogPrinter", "format_status", "main", "sd_notify"]
+__all__ = ["build_parser", "console", "main"]
 
 
 # --------------------------------------------------------------------------- run

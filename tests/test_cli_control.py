@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from multibus.bus import Bus, states
-from multibus.cli import format_status, sd_notify
+from multibus.commands import format_status
 from multibus.control import (
     CANCELLED,
     MAX_QUEUED,
@@ -26,6 +26,7 @@ from multibus.control import (
 )
 from multibus.logview import format_json, format_text, split_source
 from multibus.specs import WorkerSpec
+from multibus.systemd import sd_notify
 from multibus.transport.endpoints import private_ipc, remove_ipc
 
 
@@ -321,7 +322,7 @@ def test_sd_notify(tmp_path):
 
 
 def test_log_printer_never_blocks_the_caller():
-    from multibus.cli import LogPrinter
+    from multibus.logprinter import LogPrinter
 
     class Stuck:
         def __init__(self) -> None:
