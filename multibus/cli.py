@@ -42,6 +42,7 @@ from multibus.config import (
 )
 from multibus.control import ControlClient, ControlError, NotRunning, resolve_name
 from multibus.logprinter import LogPrinter
+from multibus.rundir import RunDirError
 from multibus.systemd import sd_notify
 
 __all__ = ["LogPrinter", "format_status", "main", "sd_notify"]
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         say_error(str(e))
         return EXIT_USAGE
-    except ControlError as e:
+    except (ControlError, RunDirError) as e:  # e.g. a runtime dir another user pre-created
         say_error(str(e))
         return EXIT_FAIL
     except KeyboardInterrupt:

@@ -54,6 +54,7 @@ from multibus.logview import SUPERVISOR, Record
 from multibus.names import WorkerName
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
+from multibus.transport.stats import RateLimit
 from multibus.wakeup import Wakeup
 
 __all__ = [
@@ -73,6 +74,9 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 4 << 20
 MAX_OPS_KEPT = 256  # finished ops remembered for op_status
 MAX_QUEUED = 100  # ops waiting to run; one more is refused
+#: The bridge counters ``status`` shows under "counters" -> "bridge": trouble, not traffic.
+BRIDGE_COUNTERS = ("invalid", "gaps", "lost", "stale", "dropped", "handshake_failed",
+                   "zap_refused")
 CANCELLED = "cancelled: the supervisor is exiting"
 
 
@@ -171,7 +175,9 @@ class Control:
         self.path: Path | None = None
         self.started = time.time()
         self.counts: dict[str, int] = {n: s.count for n, s in supervisor.specs.items()}
-        self.invalid = 0
+        self.invalid = 0  # requests that were not valid (counted, logged rate-limited)
+        self.refused = 0  # valid requests refused (queue full, followers, unknown group...)
+        self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
         self._ops: dict[int, Op] = {}  # op_status answers these: waiting, running, finished
@@ -384,7 +390,9 @@ class Control:
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],
-             "queue": [{"op", "action", "args", "state", "error", "note"}]}
+             "queue": [{"op", "action", "args", "state", "error", "note"}],
+             "counters": {"control": {"invalid", "refused", "followers"},
+                          "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}}}
         """
         order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
         rows = self.sup.table()
@@ -414,7 +422,17 @@ class Control:
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": self._state(),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
+            "counters": self.counters(),
         }
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """What went wrong so far, by whom: the control socket's invalid and refused
+        requests (and its waiting followers), and the hub bridge's trouble counters."""
+        bridge = getattr(self.sup, "bridge", None)
+        stats = bridge.stats() if bridge is not None else {}
+        return {"control": {"invalid": self.invalid, "refused": self.refused,
+                            "followers": len(self._followers)},
+                "bridge": {k: stats[k] for k in BRIDGE_COUNTERS if k in stats}}
 
     # -- the socket thread ----------------------------------------------------------------
 
@@ -477,21 +495,30 @@ class Control:
         except zmq.ZMQError:
             pass  # client gone or not reading: its own timeout tells it
 
+    def _invalid(self, why: str) -> None:
+        """Count an invalid request; log the first few, then every power of two from 1024
+        (a flood of them leaves a trace without flooding the log)."""
+        self.invalid += 1
+        suffix = self._warn("invalid")
+        if suffix is not None:
+            self.bus.log(f"control socket {self.path}: invalid request: {why}{suffix}", 30)
+
     def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         if len(frames) != 2:
-            self.invalid += 1
+            self._invalid(f"{len(frames)} frames")
             return
         ident, frame = frames
         try:
             req = decode_request(frame)
         except ValueError as e:
-            self.invalid += 1
+            self._invalid(str(e))
             self._send(sock, ident, {"v": PROTOCOL, "id": 0, "ok": False,
                                      "error": f"invalid request: {e}"})
             return
         try:
             reply = self._answer(ident, req)
         except ControlError as e:
+            self.refused += 1
             reply = {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001 - never let a request kill the thread
             reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
