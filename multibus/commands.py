@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from multibus import fdbudget
 from multibus.bus import state_name
 from multibus.names import WorkerName, valid_group
 
@@ -236,6 +237,11 @@ class Scale(Command):
         group = req["group"]
         if group not in ctl.sup.specs:
             raise ControlError(f"no group {group!r}; groups: {', '.join(ctl.sup.specs)}")
+        total = sum(n for g, n in ctl.counts.items() if g != group) + req["count"]
+        try:
+            fdbudget.check_workers(total, f"scale {group} {req['count']}")
+        except fdbudget.FdBudgetExceeded as e:
+            raise ControlError(str(e)) from None
         return _queued(ctl, ctl.queue("scale", group=group, count=req["count"]))
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,

@@ -38,6 +38,7 @@ import msgpack
 import psutil
 import zmq
 
+from multibus import fdbudget
 from multibus.commands import (
     ACTIONS,
     COMMANDS,
@@ -177,6 +178,9 @@ class Control:
         self.counts: dict[str, int] = {n: s.count for n, s in supervisor.specs.items()}
         self.invalid = 0  # requests that were not valid (counted, logged rate-limited)
         self.refused = 0  # valid requests refused (queue full, followers, unknown group...)
+        self.paused = 0  # times it stopped listening, at its descriptor budget
+        self._listening = False
+        self._fds = 0  # descriptors open when it started listening
         self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
@@ -391,7 +395,8 @@ class Control:
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],
              "queue": [{"op", "action", "args", "state", "error", "note"}],
-             "counters": {"control": {"invalid", "refused", "followers"},
+             "counters": {"control": {"invalid", "refused", "followers", "listening",
+                                      "paused" (times it stopped listening: fd limit)},
                           "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}}}
         """
         order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
@@ -431,7 +436,8 @@ class Control:
         bridge = getattr(self.sup, "bridge", None)
         stats = bridge.stats() if bridge is not None else {}
         return {"control": {"invalid": self.invalid, "refused": self.refused,
-                            "followers": len(self._followers)},
+                            "followers": len(self._followers), "paused": self.paused,
+                            "listening": int(self._listening)},
                 "bridge": {k: stats[k] for k in BRIDGE_COUNTERS if k in stats}}
 
     # -- the socket thread ----------------------------------------------------------------
@@ -449,7 +455,11 @@ class Control:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
             sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.setsockopt(zmq.BACKLOG, 16)  # connections the kernel queues before accept
             sock.bind(f"ipc://{self.path}")
+            self._listening = True
+            self._fds = fdbudget.in_use()
+            monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
         except BaseException as e:  # noqa: BLE001 - reported by subscribe()
             self._error = e
             if sock is not None:
@@ -461,15 +471,20 @@ class Control:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while not self._closing:
                 timeout = None
                 if self._followers:
                     first = min(d for _, _, d in self._followers)
                     timeout = max(0, int((first - time.monotonic()) * 1000) + 1)
+                if not self._listening:  # look for room again every 0.2 s
+                    timeout = 200 if timeout is None else min(timeout, 200)
                 events = dict(poller.poll(timeout))
                 if self._wakeup.fileno() in events:
                     self._wakeup.drain()
+                # before any request: a reply means every connection before it was counted
+                self._budget(sock, monitor)
                 if sock in events:
                     for _ in range(100):
                         try:
@@ -480,6 +495,8 @@ class Control:
                 if self._followers:
                     self._serve_followers(sock)
         finally:
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(0)
             ctx.term()
             try:
@@ -488,6 +505,39 @@ class Control:
             except FileNotFoundError:
                 pass
             self._wakeup.close()
+
+    def _budget(self, sock: zmq.Socket, monitor: zmq.Socket) -> None:
+        """Stop listening when the connections accepted (libzmq's descriptor numbers tell:
+        they come lowest first) reach the cap or the descriptors come near the limit, since
+        libzmq aborts the process when accept() fails with EMFILE; listen again once the
+        descriptors in use are back under half of that (see :mod:`multibus.fdbudget`)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        cap = fdbudget.connections_cap()
+        for _ in range(1000):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            fd = event["value"]
+            if (self._listening and event["event"] == zmq.EVENT_ACCEPTED
+                    and (fd - self._fds >= cap or fdbudget.near_limit(fd))):
+                # closes the connections it accepted too; the file stays: ECONNREFUSED
+                sock.unbind(f"ipc://{self.path}")
+                self._listening = False
+                self.paused += 1
+                suffix = self._warn("paused")
+                if suffix is not None:
+                    self.bus.log(f"control socket {self.path}: {fd - self._fds} connections, "
+                                 f"at most {cap} under this file descriptor limit "
+                                 f"({fdbudget.limit()}): not taking connections for now, "
+                                 f"those dropped; raise the limit (ulimit -n){suffix}", 30)
+        if not self._listening and fdbudget.has_room():
+            if fdbudget.in_use() - self._fds < cap // 2:
+                sock.bind(f"ipc://{self.path}")
+                self._listening = True
+                if self._warn("resumed") is not None:
+                    self.bus.log(f"control socket {self.path}: taking connections again", 20)
 
     def _send(self, sock: zmq.Socket, ident: bytes, reply: dict[str, Any]) -> None:
         try:
@@ -565,7 +615,10 @@ class ControlClient:
         """The live supervisor's pid (from the hub lock), or None."""
         return _owner(self.name)
 
-    def _not_running(self) -> NotRunning:
+    def _not_running(self, pid: int | None = None) -> NotRunning:
+        if pid and self.pid() == pid:
+            return NotRunning(f"supervisor {self.name!r} (pid {pid}) has no control socket now "
+                              "(starting, exiting, or near its file descriptor limit); retry")
         running = running_supervisors()
         others = f" (running: {', '.join(sorted(running))})" if running else ""
         return NotRunning(f"no supervisor named {self.name!r} is running{others}")
@@ -578,7 +631,7 @@ class ControlClient:
         except FileNotFoundError:
             raise self._not_running() from None
         if not pid or not path.exists():
-            raise self._not_running()
+            raise self._not_running(pid)
         rid = next(self._ids)
         timeout = self.timeout if timeout is None else timeout
         ctx = zmq.Context.instance()

@@ -439,8 +439,8 @@ def test_counters_are_in_status_json_and_summarised(served, capsys):
 
     bus, sup, control, client = served
     st = client.status()
-    assert st["counters"] == {"control": {"invalid": 0, "refused": 0, "followers": 0},
-                              "bridge": {}}
+    assert st["counters"] == {"control": {"invalid": 0, "refused": 0, "followers": 0,
+                                          "paused": 0, "listening": 1}, "bridge": {}}
     assert not any("counters:" in ln for ln in format_status(st).splitlines())
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
@@ -459,7 +459,8 @@ def test_counters_are_in_status_json_and_summarised(served, capsys):
         "sent": 7, "invalid": 2, "gaps": 1, "lost": 4, "dropped": 0, "zap_refused": 5})
     assert main(["status", "--json", "--name", client.name]) == 0
     counters = json.loads(capsys.readouterr().out)["counters"]
-    assert counters == {"control": {"invalid": 3, "refused": 1, "followers": 0},
+    assert counters == {"control": {"invalid": 3, "refused": 1, "followers": 0, "paused": 0,
+                                    "listening": 1},
                         "bridge": {"invalid": 2, "gaps": 1, "lost": 4, "dropped": 0,
                                    "zap_refused": 5}}
     assert main(["status", "--name", client.name]) == 0
@@ -468,3 +469,20 @@ def test_counters_are_in_status_json_and_summarised(served, capsys):
                       "2 invalid frames, 1 gap, 4 lost messages, 5 refused CURVE keys")
     # and the invalid requests left a trace in the log (rate-limited)
     assert sum("invalid request" in r[4] for r in control.records()[0]) == 3
+
+
+def test_a_scale_past_the_descriptor_budget_is_refused_naming_the_limit(served, monkeypatch):
+    """`scale job N` that would not fit in RLIMIT_NOFILE is refused at once, naming the limit
+    and how to raise it; the fleet is untouched (issue 14, part 3)."""
+    from multibus import fdbudget
+
+    bus, sup, control, client = served
+    monkeypatch.setattr(fdbudget, "limit", lambda: 1024)
+    with pytest.raises(ControlError) as err:
+        client.scale("job", 200)
+    msg = str(err.value)
+    assert msg.startswith("scale job 200: 200 workers need about ") and "\n" not in msg
+    assert "limit of 1024" in msg and "ulimit -n" in msg and "LimitNOFILE=" in msg
+    assert sup.scaled == [] and client.status()["queue"] == []
+    done = client.wait_op(client.scale("job", 179)["op"], 10)  # what fits is queued and run
+    assert done["state"] == "done" and sup.scaled == [("job", 179)]
