@@ -37,6 +37,7 @@ from typing import Any
 import msgpack
 import psutil
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from multibus import fdbudget
 from multibus.commands import (
@@ -511,8 +512,6 @@ class Control:
         they come lowest first) reach the cap or the descriptors come near the limit, since
         libzmq aborts the process when accept() fails with EMFILE; listen again once the
         descriptors in use are back under half of that (see :mod:`multibus.fdbudget`)."""
-        from zmq.utils.monitor import recv_monitor_message
-
         cap = fdbudget.connections_cap()
         for _ in range(1000):
             try:
@@ -522,22 +521,20 @@ class Control:
             fd = event["value"]
             if (self._listening and event["event"] == zmq.EVENT_ACCEPTED
                     and (fd - self._fds >= cap or fdbudget.near_limit(fd))):
-                # closes the connections it accepted too; the file stays: ECONNREFUSED
-                sock.unbind(f"ipc://{self.path}")
+                sock.unbind(f"ipc://{self.path}")  # drops its connections; ECONNREFUSED
                 self._listening = False
                 self.paused += 1
-                suffix = self._warn("paused")
-                if suffix is not None:
-                    self.bus.log(f"control socket {self.path}: {fd - self._fds} connections, "
-                                 f"at most {cap} under this file descriptor limit "
-                                 f"({fdbudget.limit()}): not taking connections for now, "
-                                 f"those dropped; raise the limit (ulimit -n){suffix}", 30)
-        if not self._listening and fdbudget.has_room():
-            if fdbudget.in_use() - self._fds < cap // 2:
-                sock.bind(f"ipc://{self.path}")
-                self._listening = True
-                if self._warn("resumed") is not None:
-                    self.bus.log(f"control socket {self.path}: taking connections again", 20)
+                if (suffix := self._warn("paused")) is not None:
+                    self.bus.log(f"control socket {self.path}: {fd - self._fds} connections, at "
+                                 f"most {cap} under its file descriptor limit ({fdbudget.limit()})"
+                                 f": not taking connections for now, those dropped; raise the "
+                                 f"limit (ulimit -n){suffix}", 30)
+        if (not self._listening and fdbudget.has_room()
+                and fdbudget.in_use() - self._fds < cap // 2):
+            sock.bind(f"ipc://{self.path}")
+            self._listening = True
+            if self._warn("resumed") is not None:
+                self.bus.log(f"control socket {self.path}: taking connections again", 20)
 
     def _send(self, sock: zmq.Socket, ident: bytes, reply: dict[str, Any]) -> None:
         try:

