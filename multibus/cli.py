@@ -40,6 +40,7 @@ from multibus.config import (
     valid_module,
 )
 from multibus.control import ControlClient, ControlError, NotRunning, resolve_name
+from multibus.rundir import RunDirError
 
 __all__ = ["build_parser", "console", "main"]
 
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         say_error(str(e))
         return EXIT_USAGE
-    except ControlError as e:
+    except (ControlError, RunDirError) as e:  # e.g. a runtime dir another user pre-created
         say_error(str(e))
         return EXIT_FAIL
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from multibus import fdbudget
 from multibus.bus import state_name
 from multibus.names import WorkerName, valid_group
 
@@ -236,6 +237,11 @@ class Scale(Command):
         group = req["group"]
         if group not in ctl.sup.specs:
             raise ControlError(f"no group {group!r}; groups: {', '.join(ctl.sup.specs)}")
+        total = sum(n for g, n in ctl.counts.items() if g != group) + req["count"]
+        try:
+            fdbudget.check_workers(total, f"scale {group} {req['count']}")
+        except fdbudget.FdBudgetExceeded as e:
+            raise ControlError(str(e)) from None
         return _queued(ctl, ctl.queue("scale", group=group, count=req["count"]))
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
@@ -284,8 +290,11 @@ class Logs(Command):
         if req["since"] == 0:  # the first request of a `multibus logs`: an unknown name fails
             ctl.check_source(req["group"])
         reply = self.reply(ctl, req)
-        if reply["records"] or req["wait"] <= 0 or not ctl.follow(ident, req, MAX_FOLLOWERS):
+        if reply["records"] or req["wait"] <= 0:
             return reply
+        if not ctl.follow(ident, req, MAX_FOLLOWERS):  # answering now would make it spin
+            raise ControlError(f"{MAX_FOLLOWERS} `{PROG} logs -f` are following already, the "
+                               "most at once; stop one of them (or use `logs` without -f)")
         return None
 
     @staticmethod
@@ -426,6 +435,9 @@ def format_status(st: dict[str, Any]) -> str:
     head = (f"{st['name']} (pid {st['pid']}): {st['state']}, {n} worker{'s' if n != 1 else ''}, "
             f"up {_duration(st['uptime'])}")
     lines.append(head)
+    trouble = _trouble(st.get("counters") or {})
+    if trouble:
+        lines.append(f"  counters: {trouble}")
     for op in st["queue"]:
         lines.append(f"  {op['state']}: {op['action']}"
                      + (f" {op['args']}" if op["args"] else ""))
@@ -444,3 +456,22 @@ def format_status(st: dict[str, Any]) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
     return "\n".join(lines)
+
+
+_TROUBLE = (("control", "invalid", "invalid control request"),
+            ("control", "refused", "refused control request"),
+            ("bridge", "invalid", "invalid frame"), ("bridge", "gaps", "gap"),
+            ("bridge", "lost", "lost message"), ("bridge", "stale", "stale batch"),
+            ("bridge", "dropped", "dropped message"),
+            ("bridge", "handshake_failed", "failed handshake"),
+            ("bridge", "zap_refused", "refused CURVE key"))
+
+
+def _trouble(counters: dict[str, dict[str, int]]) -> str:
+    """The status document's non-zero trouble counters, in words ('' when all are 0)."""
+    said = []
+    for part, key, what in _TROUBLE:
+        n = counters.get(part, {}).get(key, 0)
+        if n:
+            said.append(f"{n} {what}{'s' if n != 1 else ''}")
+    return ", ".join(said)

@@ -37,7 +37,9 @@ from typing import Any
 import msgpack
 import psutil
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from multibus import fdbudget
 from multibus.commands import (
     ACTIONS,
     COMMANDS,
@@ -54,6 +56,7 @@ from multibus.logview import SUPERVISOR, Record
 from multibus.names import WorkerName
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
+from multibus.transport.stats import RateLimit
 from multibus.wakeup import Wakeup
 
 __all__ = [
@@ -73,6 +76,9 @@ MAX_REQUEST = 64 * 1024
 MAX_REPLY = 4 << 20
 MAX_OPS_KEPT = 256  # finished ops remembered for op_status
 MAX_QUEUED = 100  # ops waiting to run; one more is refused
+#: The bridge counters ``status`` shows under "counters" -> "bridge": trouble, not traffic.
+BRIDGE_COUNTERS = ("invalid", "gaps", "lost", "stale", "dropped", "handshake_failed",
+                   "zap_refused")
 CANCELLED = "cancelled: the supervisor is exiting"
 
 
@@ -171,7 +177,12 @@ class Control:
         self.path: Path | None = None
         self.started = time.time()
         self.counts: dict[str, int] = {n: s.count for n, s in supervisor.specs.items()}
-        self.invalid = 0
+        self.invalid = 0  # requests that were not valid (counted, logged rate-limited)
+        self.refused = 0  # valid requests refused (queue full, followers, unknown group...)
+        self.paused = 0  # times it stopped listening, at its descriptor budget
+        self._listening = False
+        self._fds = 0  # descriptors open when it started listening
+        self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
         self._ops: dict[int, Op] = {}  # op_status answers these: waiting, running, finished
@@ -384,7 +395,10 @@ class Control:
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],
-             "queue": [{"op", "action", "args", "state", "error", "note"}]}
+             "queue": [{"op", "action", "args", "state", "error", "note"}],
+             "counters": {"control": {"invalid", "refused", "followers", "listening",
+                                      "paused" (times it stopped listening: fd limit)},
+                          "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}}}
         """
         order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
         rows = self.sup.table()
@@ -414,7 +428,18 @@ class Control:
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": self._state(),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
+            "counters": self.counters(),
         }
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """What went wrong so far, by whom: the control socket's invalid and refused
+        requests (and its waiting followers), and the hub bridge's trouble counters."""
+        bridge = getattr(self.sup, "bridge", None)
+        stats = bridge.stats() if bridge is not None else {}
+        return {"control": {"invalid": self.invalid, "refused": self.refused,
+                            "followers": len(self._followers), "paused": self.paused,
+                            "listening": int(self._listening)},
+                "bridge": {k: stats[k] for k in BRIDGE_COUNTERS if k in stats}}
 
     # -- the socket thread ----------------------------------------------------------------
 
@@ -431,7 +456,11 @@ class Control:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST)
             sock.setsockopt(zmq.SNDHWM, 1000)
+            sock.setsockopt(zmq.BACKLOG, 16)  # connections the kernel queues before accept
             sock.bind(f"ipc://{self.path}")
+            self._listening = True
+            self._fds = fdbudget.in_use()
+            monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED)
         except BaseException as e:  # noqa: BLE001 - reported by subscribe()
             self._error = e
             if sock is not None:
@@ -443,15 +472,20 @@ class Control:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wakeup.fileno(), zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while not self._closing:
                 timeout = None
                 if self._followers:
                     first = min(d for _, _, d in self._followers)
                     timeout = max(0, int((first - time.monotonic()) * 1000) + 1)
+                if not self._listening:  # look for room again every 0.2 s
+                    timeout = 200 if timeout is None else min(timeout, 200)
                 events = dict(poller.poll(timeout))
                 if self._wakeup.fileno() in events:
                     self._wakeup.drain()
+                # before any request: a reply means every connection before it was counted
+                self._budget(sock, monitor)
                 if sock in events:
                     for _ in range(100):
                         try:
@@ -462,6 +496,8 @@ class Control:
                 if self._followers:
                     self._serve_followers(sock)
         finally:
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(0)
             ctx.term()
             try:
@@ -471,27 +507,65 @@ class Control:
                 pass
             self._wakeup.close()
 
+    def _budget(self, sock: zmq.Socket, monitor: zmq.Socket) -> None:
+        """Stop listening when the connections accepted (libzmq's descriptor numbers tell:
+        they come lowest first) reach the cap or the descriptors come near the limit, since
+        libzmq aborts the process when accept() fails with EMFILE; listen again once the
+        descriptors in use are back under half of that (see :mod:`multibus.fdbudget`)."""
+        cap = fdbudget.connections_cap()
+        for _ in range(1000):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            fd = event["value"]
+            if (self._listening and event["event"] == zmq.EVENT_ACCEPTED
+                    and (fd - self._fds >= cap or fdbudget.near_limit(fd))):
+                sock.unbind(f"ipc://{self.path}")  # drops its connections; ECONNREFUSED
+                self._listening = False
+                self.paused += 1
+                if (suffix := self._warn("paused")) is not None:
+                    self.bus.log(f"control socket {self.path}: {fd - self._fds} connections, at "
+                                 f"most {cap} under its file descriptor limit ({fdbudget.limit()})"
+                                 f": not taking connections for now, those dropped; raise the "
+                                 f"limit (ulimit -n){suffix}", 30)
+        if (not self._listening and fdbudget.has_room()
+                and fdbudget.in_use() - self._fds < cap // 2):
+            sock.bind(f"ipc://{self.path}")
+            self._listening = True
+            if self._warn("resumed") is not None:
+                self.bus.log(f"control socket {self.path}: taking connections again", 20)
+
     def _send(self, sock: zmq.Socket, ident: bytes, reply: dict[str, Any]) -> None:
         try:
             sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass  # client gone or not reading: its own timeout tells it
 
+    def _invalid(self, why: str) -> None:
+        """Count an invalid request; log the first few, then every power of two from 1024
+        (a flood of them leaves a trace without flooding the log)."""
+        self.invalid += 1
+        suffix = self._warn("invalid")
+        if suffix is not None:
+            self.bus.log(f"control socket {self.path}: invalid request: {why}{suffix}", 30)
+
     def _handle(self, sock: zmq.Socket, frames: list[bytes]) -> None:
         if len(frames) != 2:
-            self.invalid += 1
+            self._invalid(f"{len(frames)} frames")
             return
         ident, frame = frames
         try:
             req = decode_request(frame)
         except ValueError as e:
-            self.invalid += 1
+            self._invalid(str(e))
             self._send(sock, ident, {"v": PROTOCOL, "id": 0, "ok": False,
                                      "error": f"invalid request: {e}"})
             return
         try:
             reply = self._answer(ident, req)
         except ControlError as e:
+            self.refused += 1
             reply = {"ok": False, "error": str(e)}
         except Exception as e:  # noqa: BLE001 - never let a request kill the thread
             reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
@@ -538,7 +612,10 @@ class ControlClient:
         """The live supervisor's pid (from the hub lock), or None."""
         return _owner(self.name)
 
-    def _not_running(self) -> NotRunning:
+    def _not_running(self, pid: int | None = None) -> NotRunning:
+        if pid and self.pid() == pid:
+            return NotRunning(f"supervisor {self.name!r} (pid {pid}) has no control socket now "
+                              "(starting, exiting, or near its file descriptor limit); retry")
         running = running_supervisors()
         others = f" (running: {', '.join(sorted(running))})" if running else ""
         return NotRunning(f"no supervisor named {self.name!r} is running{others}")
@@ -551,7 +628,7 @@ class ControlClient:
         except FileNotFoundError:
             raise self._not_running() from None
         if not pid or not path.exists():
-            raise self._not_running()
+            raise self._not_running(pid)
         rid = next(self._ids)
         timeout = self.timeout if timeout is None else timeout
         ctx = zmq.Context.instance()

@@ -266,9 +266,16 @@ def name_owner(name: str) -> int | None:
 
 
 def sweep_stale(directory: str | os.PathLike[str] | None = None) -> int:
-    """Remove the sockets and lock of every hub in ``directory`` (default ``runtime_dir()``)
-    whose owner is gone (a killed hub never released them); returns how many. Only names
-    with a lock file nobody holds are touched, so live hubs and foreign files are safe."""
+    """Remove the files of every hub and supervisor in ``directory`` (default
+    ``runtime_dir()``) whose owner is gone (a killed one never released them); returns how
+    many names and PID files were removed. Only provably stale files are touched:
+
+    * ``NAME.lock`` nobody holds: with its sockets (``HUB_SOCKETS`` and ``NAME.ctl``);
+    * ``NAME.ctl`` with no lock file at all: removed under a fresh claim of the name, so a
+      supervisor starting meanwhile keeps its socket;
+    * ``NAME.pid`` whose own lock nobody holds (a PID file is held for its owner's life).
+
+    Live owners (this process included) and files that are not plain files of ours are safe."""
     directory = Path(directory) if directory is not None else runtime_dir()
     removed = 0
     with _held_guard:
@@ -282,13 +289,30 @@ def sweep_stale(directory: str | os.PathLike[str] | None = None) -> int:
             continue
         base = str(lock).removesuffix(".lock")
         try:
-            for suffix in HUB_SOCKETS:
+            for suffix in (*HUB_SOCKETS, "ctl"):
                 _unlink_socket(f"{base}.{suffix}")
             # unlinked while still locked: a newcomer that opened it re-checks and retries
             removed += stale.close(unlink=True)
         except OSError:  # leave the rest alone
             stale.close()
+    for ctl in directory.glob("*.ctl"):
+        base = str(ctl).removesuffix(".ctl")
+        if not os.path.lexists(_lock_path(base)) and stat.S_ISSOCK(_lmode(ctl)):
+            removed += release(base, [ctl])
+    for pid in directory.glob("*.pid"):
+        try:
+            stale = lockfile.acquire(pid, create=False, tries=1)
+        except (lockfile.LockError, OSError):  # held by its live owner (maybe us), or unsafe
+            continue
+        removed += stale.close(unlink=True)
     return removed
+
+
+def _lmode(path: str | os.PathLike[str]) -> int:
+    try:
+        return os.lstat(path).st_mode
+    except FileNotFoundError:
+        return 0
 
 
 def running_supervisors() -> dict[str, int]:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from multibus import fdbudget
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
@@ -125,6 +126,8 @@ class Supervisor:
         """Take the PID file, become subreaper, start the process thread, bind the hub."""
         if self.procs is not None:
             return self
+        fdbudget.raise_soft_limit()  # as systemd and nginx do; then refuse what cannot fit
+        fdbudget.check_workers(sum(s.count for s in self.specs.values()), "this fleet")
         if self._pidfile_arg is not False:
             from multibus.plugins.pidfile import PIDFile
 

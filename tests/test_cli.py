@@ -191,6 +191,32 @@ def test_control_commands_without_supervisor():
             r.stderr.startswith(f"multibus: no supervisor named {name!r} is running (running:")
 
 
+@pytest.mark.parametrize("unsafe", ["foreign", "open"])
+def test_every_command_refuses_an_unsafe_runtime_dir_in_one_line(xdg, capsys, unsafe):
+    """Another user pre-created the runtime dir (or left it open to others): every command
+    says so in one line naming the dir and the fix, exit 1 (2 for `run`: nothing started),
+    instead of a traceback (issue 14, part 6)."""
+    from multibus.cli import main
+
+    rundir = xdg / "multibus"
+    rundir.mkdir(mode=0o700)
+    if unsafe == "foreign":
+        os.chown(rundir, 65534, 65534)
+        why = "owned by uid 65534"
+    else:
+        rundir.chmod(0o777)
+        why = "mode 0o777 lets other users in"
+    for args in (["status"], ["status", "--json"], ["start"], ["stop"], ["restart"],
+                 ["graceful"], ["exit"], ["scale", "job", "2"], ["logs"], ["logs", "-f"],
+                 ["run", "tests.targets.jobs:job"]):
+        code = main([*args, "--name", "unsafe"])
+        assert code == (2 if args[0] == "run" else 1), args
+        out, err = capsys.readouterr()
+        assert out == "" and len(err.splitlines()) == 1, (args, err)
+        assert f"unsafe runtime dir {rundir}: {why}" in err, (args, err)
+    assert os.listdir(rundir) == []
+
+
 # --------------------------------------------------------------------------- bad files
 
 

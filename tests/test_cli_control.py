@@ -9,6 +9,7 @@ import time
 import msgpack
 import pytest
 import zmq
+from progs.procio import wait_for
 
 from multibus.bus import Bus, states
 from multibus.commands import format_status
@@ -387,3 +388,102 @@ def test_stop_that_had_to_kill_says_which_and_why_and_exits_1(capsys):
     err = capsys.readouterr().err
     assert f"{sup.name}: stop failed: 1 worker had to be killed" in err
     assert "w.0 (did not stop within 0.3s: SIGTERM, then SIGKILL)" in err
+
+
+def _long_poll(client: ControlClient, sock: zmq.Socket, rid: int) -> None:
+    """Send a 'logs' request that waits (nothing new after the last seq) on ``sock``."""
+    since = client.logs(0)[1]
+    sock.send(msgpack.packb({"v": 1, "id": rid, "cmd": "logs", "since": since,
+                             "group": None, "limit": 10, "wait": 5}))
+
+
+def test_followers_past_the_limit_are_refused_not_answered_at_once(served, monkeypatch,
+                                                                   capsys):
+    """A 65th `logs -f` used to get an empty answer at once, and asked again at once: both
+    processes spun. Now it is refused in one line naming the limit (issue 14, part 6)."""
+    from multibus import commands
+    from multibus.cli import main
+
+    bus, sup, control, client = served
+    monkeypatch.setattr(commands, "MAX_FOLLOWERS", 2)
+    ctx = zmq.Context.instance()
+    socks = [ctx.socket(zmq.DEALER) for _ in range(2)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"ipc://{control_path(client.name)}")
+            _long_poll(client, sock, 100 + i)
+        assert wait_for(lambda: control.counters()["control"]["followers"] == 2, 5)
+        with pytest.raises(ControlError, match="2 `multibus logs -f` are following already"):
+            next(iter(client.follow(backlog=0)))
+        assert main(["logs", "-f", "--name", client.name]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "stop one of them" in err
+        assert not any(sock.poll(0) for sock in socks)  # the two still wait
+        bus.log("job.0 | news")  # and are answered when a record comes
+        for sock in socks:
+            assert sock.poll(5000)
+            assert [r[4] for r in msgpack.unpackb(sock.recv())["records"]] == ["news"]
+    finally:
+        for sock in socks:
+            sock.close(0)
+    assert control.counters()["control"]["refused"] == 2
+
+
+def test_counters_are_in_status_json_and_summarised(served, capsys):
+    """Invalid and refused control requests and the hub bridge's trouble counters are in
+    `status --json` and summarised in one line by `multibus status` (issue 14, part 6)."""
+    import json
+    import types
+
+    from multibus.cli import main
+
+    bus, sup, control, client = served
+    st = client.status()
+    assert st["counters"] == {"control": {"invalid": 0, "refused": 0, "followers": 0,
+                                          "paused": 0, "listening": 1}, "bridge": {}}
+    assert not any("counters:" in ln for ln in format_status(st).splitlines())
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"ipc://{control_path(client.name)}")
+    try:
+        for _ in range(3):
+            sock.send(b"\xc1garbage")
+            assert sock.poll(5000)
+            sock.recv()
+    finally:
+        sock.close(0)
+    with pytest.raises(ControlError, match="no group"):
+        client.scale("nosuch", 1)
+    sup.bridge = types.SimpleNamespace(stats=lambda: {
+        "sent": 7, "invalid": 2, "gaps": 1, "lost": 4, "dropped": 0, "zap_refused": 5})
+    assert main(["status", "--json", "--name", client.name]) == 0
+    counters = json.loads(capsys.readouterr().out)["counters"]
+    assert counters == {"control": {"invalid": 3, "refused": 1, "followers": 0, "paused": 0,
+                                    "listening": 1},
+                        "bridge": {"invalid": 2, "gaps": 1, "lost": 4, "dropped": 0,
+                                   "zap_refused": 5}}
+    assert main(["status", "--name", client.name]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == ("  counters: 3 invalid control requests, 1 refused control request, "
+                      "2 invalid frames, 1 gap, 4 lost messages, 5 refused CURVE keys")
+    # and the invalid requests left a trace in the log (rate-limited)
+    assert sum("invalid request" in r[4] for r in control.records()[0]) == 3
+
+
+def test_a_scale_past_the_descriptor_budget_is_refused_naming_the_limit(served, monkeypatch):
+    """`scale job N` that would not fit in RLIMIT_NOFILE is refused at once, naming the limit
+    and how to raise it; the fleet is untouched (issue 14, part 3)."""
+    from multibus import fdbudget
+
+    bus, sup, control, client = served
+    monkeypatch.setattr(fdbudget, "limit", lambda: 1024)
+    with pytest.raises(ControlError) as err:
+        client.scale("job", 200)
+    msg = str(err.value)
+    assert msg.startswith("scale job 200: 200 workers need about ") and "\n" not in msg
+    assert "limit of 1024" in msg and "ulimit -n" in msg and "LimitNOFILE=" in msg
+    assert sup.scaled == [] and client.status()["queue"] == []
+    done = client.wait_op(client.scale("job", 179)["op"], 10)  # what fits is queued and run
+    assert done["state"] == "done" and sup.scaled == [("job", 179)]

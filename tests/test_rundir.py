@@ -225,3 +225,58 @@ def test_running_supervisors_lists_live_names_with_a_control_socket(xdg):
 
 def test_running_supervisors_without_a_runtime_dir(xdg):
     assert rundir.running_supervisors() == {}
+
+
+_SUPERVISOR = """
+import signal
+import socket
+import sys
+from multibus import lockfile, rundir
+base = sys.argv[1]
+rundir.claim(base)
+pid = lockfile.acquire(base + ".pid")
+ctl = socket.socket(socket.AF_UNIX)
+ctl.bind(base + ".ctl")
+print("held", flush=True)
+signal.pause()
+"""
+
+
+@pytest.mark.timeout(20)
+def test_a_killed_supervisors_ctl_and_pid_files_are_swept_a_live_ones_kept(tmp_path):
+    """A SIGKILLed supervisor leaves NAME.lock, NAME.ctl and NAME.pid: all provably stale
+    (no lock held), all swept; a live one's are untouched (issue 14, part 6)."""
+    names = [tmp_path / n for n in ("dead", "live")]
+    files = [Path(f"{b}.{s}") for b in names for s in ("lock", "ctl", "pid")]
+    with Child("-c", _SUPERVISOR, str(names[0])) as dead, \
+            Child("-c", _SUPERVISOR, str(names[1])) as live:
+        dead.expect("held")
+        live.expect("held")
+        assert all(f.exists() for f in files)
+        assert rundir.sweep_stale(tmp_path) == 0
+        dead.signal(signal.SIGKILL)
+        dead.wait()
+        assert rundir.sweep_stale(tmp_path) == 2  # the name, and its PID file
+        assert [f.exists() for f in files] == [False] * 3 + [True] * 3
+        live.signal(signal.SIGKILL)
+        live.wait()
+
+
+def test_orphaned_ctl_and_pid_files_are_swept_foreign_ones_kept(tmp_path):
+    """A control socket whose lock file is gone (swept by an older version) and an unlocked
+    PID file are stale; a regular file named .ctl and a hard-linked .pid are not ours to
+    remove."""
+    _socket_file(tmp_path / "old.ctl")
+    (tmp_path / "old.pid").write_text("123\n")
+    (tmp_path / "odd.ctl").write_text("not a socket")
+    (tmp_path / "other").write_text("someone's file")
+    os.link(tmp_path / "other", tmp_path / "linked.pid")
+    mine = tmp_path / "mine"
+    rundir.claim(mine)
+    _socket_file(tmp_path / "mine.ctl")
+    try:
+        assert rundir.sweep_stale(tmp_path) == 2
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "linked.pid", "mine.ctl", "mine.lock", "odd.ctl", "other"]
+    finally:
+        rundir.release(mine, [tmp_path / "mine.ctl"])

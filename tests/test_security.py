@@ -369,3 +369,63 @@ def test_bridge_over_tcp_admits_only_allowed_peer_keys():
     finally:
         for bus in reversed(buses):
             bus.exit()
+
+
+def _flood_unknown_keys(hub, hub_keys: CurveKeys, n: int) -> None:
+    """``n`` connections with unknown CURVE keys to the hub's control socket, in batches of
+    50 (each batch refused before the next: bounded descriptors), none reconnecting."""
+    ctx = zmq.Context.instance()
+    done = 0
+    while done < n:
+        batch = min(50, n - done)
+        socks = []
+        try:
+            for _ in range(batch):
+                sock = ctx.socket(zmq.DEALER)
+                socks.append(sock)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RECONNECT_IVL, -1)  # one handshake each
+                apply_client(sock, CurveKeys.generate(), hub_keys.public)
+                sock.connect(hub.endpoints.control)
+            done += batch
+            assert wait_for(lambda want=done: hub.stats()["zap_refused"] >= want, 20)
+        finally:
+            for sock in socks:
+                sock.close(0)
+
+
+def _zap_flood(caplog, n: int) -> None:
+    import logging
+
+    from multibus.bus import Bus
+    from multibus.transport.bridge import Bridge
+
+    hub_keys, good = CurveKeys.generate(), CurveKeys.generate()
+    bus = Bus()
+    try:
+        hub = Bridge(bus, role="hub", name="zap-hub", endpoints="tcp://127.0.0.1:*",
+                     curve=CurveConfig.hub(hub_keys, [good])).subscribe()
+        with caplog.at_level(logging.WARNING, logger="multibus.transport.keys"):
+            t0 = time.monotonic()
+            _flood_unknown_keys(hub, hub_keys, n)
+            took = time.monotonic() - t0
+        warnings = [r for r in caplog.records if "CURVE client refused" in r.getMessage()]
+        assert hub.stats()["zap_refused"] >= n
+        # the first 3, then each power of two from 1024: a flood cannot flood the log
+        assert len(warnings) <= 3 + sum(1 for k in range(10, 20) if 2**k <= 2 * n), warnings
+        print(f"{n} unknown keys refused in {took:.2f}s, {len(warnings)} warnings")
+    finally:
+        bus.exit()
+
+
+@pytest.mark.timeout(60)
+def test_zap_refusals_are_counted_and_their_warnings_rate_limited(caplog):
+    """Connections with unknown CURVE keys: each refusal is counted in the hub's stats
+    (``zap_refused``), only a few are logged (was one WARNING each; issue 14, part 6)."""
+    _zap_flood(caplog, 120)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(300)
+def test_zap_flood_of_1000_unknown_keys(caplog):
+    _zap_flood(caplog, 1000)

@@ -137,7 +137,8 @@ class HubSession:
         cfg = self.cfg
         ep = cfg.endpoints
         if cfg.curve is not None:
-            self._auth = start_authenticator(io._ctx, cfg.curve.allowed)
+            self._auth = start_authenticator(io._ctx, cfg.curve.allowed,
+                                             lambda: self.stats.report("zap_refused"))
         control = io.make_socket(zmq.ROUTER, "control")
         control.router_mandatory = 1
         control.router_handover = 1

@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +24,7 @@ import zmq
 from multibus.names import check_name
 from multibus.rundir import RunDirError, runtime_dir
 from multibus.transport.endpoints import EndpointError, Endpoints, _Value
+from multibus.transport.stats import RateLimit
 
 if TYPE_CHECKING:
     from zmq.auth.thread import ThreadAuthenticator
@@ -332,27 +333,43 @@ def require_security(
 
 
 class _AllowList:
-    """ZAP credentials provider: a client is let in only if its z85 public key is listed."""
+    """ZAP credentials provider: a client is let in only if its z85 public key is listed.
 
-    def __init__(self, keys: frozenset[bytes], log: Any) -> None:
+    Each refusal is counted (``refused``, and ``on_refused()`` if given: the hub's
+    ``zap_refused`` counter); only some are logged (:class:`~multibus.transport.stats.
+    RateLimit`: the first 3, then each power of two from 1024), so a flood of unknown keys
+    cannot flood the log."""
+
+    def __init__(self, keys: frozenset[bytes], log: Any,
+                 on_refused: Callable[[], Any] | None = None) -> None:
         self.keys = keys
         self.log = log
+        self.refused = 0
+        self.on_refused = on_refused
+        self._limit = RateLimit()
 
     def callback(self, domain: str, key: bytes) -> bool:
         allowed = key in self.keys
         if not allowed:
-            self.log.warning("CURVE client refused: unknown public key %s",
-                             key.decode("ascii"))
+            self.refused += 1
+            if self.on_refused is not None:
+                self.on_refused()
+            suffix = self._limit("refused")
+            if suffix is not None:
+                self.log.warning("CURVE client refused: unknown public key %s%s",
+                                 key.decode("ascii", "replace"), suffix)
         return allowed
 
 
 def start_authenticator(
-    ctx: zmq.Context, allowed_public_keys: Iterable[bytes | str | CurveKeys]
+    ctx: zmq.Context, allowed_public_keys: Iterable[bytes | str | CurveKeys],
+    on_refused: Callable[[], Any] | None = None,
 ) -> ThreadAuthenticator:
     """Start a ZAP handler on ``ctx`` that admits only CURVE clients whose public key is in
     the allow-list (without one, a CURVE server accepts any client key). One per context;
     call ``.stop()`` on it before ``ctx.term()``. The allow-list is configured before the
-    handler starts, so no client slips in during start-up."""
+    handler starts, so no client slips in during start-up. ``on_refused()`` is called (on
+    the handler's thread) for each client refused; their warnings are rate-limited."""
     import logging
 
     from zmq.auth.thread import ThreadAuthenticator
@@ -360,7 +377,7 @@ def start_authenticator(
     allowed = _allow_list(allowed_public_keys, require=True)
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("multibus.transport.auth"))
     auth.configure_curve_callback(
-        "*", _AllowList(allowed, logging.getLogger("multibus.transport.keys"))
+        "*", _AllowList(allowed, logging.getLogger("multibus.transport.keys"), on_refused)
     )
     auth.start()
     return auth

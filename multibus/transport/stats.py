@@ -46,6 +46,7 @@ COUNTERS = (
     "handshake_failed",
     "disconnects",
     "accepted",
+    "zap_refused",  # (hub, CURVE) clients refused by the ZAP allow-list
     "internal_errors",  # a bug caught in the I/O or dispatch thread (logged with traceback)
     "dispatch_errors",  # a local listener failed on a received message or event
 )

@@ -3,7 +3,7 @@
 Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
        [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T]
        [--backoff FIRST,CAP] [--env K=V] [--exec] [--zygote-preload M] [--cwd DIR]
-       [--umask OCTAL] [--nofile SOFT]
+       [--umask OCTAL] [--nofile SOFT] [--ulimit-n SOFT[,HARD]]
 Runs the fleet with ``run_fleet`` (as ``multibus run`` does: same signals, same exit codes).
 Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
 "FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
@@ -54,7 +54,14 @@ def main() -> int:
     ap.add_argument("--cwd", default=None, help="the workers' working directory")
     ap.add_argument("--umask", default=None, help="set when the fleet starts (after the zygote)")
     ap.add_argument("--nofile", type=int, default=None, help="RLIMIT_NOFILE soft limit, ditto")
+    ap.add_argument("--ulimit-n", default=None, metavar="SOFT[,HARD]",
+                    help="RLIMIT_NOFILE set first thing, as `ulimit -n` in a shell would")
     a = ap.parse_args()
+    if a.ulimit_n:
+        import resource
+
+        soft, _, hard = a.ulimit_n.partition(",")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(soft), int(hard or soft)))
     lock = threading.Lock()
 
     def emit(text: str) -> None:
