@@ -5,9 +5,11 @@ name: who it is, what state it is told to be in, which command it has not acked 
 whether it has joined. Everything here runs on the I/O thread; ``Bridge.peers()`` reads the
 links under ``HubSession.lock``.
 
-Joining: a peer that reads 'down' (it mirrors channels) joins once a sync probe sent down the
-XPUB reached it (so nothing the hub publishes after ``peer.joined`` can miss it); a peer
-without channels joins at its hello. Commands are desired state, resent until acked; a peer
+Joining: a peer that reads 'down' (it mirrors channels) joins once a sync probe sent to it on
+'down' reached it (so nothing the hub publishes after ``peer.joined`` can miss it); a peer
+without channels joins at its hello. Mirrored frames go to each joined peer through the
+:class:`~multibus.transport.fanout.Fanout`, on its own pipe and queue: a peer that does not
+read is declared slow (``peer.slow``) and dropped for, and never delays anyone else. Commands are desired state, resent until acked; a peer
 that says hello again gets the current desired state. Lost: heartbeat silence, a 'bye', or
 (``heartbeat=None``) a control disconnect followed by probes that ROUTER_MANDATORY answers
 with EHOSTUNREACH for the gone peer.
@@ -25,6 +27,7 @@ import zmq
 from multibus.transport import wire
 from multibus.transport.applier import wire_state
 from multibus.transport.endpoints import Endpoints
+from multibus.transport.fanout import Fanout
 from multibus.transport.iothread import DATA_HWM, NEVER, retry_interval
 from multibus.transport.keys import start_authenticator
 
@@ -42,15 +45,10 @@ def nonzero_u63() -> int:
 class PeerLink:
     """The hub's link to one peer: identity, desired state, pending command, join state.
 
-    Every frame the hub sends *to this peer* goes through :meth:`send` (control) or
-    :meth:`send_sync` (the sync probe on 'down'). Mirrored publishes are today one XPUB
-    broadcast to all peers (the outbox's frames), so one slow SUB holds back everyone.
-    Per-peer flow control ("containment") fits here without touching the I/O thread or the
-    façade: the hub's outbox hands each data frame to the session, which calls a
-    ``deliver(frame, n)`` on every joined link; each link keeps its own bounded queue and its
-    group's policy (drop for this peer and count the gap, or disconnect it), and drains it to
-    its own pipe. Control frames (commands, syncs, acks) keep going through :meth:`send`,
-    never behind that queue, so a full peer never delays lifecycle traffic.
+    Every control frame the hub sends *to this peer* goes through :meth:`send`, the sync
+    probe through :meth:`send_sync` (addressed to this peer on 'down'). Its mirrored frames
+    go through its queue in the session's :class:`~multibus.transport.fanout.Fanout` once
+    it joined; nothing here ever waits behind that queue.
     """
 
     __slots__ = ("session", "name", "ident", "desired", "graceful", "cmd_seq", "pending",
@@ -82,13 +80,16 @@ class PeerLink:
         return self.session.send_to(self.ident, frame)
 
     def send_sync(self) -> None:
-        """A sync probe down the XPUB: the peer answers 'ready' once it reads 'down'."""
+        """A sync probe to this peer on 'down': it answers 'ready' once it reads 'down'.
+        Not sent (retried by the timer) while its pipe is full or not connected yet."""
         try:
-            self.session.io.subs.send(
-                wire.encode("sync", target=self.name, token=self.token), zmq.NOBLOCK
+            self.session.io.subs.send_multipart(
+                (self.ident, wire.encode("sync", target=self.name, token=self.token)),
+                zmq.NOBLOCK,
             )
-        except zmq.Again:
-            pass
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                raise
 
     def send_cmd(self, now: float) -> None:
         """The current desired state; resent by the timer until acked."""
@@ -105,7 +106,7 @@ class PeerLink:
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid, "state": self.state, "desired": self.desired,
                 "connected": self.connected, "joined": self.joined,
-                "last_seen": self.last_seen}
+                "last_seen": self.last_seen, **self.session.fanout_info(self.name)}
 
 
 class HubSession:
@@ -130,10 +131,11 @@ class HubSession:
         self._probe_start = 0.0
         self._next_hb = 0.0
         self._auth: Any = None
+        self.fanout: Fanout | None = None
 
     # ---------------------------------------------------------------- sockets
 
-    def open(self, io: Any) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, zmq.Socket]:
+    def open(self, io: Any) -> tuple[zmq.Socket, zmq.Socket, Fanout, zmq.Socket]:
         cfg = self.cfg
         ep = cfg.endpoints
         if cfg.curve is not None:
@@ -141,9 +143,11 @@ class HubSession:
         control = io.make_socket(zmq.ROUTER, "control")
         control.router_mandatory = 1
         control.router_handover = 1
-        down = io.make_socket(zmq.XPUB, "down")
-        down.setsockopt(zmq.XPUB_NODROP, 1)
+        down = io.make_socket(zmq.ROUTER, "down")  # per peer: see fanout.py
+        down.router_mandatory = 1
+        down.router_handover = 1
         down.sndhwm = DATA_HWM
+        down.rcvhwm = 1  # peers send nothing here: what a stranger sends is drained
         up = io.make_socket(zmq.PULL, "up")
         up.rcvhwm = DATA_HWM
         control.bind(ep.control)
@@ -153,7 +157,11 @@ class HubSession:
                              up.last_endpoint.decode())
         if resolved != ep:
             cfg.endpoints = resolved
-        return control, up, down, down
+        self.fanout = Fanout(down, self.stats, cfg.send_timeout,
+                             log=lambda text, level: io.emit(
+                                 "log", f"multibus bridge {cfg.name!r}: {text}", level),
+                             on_slow=self._slow)
+        return control, up, self.fanout, down
 
     def opened(self) -> None:
         self._next_hb = time.monotonic()
@@ -166,7 +174,9 @@ class HubSession:
         return False
 
     def before_flush(self) -> None:
-        pass
+        fanout = self.fanout
+        if fanout.blocked:
+            self.io.timer_at(fanout.pump(time.monotonic()))
 
     def closing(self) -> None:
         pass
@@ -277,6 +287,8 @@ class HubSession:
             if fresh:
                 link.joined = False
                 link.token = nonzero_u63()
+        if fresh:
+            self.fanout.remove(name)
         self._state(link, msg["state"])
         link.send(wire.encode("welcome", name=self.cfg.name, epoch=self.epoch,
                               graceful=link.graceful, max_message=self.cfg.max_message))
@@ -296,6 +308,8 @@ class HubSession:
     def _join(self, link: PeerLink) -> None:
         with self.lock:
             link.joined = True
+        if link.down:
+            self.fanout.add(link.name, link.ident)
         self.io.emit("peer.joined", link.name, link.pid)
         if link.state is not None:
             link.published_state = link.state
@@ -316,6 +330,7 @@ class HubSession:
             link.connected = False
             link.joined = False
             link.pending = link.cmd_seq > 0
+        self.fanout.remove(link.name)
         self.io.emit("peer.lost", link.name, reason)
 
     def send_to(self, ident: bytes, frame: bytes) -> bool:
@@ -383,6 +398,17 @@ class HubSession:
     def forget(self, name: str) -> None:
         with self.lock:
             self.links.pop(name, None)
+        self.fanout.remove(name)
+
+    def _slow(self, name: str, reason: str) -> None:
+        """(Fanout) ``name``'s slow episode started (``reason``) or ended ('')."""
+        self.io.emit("peer.slow", name, reason)
+
+    def fanout_info(self, name: str) -> dict[str, Any]:
+        """(any thread) ``slow``, ``dropped`` and ``queued`` of a joined peer's mirrored
+        frames (ints and a bool, read as they are: the I/O thread writes them)."""
+        fanout = self.fanout
+        return fanout.info(name) if fanout is not None else {}
 
     def peers(self) -> dict[str, dict[str, Any]]:
         with self.lock:

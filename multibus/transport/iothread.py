@@ -225,7 +225,7 @@ class IOThread:
         self._ctx = zmq.Context()
         session = self.session
         # control: the session's; data_in: mirrored frames in (None: nothing to read);
-        # data_out: frames out; subs: the hub's XPUB, read for subscription messages
+        # data_out: frames out (the hub: its Fanout); subs: the hub's 'down' ROUTER, drained
         self.control, self.data_in, self.data_out, self.subs = session.open(self)
         poller = self._poller = zmq.Poller()
         for mon in self._monitors:
@@ -282,7 +282,7 @@ class IOThread:
                 self._recv_control()
             elif sock is self.data_in:
                 self._recv_data()
-            elif sock is self.subs:  # hub XPUB: subscription messages, nothing to do
+            elif sock is self.subs:  # hub 'down': peers send nothing there; drained
                 self._drain(sock)
             elif sock in self._monitors:
                 self._recv_monitor(sock)

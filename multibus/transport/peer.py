@@ -1,7 +1,7 @@
 """The peer's session: hello until welcomed, commands in, state reports and logs out, hub lost.
 
 A peer connects a DEALER (routing id = its name) to the hub's ROUTER, a PUSH to 'up' and, if
-it mirrors channels, a SUB to 'down'. It says hello when the control handshake succeeds (and
+it mirrors channels, a second DEALER (same routing id) to the hub's 'down' ROUTER. It says hello when the control handshake succeeds (and
 again until welcomed, or when the hub says 'who'); acks each command on receipt and hands it
 to the :class:`~multibus.transport.applier.Applier`, once per (epoch, seq); reports each state
 change of its bus and each command that failed in it; and forwards its 'log' records
@@ -63,9 +63,10 @@ class PeerSession:
         # failures); two more monitors would cost every worker start and exit.
         down = None  # no channels: nothing to read downstream
         if self.cfg.channels:
-            down = io.make_socket(zmq.SUB, "down", monitor=False)
+            # the hub's 'down' is a ROUTER that sends to each peer by name (fanout.py)
+            down = io.make_socket(zmq.DEALER, "down", monitor=False)
+            down.routing_id = self.name.encode()
             down.rcvhwm = DATA_HWM
-            down.setsockopt(zmq.SUBSCRIBE, b"")
         up = io.make_socket(zmq.PUSH, "up", monitor=False)
         up.sndhwm = DATA_HWM
         control.connect(ep.control)
