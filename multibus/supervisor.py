@@ -163,6 +163,7 @@ class Supervisor:
             ("peer.joined", self.keeper.peer_joined, 50),
             ("peer.state", self.keeper.peer_state, 50),
             ("peer.lost", self.keeper.peer_lost, 50),
+            ("peer.slow", self.keeper.peer_slow, 50),
             ("peer.failed", self.keeper.peer_failed, 50),
             ("peer.log", self.keeper.peer_log, 50),
         ):

@@ -15,7 +15,7 @@ its call queue and the outbox's deques, plus the one wake-up pipe of its poller)
 
     hub ROUTER  <-> peer DEALER (routing id = peer name)  control: hello/welcome, cmd/ack,
                                                           state, failed, heartbeats, sync-ready, bye
-    hub XPUB     -> peer SUB                              down: mirrored publishes, sync probes
+    hub ROUTER   -> peer DEALER (routing id = peer name)  down: mirrored publishes, sync probes
     hub PULL    <-  peer PUSH                             up: mirrored publishes and logs
 
 A peer that mirrors no channel (a worker that only follows lifecycle commands) has nothing to
@@ -27,11 +27,14 @@ Delivery rules (see ``wire.py`` for the frame format):
 
 * Mirrored publishes are packed in the publisher's thread (so a bad argument raises there) and
   sent in batches with sequence numbers per (origin, epoch); a gap is counted and logged with
-  its size. Sends never block the I/O thread: on EAGAIN (XPUB_NODROP, PUSH at its HWM) the frame
-  stays queued and is retried; after ``send_timeout`` seconds it is dropped, counted and logged.
+  its size. Sends never block the I/O thread: on EAGAIN (a PUSH at its HWM) the frame stays
+  queued and is retried; after ``send_timeout`` seconds it is dropped, counted and logged.
+  The hub sends to each peer on its own pipe and queue (``fanout``): a peer that makes no
+  progress for ``send_timeout`` is *slow* (``peer.slow``), its messages are dropped and
+  counted until it reads again, and no other peer, command or join ever waits for it.
   A publisher blocks (up to ``send_timeout``) while the bridge holds ``max_queue`` messages.
 * A peer with channels counts as *joined* (``peer.joined`` on the hub) only once a sync
-  probe sent down the XPUB reached it, so from then on nothing the hub publishes can miss it
+  probe sent to it on 'down' reached it, so from then on nothing the hub publishes can miss it
   (slow joiner); a peer without channels, at its hello.
 * Commands are desired state, not actions: each peer has a desired state (STARTED, STOPPED or
   EXITING) and a graceful generation counter on the hub, sent with the hub's epoch (random per
@@ -61,8 +64,10 @@ Delivery rules (see ``wire.py`` for the frame format):
 
 Channels published on the hub's bus: ``peer.joined(name, pid)``, ``peer.state(name, state)``,
 ``peer.lost(name, reason)`` (reason: 'heartbeat timeout', 'disconnected', 'exited', 'left'),
-``peer.failed(name, desired, error)`` (a command failed there: desired is 'STARTED',
-'STOPPED', 'EXITING' or None for a graceful; error is "ExcType: message"),
+``peer.slow(name, why)`` (it does not read its mirrored messages: they are dropped for it; why
+is '' once it reads again), ``peer.failed(name, desired, error)`` (a command failed there:
+desired is 'STARTED', 'STOPPED', 'EXITING' or None for a graceful; error is "ExcType:
+message"),
 ``peer.log(name, msg, level)`` and ``log(f"{name} | {msg}", level)``. On a peer's bus:
 ``hub.joined(name)`` and ``hub.lost(reason)``. The bridge's own warnings go to 'log'.
 
@@ -70,6 +75,7 @@ The parts, one module each (this one is the façade with the public API):
 
 * ``iothread``: the thread that owns the sockets and frames (role-agnostic);
 * ``hub`` / ``peer``: the two roles' sessions (peers and commands / hello, hub lost, states);
+* ``fanout``: the hub's mirrored frames, per peer (its own queue; slow peers dropped for);
 * ``outbox``: mirrored publishes and logs on their way out (the publisher-side hot path);
 * ``dispatch``: what came in, published on the local bus from a thread of its own;
 * ``applier``: a peer's bus following the hub's commands;

@@ -9,7 +9,8 @@ Joining: a peer that reads 'down' (it mirrors channels) joins once a sync probe 
 'down' reached it (so nothing the hub publishes after ``peer.joined`` can miss it); a peer
 without channels joins at its hello. Mirrored frames go to each joined peer through the
 :class:`~multibus.transport.fanout.Fanout`, on its own pipe and queue: a peer that does not
-read is declared slow (``peer.slow``) and dropped for, and never delays anyone else. Commands are desired state, resent until acked; a peer
+read is declared slow (``peer.slow``) and dropped for, and never delays anyone else.
+Commands are desired state, resent until acked; a peer
 that says hello again gets the current desired state. Lost: heartbeat silence, a 'bye', or
 (``heartbeat=None``) a control disconnect followed by probes that ROUTER_MANDATORY answers
 with EHOSTUNREACH for the gone peer.

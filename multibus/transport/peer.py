@@ -1,7 +1,8 @@
 """The peer's session: hello until welcomed, commands in, state reports and logs out, hub lost.
 
 A peer connects a DEALER (routing id = its name) to the hub's ROUTER, a PUSH to 'up' and, if
-it mirrors channels, a second DEALER (same routing id) to the hub's 'down' ROUTER. It says hello when the control handshake succeeds (and
+it mirrors channels, a second DEALER (same routing id) to the hub's 'down' ROUTER.
+It says hello when the control handshake succeeds (and
 again until welcomed, or when the hub says 'who'); acks each command on receipt and hands it
 to the :class:`~multibus.transport.applier.Applier`, once per (epoch, seq); reports each state
 change of its bus and each command that failed in it; and forwards its 'log' records

@@ -170,7 +170,7 @@ SCHEMAS: dict[str, dict[str, _Validator]] = {
     "welcome": {"name": valid_name, "epoch": _u64, "graceful": _u64, "max_message": _max_message},
     "cmd": {"epoch": _u64, "seq": _u64, "state": _desired, "graceful": _u64},
     "who": {},  # "I do not know you (any more): say hello"
-    # down (hub XPUB -> peer SUB)
+    # down (hub ROUTER -> peer DEALER)
     "sync": {"target": valid_name, "token": _u64},
     # up and down: mirrored publishes; up only: log records
     "pub": {"origin": valid_name, "epoch": _u64, "seq": _u64, "runs": _runs},
