@@ -41,12 +41,13 @@ class WorkerSpec:
     stop_timeout: seconds a worker gets to stop/exit on request before SIGTERM, then SIGKILL.
     start_timeout: seconds a worker gets to report STARTED.
     env: extra environment variables; cwd: working directory (None: the supervisor's).
-    slow_peer: what happens to a worker that stops reading its mirrored channels (its queue
-        in the hub stays full for 5 s, or holds 32 MiB; see ``transport/fanout.py``): 'drop'
-        (the default: mirrored messages for it are dropped, counted and logged once per
-        episode, until it reads again; nobody else waits) or 'restart' (it is declared lost:
-        terminated, and restarted as its ``restart`` mode says). Either way its status row
-        says ``stuck``.
+    slow_peer: what happens to a worker that looks stuck: it stops reading its mirrored
+        channels (its queue in the hub makes no progress for 5 s, or holds 32 MiB; see
+        ``transport/fanout.py``), or its main thread does not take up a lifecycle command
+        within 5 s of receiving it. 'drop' (the default: mirrored messages for it are
+        dropped, counted and logged once per episode, until it reads again; nobody else
+        waits) or 'restart' (it is terminated, and restarted as its ``restart`` mode says).
+        Either way its status row says ``stuck`` (why) while it lasts.
     """
 
     name: str

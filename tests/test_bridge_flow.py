@@ -123,3 +123,26 @@ def test_strangers_on_the_down_endpoint_stall_nothing(hub):
         for s in socks:
             s.close()
         ctx.term()
+
+
+@pytest.mark.timeout(30)
+def test_a_command_its_main_thread_never_applies_flags_the_peer(hub):
+    """Acked (by its I/O thread) but never applied (its main thread is stuck): after
+    send_timeout the hub says so; the flag goes once a state report shows it moved."""
+    slow = events(hub.bus, "peer.slow")
+    held: list = []
+    pbus = Bus()
+    joined = events(hub.bus, "peer.joined")
+    Bridge(pbus, role="peer", name="frozen", endpoints=hub.endpoints, heartbeat=None,
+           apply_via=held.append).subscribe()  # commands are queued, never run
+    try:
+        assert wait_for(lambda: joined, 10)
+        assert hub.command("start", ["frozen"], wait=2)  # acked at once
+        assert wait_for(lambda: slow, 10)
+        assert slow[0][0] == "frozen" and "STARTED not applied 1s after" in slow[0][1]
+        assert "main thread does not answer" in slow[0][1]
+        for fn in held:  # the main thread wakes up
+            fn()
+        assert wait_for(lambda: len(slow) == 2, 10) and slow[1] == ("frozen", "")
+    finally:
+        pbus.exit()

@@ -54,7 +54,7 @@ class PeerLink:
 
     __slots__ = ("session", "name", "ident", "desired", "graceful", "cmd_seq", "pending",
                  "next_send", "pid", "peer_epoch", "state", "published_state", "connected",
-                 "joined", "token", "last_seen", "down")
+                 "joined", "token", "last_seen", "down", "acked_at", "stuck")
 
     def __init__(self, session: HubSession, name: str, ident: bytes,
                  desired: str | None = None, graceful: int = 0) -> None:
@@ -75,6 +75,8 @@ class PeerLink:
         self.token = 0
         self.last_seen = 0.0
         self.down = True  # the peer reads 'down' (it mirrors channels): sync before joined
+        self.acked_at = 0.0  # a command acked, its state not reported since (0: none)
+        self.stuck: dict[str, str] = {}  # why it looks stuck: 'data' (fanout), 'cmd' (unapplied)
 
     def send(self, frame: bytes) -> bool:
         """A control frame to this peer; False if not sent (blocked or gone: then lost)."""
@@ -223,6 +225,10 @@ class HubSession:
             self.io.emit("peer.failed", link.name, msg["state"], msg["error"])
         elif kind == "ack":
             if msg["epoch"] == self.epoch and msg["seq"] >= link.cmd_seq:
+                if link.pending and link.desired is not None and link.state != link.desired:
+                    # its main thread applies it: a state report must follow (see tick)
+                    link.acked_at = now
+                    self.io.timer_at(now + self.cfg.send_timeout)
                 link.pending = False
             if self._ack_waiters and msg["epoch"] == self.epoch:
                 self._acked(link.name, msg["seq"])
@@ -290,6 +296,8 @@ class HubSession:
                 link.token = nonzero_u63()
         if fresh:
             self.fanout.remove(name)
+            link.acked_at = 0.0
+            self._stuck(name, "cmd", "")
         self._state(link, msg["state"])
         link.send(wire.encode("welcome", name=self.cfg.name, epoch=self.epoch,
                               graceful=link.graceful, max_message=self.cfg.max_message))
@@ -317,6 +325,11 @@ class HubSession:
             self.io.emit("peer.state", link.name, link.state)
 
     def _state(self, link: PeerLink, state: str) -> None:
+        if (link.acked_at or link.stuck) and (state != link.state or state == link.desired):
+            # its main thread moved (a heartbeat's unchanged state proves nothing: the I/O
+            # thread sends it)
+            link.acked_at = 0.0
+            self._stuck(link.name, "cmd", "")
         if state != link.state:
             with self.lock:
                 link.state = state
@@ -403,7 +416,22 @@ class HubSession:
 
     def _slow(self, name: str, reason: str) -> None:
         """(Fanout) ``name``'s slow episode started (``reason``) or ended ('')."""
-        self.io.emit("peer.slow", name, reason)
+        self._stuck(name, "data", reason)
+
+    def _stuck(self, name: str, kind: str, reason: str) -> None:
+        """Set (``reason``) or clear ('') one cause of ``name`` looking stuck; publish
+        ``peer.slow(name, why)`` when the answer changes ('' once no cause is left)."""
+        link = self.links.get(name)
+        if link is None:
+            return
+        before = "; ".join(link.stuck.values())
+        if reason:
+            link.stuck[kind] = reason
+        else:
+            link.stuck.pop(kind, None)
+        after = "; ".join(link.stuck.values())
+        if after != before:
+            self.io.emit("peer.slow", name, after)
 
     def fanout_info(self, name: str) -> dict[str, Any]:
         """(any thread) ``slow``, ``dropped`` and ``queued`` of a joined peer's mirrored
@@ -453,6 +481,14 @@ class HubSession:
                 link.send(hb)
                 if not link.connected:
                     continue
+            if link.acked_at:
+                if now - link.acked_at >= self.cfg.send_timeout:
+                    link.acked_at = 0.0
+                    self._stuck(link.name, "cmd", f"{link.desired} not applied "
+                                f"{self.cfg.send_timeout:g}s after the command was received "
+                                "(its main thread does not answer)")
+                else:
+                    next_tick = min(next_tick, link.acked_at + self.cfg.send_timeout)
             if link.pending:
                 if now >= link.next_send:
                     self.stats.cmd_retries += 1
