@@ -23,34 +23,25 @@ ENV = {"PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)])}
 
 
 @pytest.fixture
-def orders_fleet():
-    """A started in-process supervisor of bank, broker and stuck (``slow_peer`` given)."""
-    made = []
-
-    def make(slow_peer: str) -> tuple[Bus, Supervisor, list[str]]:
-        bus = Bus()
-        logs: list[str] = []
-        bus.subscribe("log", lambda msg, level=20: logs.append(msg))
-        specs = [WorkerSpec(name=name, target=f"targets.jobs:order_{name}", env=ENV,
-                            channels=("order",), stop_timeout=2.0, slow_peer=slow_peer)
-                 for name in ("bank", "broker", "stuck")]
-        sup = Supervisor(bus, specs, name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
-                         subreaper=False, term_timeout=1.0)
-        made.append((bus, sup))
-        sup.subscribe()
-        bus.start()
-        return bus, sup, logs
-
+def orders_fleet(request):
+    """A started in-process supervisor of bank, broker and stuck, whose groups have the
+    ``slow_peer`` policy given as the (indirect) parameter."""
+    bus = Bus()
+    logs: list[str] = []
+    bus.subscribe("log", lambda msg, level=20: logs.append(msg))
+    specs = [WorkerSpec(name=name, target=f"targets.jobs:order_{name}", env=ENV,
+                        channels=("order",), stop_timeout=2.0, slow_peer=request.param)
+             for name in ("bank", "broker", "stuck")]
+    sup = Supervisor(bus, specs, name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
+                     subreaper=False, term_timeout=1.0).subscribe()
     try:
-        yield make
+        bus.start()
+        yield sup, logs
     finally:
-        for bus, sup in made:
-            try:
-                bus.exit()
-            finally:
-                for w in list(sup.workers.values()):
-                    if w.child is not None and w.child.returncode is None:
-                        os.killpg(w.child.pgid, 9)
+        try:
+            bus.exit()
+        finally:
+            sup.kill_all()  # whatever did not exit (none expected)
 
 
 def broker_count(logs: list[str], name: str = "broker.0") -> int:
@@ -64,8 +55,9 @@ def row(sup: Supervisor, name: str) -> dict:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("orders_fleet", ["drop"], indirect=True)
 def test_stuck_worker_blocks_nobody_and_shows_as_stuck(orders_fleet):
-    bus, sup, logs = orders_fleet("drop")
+    sup, logs = orders_fleet
     # the stuck one fills its pipes, then stays 5 s (send_timeout) without progress
     assert wait_for(lambda: "stuck" in row(sup, "stuck.0"), 40), sup.table()
     assert "not reading" in row(sup, "stuck.0")["stuck"]
@@ -88,8 +80,9 @@ def test_stuck_worker_blocks_nobody_and_shows_as_stuck(orders_fleet):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("orders_fleet", ["restart"], indirect=True)
 def test_slow_peer_restart_policy_restarts_the_stuck_worker(orders_fleet):
-    bus, sup, logs = orders_fleet("restart")
+    sup, logs = orders_fleet
     first = row(sup, "stuck.0")["pid"]
     assert wait_for(lambda: row(sup, "stuck.0")["restarts"] >= 1, 40), sup.table()
     assert any("worker stuck.0 is stuck" in line for line in logs), logs
