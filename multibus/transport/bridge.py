@@ -120,6 +120,8 @@ class Bridge:
     run: None, in the bridge's own command thread; else a function that runs a callable in
     some thread of the caller's choosing, in call order (a worker passes ``bus.defer``: its
     main thread idles in ``block()`` anyway, and a thread less is quicker to start and exit).
+    ``secret`` (peer): the secret whoever spawned this process gave it, proved in its hello
+    to a hub told to :meth:`expect` it.
     """
 
     def __init__(
@@ -137,6 +139,7 @@ class Bridge:
         send_timeout: float = 5.0,
         max_queue: int = 100_000,
         apply_via: Callable[[Callable[[], None]], None] | None = None,
+        secret: str | None = None,
     ) -> None:
         if role not in ("hub", "peer"):
             raise ValueError(f"Bridge role must be 'hub' or 'peer', not {role!r}")
@@ -178,6 +181,7 @@ class Bridge:
         self.max_message = int(max_message)
         self.send_timeout = float(send_timeout)
         self.max_queue = int(max_queue)
+        self.secret = secret  # (peer) proves in its hello that it is the process spawned as name
         self.endpoints: Endpoints | None = (
             None if endpoints is None else Endpoints.parse(endpoints)
         )
@@ -347,6 +351,18 @@ class Bridge:
         """(hub) name -> {'pid', 'state', 'desired', 'connected', 'joined', 'last_seen'}."""
         session = self._session
         return session.peers() if isinstance(session, HubSession) else {}
+
+    def expect(self, name: str, secret: str) -> None:
+        """(hub) From now on a hello naming ``name`` must carry ``secret`` (a peer's
+        ``secret=``); once any is expected, a hello naming a peer without one is refused and
+        counted (``invalid_auth``). A supervisor calls it before it spawns each worker, so
+        another process of the same user cannot pass itself off as one."""
+        if not isinstance(self._session, HubSession):
+            raise BridgeError(f"Bridge.expect() is for the hub; {self.name!r} is a peer")
+        if not wire.valid_name(name) or not isinstance(secret, str) or \
+                not 0 < len(secret) <= 64:
+            raise ValueError(f"expect({name!r}, ...): a peer name and a secret of 1-64 chars")
+        self._io.call(self._session.expect, name, secret)
 
     def forget(self, name: str) -> None:
         """(hub) Drop a peer's record (its desired state included)."""

@@ -18,6 +18,7 @@ with EHOSTUNREACH for the gone peer.
 
 from __future__ import annotations
 
+import hmac
 import random
 import threading
 import time
@@ -135,6 +136,7 @@ class HubSession:
         self._next_hb = 0.0
         self._auth: Any = None
         self.fanout: Fanout | None = None
+        self.secrets: dict[str, str] = {}  # name -> the secret its hello must carry
 
     # ---------------------------------------------------------------- sockets
 
@@ -145,10 +147,13 @@ class HubSession:
             self._auth = start_authenticator(io._ctx, cfg.curve.allowed)
         control = io.make_socket(zmq.ROUTER, "control")
         control.router_mandatory = 1
-        control.router_handover = 1
+        # no handover: a second connection naming a connected peer is refused by libzmq, so
+        # nobody takes over a live worker's pipe (issue 14); a restarted worker's DEALER
+        # reconnects until the dead one's pipe is gone (milliseconds)
+        control.router_handover = 0
         down = io.make_socket(zmq.ROUTER, "down")  # per peer: see fanout.py
         down.router_mandatory = 1
-        down.router_handover = 1
+        down.router_handover = 0
         down.sndhwm = DATA_HWM
         down.rcvhwm = 1  # peers send nothing here: what a stranger sends is drained
         up = io.make_socket(zmq.PULL, "up")
@@ -277,6 +282,13 @@ class HubSession:
         return link
 
     def _hello(self, ident: bytes, name: str, msg: dict[str, Any], now: float) -> None:
+        if self.secrets:
+            expected = self.secrets.get(name)
+            if expected is None or not hmac.compare_digest(
+                    msg.get("secret", "").encode(), expected.encode()):
+                self.io.invalid("auth", f"hello naming {name!r} without its secret "
+                                "(not the process spawned as it): ignored")
+                return
         with self.lock:
             link = self.links.get(name)
             if link is None:
@@ -408,6 +420,11 @@ class HubSession:
             else:
                 done.release()
         self._ack_waiters = keep
+
+    def expect(self, name: str, secret: str) -> None:
+        """From now on a hello naming ``name`` must carry ``secret`` (and, once any secret is
+        expected, a hello naming a peer without one is refused)."""
+        self.secrets[name] = secret
 
     def forget(self, name: str) -> None:
         with self.lock:

@@ -198,8 +198,10 @@ class PeerSession:
     def _send_hello(self) -> None:
         self._next_hello = t = time.monotonic() + self.retry
         self.io.timer_at(t)  # retried until welcomed
+        proof = {"secret": self.cfg.secret} if self.cfg.secret else {}
         self._send(wire.encode("hello", name=self.name, pid=os.getpid(), epoch=self.cfg.epoch,
-                               state=wire_state(self.bus.state), down=bool(self.cfg.channels)))
+                               state=wire_state(self.bus.state), down=bool(self.cfg.channels),
+                               **proof))
 
     def _hub_lost(self, reason: str) -> None:
         self._welcomed = False

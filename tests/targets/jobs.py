@@ -150,3 +150,8 @@ def order_broker(bus) -> None:
 def order_stuck(bus) -> None:
     """Its 'order' listener blocks forever: its bridge's dispatch thread never returns."""
     bus.subscribe("order", lambda *a: threading.Event().wait())
+
+
+def secret_probe(bus) -> None:
+    """Logs whether its supervisor's secret is still in its environment (it must not be)."""
+    bus.log(f"secret in env: {'MULTIBUS_SECRET' in os.environ}")
