@@ -281,7 +281,7 @@ def fake_hub():
     ctx = zmq.Context()
     base = runtime_dir() / unique("f")
     ep = Endpoints.ipc(base)
-    router, xpub, pull = ctx.socket(zmq.ROUTER), FakeDown(ctx, b"w1"), ctx.socket(zmq.PULL)
+    router, xpub, pull = ctx.socket(zmq.ROUTER), FakeDown(ctx, b"w1"), ctx.socket(zmq.ROUTER)
     for s, url in ((router, ep.control), (xpub.sock, ep.down), (pull, ep.up)):
         s.linger = 0
         s.bind(url)

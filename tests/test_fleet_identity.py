@@ -3,6 +3,7 @@ supervisor gave it, and nobody else can take over a connected worker's routing i
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 import zmq
 from progs.procio import wait_for
@@ -75,3 +76,40 @@ def test_a_hub_that_expects_a_secret_refuses_a_hello_without_it():
     finally:
         for b in reversed(buses):
             b.exit()
+
+
+@pytest.mark.timeout(30)
+def test_records_on_up_come_from_their_connection_and_print_on_one_line():
+    hub_bus = Bus()
+    logs: list[str] = []
+    hub_bus.subscribe("log", lambda msg, level=20: logs.append(msg))
+    joined = events(hub_bus, "peer.joined")
+    hub = Bridge(hub_bus, role="hub", name=unique("id"), heartbeat=None).subscribe()
+    peer_bus = Bus()
+    ctx = zmq.Context()
+    try:
+        Bridge(peer_bus, role="peer", name="w1", endpoints=hub.endpoints,
+               heartbeat=None).subscribe()
+        assert wait_for(lambda: joined, 5)
+        forged = wire.encode_logs("w1", [msgpack.packb(["forged as w1", 40])])
+        socks = []
+        for ident in (None, b"w1", b"supervisor"):  # a fresh id, the worker's, another
+            d = ctx.socket(zmq.DEALER)
+            d.linger = 0
+            if ident is not None:
+                d.routing_id = ident
+            d.connect(hub.endpoints.up)
+            d.send(forged)
+            socks.append(d)
+        # the fresh id and 'supervisor' are dropped as forged; 'w1' is taken (no handover)
+        assert wait_for(lambda: hub.stats().get("invalid_origin", 0) >= 2, 5), hub.stats()
+        for d in socks:
+            d.close()
+        peer_bus.log("one\nsupervisor x: fake line\x1b[2J", 30)
+        assert wait_for(lambda: any(m.startswith("w1 | one") for m in logs), 5)
+        assert r"w1 | one\nsupervisor x: fake line\x1b[2J" in logs
+        assert not any("forged as w1" in m for m in logs)
+    finally:
+        ctx.term()
+        peer_bus.exit()
+        hub_bus.exit()

@@ -16,7 +16,8 @@ its call queue and the outbox's deques, plus the one wake-up pipe of its poller)
     hub ROUTER  <-> peer DEALER (routing id = peer name)  control: hello/welcome, cmd/ack,
                                                           state, failed, heartbeats, sync-ready, bye
     hub ROUTER   -> peer DEALER (routing id = peer name)  down: mirrored publishes, sync probes
-    hub PULL    <-  peer PUSH                             up: mirrored publishes and logs
+    hub ROUTER  <-  peer DEALER (routing id = peer name)  up: mirrored publishes and logs, taken
+                                                          only from the connection of their origin
 
 A peer that mirrors no channel (a worker that only follows lifecycle commands) has nothing to
 read downstream and does not connect to 'down': its hello says so (``down=False``) and it
@@ -27,7 +28,7 @@ Delivery rules (see ``wire.py`` for the frame format):
 
 * Mirrored publishes are packed in the publisher's thread (so a bad argument raises there) and
   sent in batches with sequence numbers per (origin, epoch); a gap is counted and logged with
-  its size. Sends never block the I/O thread: on EAGAIN (a PUSH at its HWM) the frame stays
+  its size. Sends never block the I/O thread: on EAGAIN (a peer's 'up' at its HWM) the frame stays
   queued and is retried; after ``send_timeout`` seconds it is dropped, counted and logged.
   The hub sends to each peer on its own pipe and queue (``fanout``): a peer that makes no
   progress for ``send_timeout`` is *slow* (``peer.slow``), its messages are dropped and

@@ -117,6 +117,7 @@ class HubSession:
     """The hub's half of the protocol, run by the I/O thread (see the module docstring)."""
 
     CONTROL_PARTS = 2  # ROUTER: routing id + frame
+    DATA_PARTS = 2  # 'up' is a ROUTER too: a frame's origin is the connection it came on
     hub_gone = False
 
     def __init__(self, cfg: Any, io: Any) -> None:
@@ -156,7 +157,8 @@ class HubSession:
         down.router_handover = 0
         down.sndhwm = DATA_HWM
         down.rcvhwm = 1  # peers send nothing here: what a stranger sends is drained
-        up = io.make_socket(zmq.PULL, "up")
+        up = io.make_socket(zmq.ROUTER, "up")  # peers' DEALERs, routing id = their name
+        up.router_handover = 0
         up.rcvhwm = DATA_HWM
         control.bind(ep.control)
         down.bind(ep.down)
@@ -180,6 +182,9 @@ class HubSession:
 
     def has_work(self) -> bool:
         return False
+
+    def data_ready(self) -> bool:
+        return True
 
     def before_flush(self) -> None:
         fanout = self.fanout
@@ -244,6 +249,18 @@ class HubSession:
             self._lose(link, "exited" if link.state == "EXITING" else "left")
         else:
             self.io.invalid("unexpected", f"{kind!r} frame from peer {name!r}")
+
+    def from_peer(self, ident: bytes, kind: str, msg: dict[str, Any]) -> bool:
+        """A frame on 'up' from connection ``ident``: its origin must be the peer of that
+        name, which said hello (and proved its secret, if one is expected; its last words
+        may come after its 'bye'); else dropped, counted."""
+        name = ident.decode("ascii", "replace")
+        link = self.links.get(name)
+        if link is not None and link.pid and msg["origin"] == name:
+            return True
+        self.io.invalid("origin", f"{kind!r} frame on 'up' from connection {ident[:64]!r} "
+                        f"with origin {msg['origin']!r}")
+        return False
 
     def on_data(self, kind: str, msg: dict[str, Any]) -> bool:
         """A non-publish frame on 'up': a peer's 'log' records."""

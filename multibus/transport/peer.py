@@ -1,6 +1,6 @@
 """The peer's session: hello until welcomed, commands in, state reports and logs out, hub lost.
 
-A peer connects a DEALER (routing id = its name) to the hub's ROUTER, a PUSH to 'up' and, if
+A peer connects a DEALER (routing id = its name) to the hub's ROUTER, one to 'up' and, if
 it mirrors channels, a second DEALER (same routing id) to the hub's 'down' ROUTER.
 It says hello when the control handshake succeeds (and
 again until welcomed, or when the hub says 'who'); acks each command on receipt and hands it
@@ -33,6 +33,7 @@ class PeerSession:
     """The peer's half of the protocol (see the module docstring)."""
 
     CONTROL_PARTS = 1  # DEALER: the frame
+    DATA_PARTS = 1
 
     def __init__(self, cfg: Any, io: Any, applier: Applier) -> None:
         self.cfg = cfg
@@ -68,7 +69,8 @@ class PeerSession:
             down = io.make_socket(zmq.DEALER, "down", monitor=False)
             down.routing_id = self.name.encode()
             down.rcvhwm = DATA_HWM
-        up = io.make_socket(zmq.PUSH, "up", monitor=False)
+        up = io.make_socket(zmq.DEALER, "up", monitor=False)  # the hub's ROUTER: origin
+        up.routing_id = self.name.encode()
         up.sndhwm = DATA_HWM
         control.connect(ep.control)
         if down is not None:
@@ -111,6 +113,11 @@ class PeerSession:
             self.io.wake()
 
     # ---------------------------------------------------------------- I/O thread
+
+    def data_ready(self) -> bool:
+        """Publishes and logs go up only once welcomed: the hub takes a frame on 'up' only
+        from a connection naming a peer it knows (``HubSession.from_peer``)."""
+        return self._welcomed
 
     def has_work(self) -> bool:
         return bool(self._states) or bool(self._failures and self._welcomed)
