@@ -448,7 +448,8 @@ def format_status(st: dict[str, Any]) -> str:
     for w in st["workers"]:
         rows.append((
             w["group"], w["name"], str(w["pid"] or "-"),
-            w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else ""),
+            w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else "")
+            + (" (stuck)" if w.get("stuck") else ""),
             str(w["restarts"]), _duration(w["uptime"] if w["pid"] else None),
             "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}", _size(w["memory_rss"]),
         ) + ((w.get("launch") or "-",) if launch else ()))

@@ -33,6 +33,7 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     env = { PORT = "8080" }
     cwd = "."
     pythonpath = []
+    slow_peer = "drop"        # a worker not reading its mirrored channels: drop | restart
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from multibus.names import check_name
-from multibus.specs import Intensity, SpecError, WorkerSpec
+from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
 from multibus.worker import worker_env
 
 __all__ = [
@@ -209,7 +210,7 @@ SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_resta
                    "restart_period", "log_level", "log_format", "pythonpath", "zygote",
                    "zygote_preload")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
-              "cwd", "pythonpath")
+              "cwd", "pythonpath", "slow_peer")
 
 
 def load(path: str | os.PathLike[str]) -> FleetConfig:
@@ -299,6 +300,9 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         if "restart" in group:
             fields["restart"] = c.choice(f"{key}.restart", group["restart"],
                                          ("permanent", "transient", "temporary"))
+        if "slow_peer" in group:
+            fields["slow_peer"] = c.choice(f"{key}.slow_peer", group["slow_peer"],
+                                           SLOW_PEER_POLICIES)
         for k in ("stop_timeout", "start_timeout"):
             if k in group:
                 fields[k] = c.seconds(f"{key}.{k}", group[k])

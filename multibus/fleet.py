@@ -63,6 +63,7 @@ class WorkerSlot:
     pending: Handle | None = None  # a scheduled restart
     start_error: str | None = None  # its process reported that its bus failed to start
     launch: str | None = None  # how its process was started: 'fork' or 'exec (why)'
+    stuck: str | None = None  # why its process looks stuck (the hub's 'peer.slow'), or None
     last_lines: list[str] = field(default_factory=list)
 
     @property
@@ -93,9 +94,10 @@ class WorkerSlot:
 
     def row(self, now: float) -> dict[str, Any]:
         """The status table row: name, group, pid, state, restarts, exit_code, uptime,
-        launch (how its current or last process was started; None before any)."""
+        launch (how its current or last process was started; None before any), and
+        ``stuck`` (why) only while its process does not read what is sent to it."""
         alive = self.alive
-        return {
+        row = {
             "name": self.name,
             "group": self.wn.group,
             "pid": self.pid if alive else None,
@@ -105,6 +107,9 @@ class WorkerSlot:
             "uptime": round(now - self.since, 3) if alive and self.since is not None else 0.0,
             "launch": self.launch,
         }
+        if self.stuck and alive:
+            row["stuck"] = self.stuck
+        return row
 
 
 class Group:

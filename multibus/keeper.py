@@ -124,7 +124,7 @@ class Keeper:
         child.data["worker"] = w
         with self.cond:
             w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
-            w.start_error = None
+            w.start_error = w.stuck = None
             w.launch = child.data.get("launch")
         # A forked worker can join (and report STARTED) before we get here: the bridge events
         # for it were dropped as unknown, so take its state from the bridge (read outside our
@@ -324,14 +324,30 @@ class Keeper:
                 self.cond.notify_all()
 
     def peer_lost(self, name: str, reason: str = "", *args: Any) -> None:
+        self._terminate(name, f"lost contact with worker {name}", reason)
+
+    def peer_slow(self, name: str, reason: str = "", *args: Any) -> None:
+        """The hub's 'peer.slow': worker ``name`` does not read its mirrored channels
+        (``reason``; '' once it reads again). Flag it in the table; its group's
+        ``slow_peer = "restart"`` terminates it (then restarted as its restart mode says)."""
+        with self.cond:
+            w = self.fleet.current(name, joined=True)
+            if w is None or w.stuck == (reason or None):
+                return
+            w.stuck = reason or None
+        self.changed()
+        if reason and w.spec.slow_peer == "restart":
+            self._terminate(name, f"worker {name} is stuck", reason)
+
+    def _terminate(self, name: str, what: str, reason: str) -> None:
+        """SIGTERM worker ``name`` (SIGKILL after ``term_timeout``), saying why."""
         with self.cond:
             w = self.fleet.current(name, joined=True)
             running = self.running
         if w is None or not running or w.child is None or not w.wanted:
             return  # not running, or scaled away: it was asked to leave (scale times it)
         child = w.child
-        self.log(f"lost contact with worker {name} (pid {child.pid}): {reason}; terminating it",
-                 30)
+        self.log(f"{what} (pid {child.pid}): {reason}; terminating it", 30)
         signal_group(child.pgid, 15)
         self.procs.call_later(
             self.term_timeout,

@@ -17,12 +17,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 from typing import IO, Any
 
 from multibus.names import WORKER_PREFIX, WorkerName
 
-__all__ = ["Record", "SUPERVISOR", "format_json", "format_text", "level_name", "split_source",
-           "use_colour"]
+__all__ = ["Record", "SUPERVISOR", "escape_controls", "format_json", "format_text",
+           "level_name", "split_source", "use_colour"]
 
 SUPERVISOR = "supervisor"
 Record = tuple[int, float, int, str, str]
@@ -30,6 +31,17 @@ Record = tuple[int, float, int, str, str]
 _LEVELS = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 _PALETTE = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)  # per source, stable within a run
 _RESET = "\x1b[0m"
+
+
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` as one line without control characters: newlines, escape sequences (ANSI
+    colours, cursor moves) and the like become their Python escapes (``\\n``, ``\\x1b``).
+    For text another process sends (a worker's log records): it cannot fake other lines, or
+    their source, on our output. Tabs stay."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def split_source(msg: str) -> tuple[str, str]:

@@ -11,11 +11,12 @@ How it was started is kept in ``child.data["launch"]``: ``"fork"``, or ``"exec (
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterable
 
 from multibus.procs import Child, ProcessManager
 from multibus.specs import WorkerSpec
-from multibus.worker import worker_args, worker_env
+from multibus.worker import SECRET_ENV, worker_args, worker_env
 from multibus.zygote import ZygoteClient
 
 __all__ = ["Spawner"]
@@ -46,6 +47,8 @@ class Spawner:
         self.fleet = fleet
         self.zygote: ZygoteClient | None = None
         self.exec_why = "zygote disabled"  # why workers are exec'd while there is no zygote
+        # the hub's Bridge.expect: each worker gets a fresh secret to prove in its hello
+        self.expect: Callable[[str, str], None] | None = None
 
     def start_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str]) -> None:
         """Have the manager thread exec the zygote: it preloads while the caller goes on."""
@@ -68,6 +71,9 @@ class Spawner:
         """Start worker ``name`` of ``spec`` connecting to the hub at ``endpoints`` (manager
         thread); OSError if it cannot be started."""
         env = worker_env(spec)
+        if self.expect is not None:
+            env[SECRET_ENV] = secret = secrets.token_hex(16)
+            self.expect(name, secret)  # before the worker can say hello
         args = worker_args(name, spec.target, parent_pid=os.getpid(), endpoints=endpoints,
                            stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
                            peer_timeout=self.peer_timeout, channels=spec.channels,

@@ -16,9 +16,10 @@ from typing import Any
 
 from multibus.names import WorkerName, valid_group
 
-__all__ = ["RESTART_MODES", "SpecError", "WorkerSpec", "Intensity"]
+__all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec", "Intensity"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
+SLOW_PEER_POLICIES = ("drop", "restart")
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _RESERVED_CHANNELS = {"main", "start", "stop", "graceful", "exit", "log"}
 
@@ -40,6 +41,13 @@ class WorkerSpec:
     stop_timeout: seconds a worker gets to stop/exit on request before SIGTERM, then SIGKILL.
     start_timeout: seconds a worker gets to report STARTED.
     env: extra environment variables; cwd: working directory (None: the supervisor's).
+    slow_peer: what happens to a worker that looks stuck: it stops reading its mirrored
+        channels (its queue in the hub makes no progress for 5 s, or holds 32 MiB; see
+        ``transport/fanout.py``), or its main thread does not take up a lifecycle command
+        within 5 s of receiving it. 'drop' (the default: mirrored messages for it are
+        dropped, counted and logged once per episode, until it reads again; nobody else
+        waits) or 'restart' (it is terminated, and restarted as its ``restart`` mode says).
+        Either way its status row says ``stuck`` (why) while it lasts.
     """
 
     name: str
@@ -51,6 +59,7 @@ class WorkerSpec:
     start_timeout: float = 10.0
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
+    slow_peer: str = "drop"
 
     def __post_init__(self) -> None:
         if not valid_group(self.name):
@@ -68,6 +77,9 @@ class WorkerSpec:
             raise SpecError(
                 f"{where}: restart {self.restart!r} must be one of {', '.join(RESTART_MODES)}"
             )
+        if self.slow_peer not in SLOW_PEER_POLICIES:
+            raise SpecError(f"{where}: slow_peer {self.slow_peer!r} must be one of "
+                            f"{', '.join(SLOW_PEER_POLICIES)}")
         for key in ("stop_timeout", "start_timeout"):
             value = getattr(self, key)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:

@@ -152,6 +152,7 @@ class Supervisor:
             if self.zygote_requested and not self.use_zygote:
                 self.spawner.exec_why = "zygote needs subreaper=True"
             self.bridge = self._make_bridge()
+            self.spawner.expect = getattr(self.bridge, "expect", None)  # issue 14: secrets
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
                 self.spawner.start_zygote(self.specs.values(), self.zygote_preload)
@@ -166,6 +167,7 @@ class Supervisor:
             ("peer.joined", self.keeper.peer_joined, 50),
             ("peer.state", self.keeper.peer_state, 50),
             ("peer.lost", self.keeper.peer_lost, 50),
+            ("peer.slow", self.keeper.peer_slow, 50),
             ("peer.failed", self.keeper.peer_failed, 50),
             ("peer.log", self.keeper.peer_log, 50),
         ):

@@ -36,6 +36,9 @@ PR_SET_PDEATHSIG = 1
 EXIT_PARENT_GONE = 3
 EXIT_BAD_TARGET = 2
 EXIT_USAGE = 64
+#: the environment variable a spawner passes a worker's secret in (never argv: /proc/PID/
+#: cmdline is world-readable; the environment is the owner's only)
+SECRET_ENV = "MULTIBUS_SECRET"
 PARENT_GONE_EXIT = 0.8  # seconds an orphaned worker gets to exit in order
 
 
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     set_title(name, opts.get("fleet"))  # type: ignore[arg-type]
     # the target (and anything it starts) can tell which worker it is, e.g. to pick a port
     os.environ["MULTIBUS_WORKER"] = name
+    # the secret that proves to the hub we are the process spawned as `name`: taken out of
+    # the environment before the target runs, so nothing it starts inherits it
+    secret = os.environ.pop(SECRET_ENV, None) or None
     stop_timeout = float(opts["stop_timeout"])  # type: ignore[arg-type]
 
     import signal
@@ -316,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             endpoints=opts.get("endpoints"),  # type: ignore[arg-type]
             channels=opts["channels"],  # type: ignore[arg-type]
             apply_via=bus.defer,  # commands run in this main thread, which waits in block()
+            secret=secret,
             **{k: opts[k] for k in ("heartbeat", "peer_timeout") if k in opts},  # type: ignore[arg-type]
         ).hold_logs()
     except ValueError as e:  # bad bridge options: raised at step 3, after the target's errors

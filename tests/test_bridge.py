@@ -250,14 +250,39 @@ def test_peer_follows_a_restarted_hub():
         hub_bus.exit()
 
 
+class FakeDown:
+    """A hub's 'down' ROUTER that talks to one peer: ``send``/``send_multipart`` address
+    ``ident``; ``recv()`` returns once that peer's connection is up (its handshake)."""
+
+    def __init__(self, ctx: zmq.Context, ident: bytes) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.ident = ident
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+
+    def send(self, frame: bytes) -> None:
+        self.sock.send_multipart([self.ident, frame])
+
+    def send_multipart(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart([self.ident, *frames])
+
+    def recv(self) -> None:
+        assert self.monitor.poll(10_000), "the peer never connected to 'down'"
+        self.monitor.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close()
+
+
 @pytest.fixture
 def fake_hub():
-    """Raw sockets where a hub would be, to feed a peer garbage."""
+    """Raw sockets where a hub would be, to feed a peer (named w1) garbage."""
     ctx = zmq.Context()
     base = runtime_dir() / unique("f")
     ep = Endpoints.ipc(base)
-    router, xpub, pull = ctx.socket(zmq.ROUTER), ctx.socket(zmq.XPUB), ctx.socket(zmq.PULL)
-    for s, url in ((router, ep.control), (xpub, ep.down), (pull, ep.up)):
+    router, xpub, pull = ctx.socket(zmq.ROUTER), FakeDown(ctx, b"w1"), ctx.socket(zmq.ROUTER)
+    for s, url in ((router, ep.control), (xpub.sock, ep.down), (pull, ep.up)):
         s.linger = 0
         s.bind(url)
     try:

@@ -78,8 +78,8 @@ def test_hub_without_heartbeats_sees_a_vanished_peer():
         dealer = ctx.socket(zmq.DEALER)
         dealer.routing_id = b"ghost"
         dealer.connect(hub.endpoints.control)
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub = ctx.socket(zmq.DEALER)  # 'down' is a ROUTER sending to each peer by name
+        sub.routing_id = b"ghost"
         sub.connect(hub.endpoints.down)
         dealer.send(wire.encode("hello", name="ghost", pid=os.getpid(), epoch=7,
                                 state="STOPPED", down=True))

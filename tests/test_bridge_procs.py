@@ -254,7 +254,7 @@ def test_10000_hostile_frames_leave_both_buses_running_and_are_counted(hub, chil
     ep = hub.endpoints
     sent_counted = 0
     try:
-        push = ctx.socket(zmq.PUSH)
+        push = ctx.socket(zmq.DEALER)  # 'up' is a ROUTER (issue 14): a PUSH cannot connect
         push.linger = 0
         push.connect(ep.up)
         frames = _hostile_frames(rng, 9_000)
@@ -277,7 +277,7 @@ def test_10000_hostile_frames_leave_both_buses_running_and_are_counted(hub, chil
         assert hub.stats()["invalid"] == sent_counted
 
         # an oversized frame: libzmq drops the connection before Python sees it (MAXMSGSIZE)
-        big = ctx.socket(zmq.PUSH)
+        big = ctx.socket(zmq.DEALER)
         big.linger = 0
         big.connect(ep.up)
         before = hub.stats().get("disconnects", 0)

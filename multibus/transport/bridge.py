@@ -15,8 +15,9 @@ its call queue and the outbox's deques, plus the one wake-up pipe of its poller)
 
     hub ROUTER  <-> peer DEALER (routing id = peer name)  control: hello/welcome, cmd/ack,
                                                           state, failed, heartbeats, sync-ready, bye
-    hub XPUB     -> peer SUB                              down: mirrored publishes, sync probes
-    hub PULL    <-  peer PUSH                             up: mirrored publishes and logs
+    hub ROUTER   -> peer DEALER (routing id = peer name)  down: mirrored publishes, sync probes
+    hub ROUTER  <-  peer DEALER (routing id = peer name)  up: mirrored publishes and logs, taken
+                                                          only from the connection of their origin
 
 A peer that mirrors no channel (a worker that only follows lifecycle commands) has nothing to
 read downstream and does not connect to 'down': its hello says so (``down=False``) and it
@@ -27,11 +28,14 @@ Delivery rules (see ``wire.py`` for the frame format):
 
 * Mirrored publishes are packed in the publisher's thread (so a bad argument raises there) and
   sent in batches with sequence numbers per (origin, epoch); a gap is counted and logged with
-  its size. Sends never block the I/O thread: on EAGAIN (XPUB_NODROP, PUSH at its HWM) the frame
-  stays queued and is retried; after ``send_timeout`` seconds it is dropped, counted and logged.
+  its size. Sends never block the I/O thread: on EAGAIN (a peer's 'up' at its HWM) the frame stays
+  queued and is retried; after ``send_timeout`` seconds it is dropped, counted and logged.
+  The hub sends to each peer on its own pipe and queue (``fanout``): a peer that makes no
+  progress for ``send_timeout`` is *slow* (``peer.slow``), its messages are dropped and
+  counted until it reads again, and no other peer, command or join ever waits for it.
   A publisher blocks (up to ``send_timeout``) while the bridge holds ``max_queue`` messages.
 * A peer with channels counts as *joined* (``peer.joined`` on the hub) only once a sync
-  probe sent down the XPUB reached it, so from then on nothing the hub publishes can miss it
+  probe sent to it on 'down' reached it, so from then on nothing the hub publishes can miss it
   (slow joiner); a peer without channels, at its hello.
 * Commands are desired state, not actions: each peer has a desired state (STARTED, STOPPED or
   EXITING) and a graceful generation counter on the hub, sent with the hub's epoch (random per
@@ -61,8 +65,10 @@ Delivery rules (see ``wire.py`` for the frame format):
 
 Channels published on the hub's bus: ``peer.joined(name, pid)``, ``peer.state(name, state)``,
 ``peer.lost(name, reason)`` (reason: 'heartbeat timeout', 'disconnected', 'exited', 'left'),
-``peer.failed(name, desired, error)`` (a command failed there: desired is 'STARTED',
-'STOPPED', 'EXITING' or None for a graceful; error is "ExcType: message"),
+``peer.slow(name, why)`` (it does not read its mirrored messages: they are dropped for it; why
+is '' once it reads again), ``peer.failed(name, desired, error)`` (a command failed there:
+desired is 'STARTED', 'STOPPED', 'EXITING' or None for a graceful; error is "ExcType:
+message"),
 ``peer.log(name, msg, level)`` and ``log(f"{name} | {msg}", level)``. On a peer's bus:
 ``hub.joined(name)`` and ``hub.lost(reason)``. The bridge's own warnings go to 'log'.
 
@@ -70,6 +76,7 @@ The parts, one module each (this one is the façade with the public API):
 
 * ``iothread``: the thread that owns the sockets and frames (role-agnostic);
 * ``hub`` / ``peer``: the two roles' sessions (peers and commands / hello, hub lost, states);
+* ``fanout``: the hub's mirrored frames, per peer (its own queue; slow peers dropped for);
 * ``outbox``: mirrored publishes and logs on their way out (the publisher-side hot path);
 * ``dispatch``: what came in, published on the local bus from a thread of its own;
 * ``applier``: a peer's bus following the hub's commands;
@@ -114,6 +121,8 @@ class Bridge:
     run: None, in the bridge's own command thread; else a function that runs a callable in
     some thread of the caller's choosing, in call order (a worker passes ``bus.defer``: its
     main thread idles in ``block()`` anyway, and a thread less is quicker to start and exit).
+    ``secret`` (peer): the secret whoever spawned this process gave it, proved in its hello
+    to a hub told to :meth:`expect` it.
     """
 
     def __init__(
@@ -131,6 +140,7 @@ class Bridge:
         send_timeout: float = 5.0,
         max_queue: int = 100_000,
         apply_via: Callable[[Callable[[], None]], None] | None = None,
+        secret: str | None = None,
     ) -> None:
         if role not in ("hub", "peer"):
             raise ValueError(f"Bridge role must be 'hub' or 'peer', not {role!r}")
@@ -172,6 +182,7 @@ class Bridge:
         self.max_message = int(max_message)
         self.send_timeout = float(send_timeout)
         self.max_queue = int(max_queue)
+        self.secret = secret  # (peer) proves in its hello that it is the process spawned as name
         self.endpoints: Endpoints | None = (
             None if endpoints is None else Endpoints.parse(endpoints)
         )
@@ -341,6 +352,18 @@ class Bridge:
         """(hub) name -> {'pid', 'state', 'desired', 'connected', 'joined', 'last_seen'}."""
         session = self._session
         return session.peers() if isinstance(session, HubSession) else {}
+
+    def expect(self, name: str, secret: str) -> None:
+        """(hub) From now on a hello naming ``name`` must carry ``secret`` (a peer's
+        ``secret=``); once any is expected, a hello naming a peer without one is refused and
+        counted (``invalid_auth``). A supervisor calls it before it spawns each worker, so
+        another process of the same user cannot pass itself off as one."""
+        if not isinstance(self._session, HubSession):
+            raise BridgeError(f"Bridge.expect() is for the hub; {self.name!r} is a peer")
+        if not wire.valid_name(name) or not isinstance(secret, str) or \
+                not 0 < len(secret) <= 64:
+            raise ValueError(f"expect({name!r}, ...): a peer name and a secret of 1-64 chars")
+        self._io.call(self._session.expect, name, secret)
 
     def forget(self, name: str) -> None:
         """(hub) Drop a peer's record (its desired state included)."""

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from multibus.logview import escape_controls
 from multibus.transport.stats import BridgeStats
 
 __all__ = ["DISPATCH_BACKLOG", "Dispatcher"]
@@ -136,11 +137,13 @@ class Dispatcher:
             self.stats.report("dispatch_errors")
 
     def _logs(self, origin: str, msgs: list[Any]) -> None:
-        """A peer's 'log' records: ``peer.log(name, msg, level)`` and ``log(name | msg)``."""
+        """A peer's 'log' records: ``peer.log(name, msg, level)`` (as sent) and ``log(name |
+        msg)`` with ``msg`` on one line, its control characters escaped (a peer cannot fake
+        other lines or sources on the hub's output)."""
         bus = self.bus
         for msg, level in msgs:
             for call, args in ((bus.publish, ("peer.log", origin, msg, level)),
-                               (bus.log, (f"{origin} | {msg}", level))):
+                               (bus.log, (f"{origin} | {escape_controls(msg)}", level))):
                 try:
                     call(*args)
                 except Exception:  # noqa: BLE001 - logged by the bus; counted

@@ -99,8 +99,8 @@ def _split_tcp(url: str) -> tuple[str, str]:
 
 class Endpoints(_Value):
     """The three sockets of one hub: ``control`` (ROUTER/DEALER: commands, acks, state,
-    heartbeats), ``down`` (XPUB -> SUB: mirrored channels) and ``up`` (peers -> hub: mirrored
-    publishes and logs, on their own socket so a log flood never delays a command).
+    heartbeats), ``down`` (ROUTER -> DEALER: mirrored channels, per peer) and ``up`` (peers
+    -> hub: mirrored publishes and logs, on their own socket so a log flood never delays a command).
 
     ``to_string()`` gives one string for argv/env; ``Endpoints.parse`` reads it back:
     ``ipc:///dir/NAME`` means ``NAME.control``/``NAME.down``/``NAME.up``; ``tcp://HOST:P`` means

@@ -5,9 +5,12 @@ name: who it is, what state it is told to be in, which command it has not acked 
 whether it has joined. Everything here runs on the I/O thread; ``Bridge.peers()`` reads the
 links under ``HubSession.lock``.
 
-Joining: a peer that reads 'down' (it mirrors channels) joins once a sync probe sent down the
-XPUB reached it (so nothing the hub publishes after ``peer.joined`` can miss it); a peer
-without channels joins at its hello. Commands are desired state, resent until acked; a peer
+Joining: a peer that reads 'down' (it mirrors channels) joins once a sync probe sent to it on
+'down' reached it (so nothing the hub publishes after ``peer.joined`` can miss it); a peer
+without channels joins at its hello. Mirrored frames go to each joined peer through the
+:class:`~multibus.transport.fanout.Fanout`, on its own pipe and queue: a peer that does not
+read is declared slow (``peer.slow``) and dropped for, and never delays anyone else.
+Commands are desired state, resent until acked; a peer
 that says hello again gets the current desired state. Lost: heartbeat silence, a 'bye', or
 (``heartbeat=None``) a control disconnect followed by probes that ROUTER_MANDATORY answers
 with EHOSTUNREACH for the gone peer.
@@ -15,6 +18,7 @@ with EHOSTUNREACH for the gone peer.
 
 from __future__ import annotations
 
+import hmac
 import random
 import threading
 import time
@@ -25,6 +29,7 @@ import zmq
 from multibus.transport import wire
 from multibus.transport.applier import wire_state
 from multibus.transport.endpoints import Endpoints
+from multibus.transport.fanout import Fanout
 from multibus.transport.iothread import DATA_HWM, NEVER, retry_interval
 from multibus.transport.keys import start_authenticator
 
@@ -42,20 +47,15 @@ def nonzero_u63() -> int:
 class PeerLink:
     """The hub's link to one peer: identity, desired state, pending command, join state.
 
-    Every frame the hub sends *to this peer* goes through :meth:`send` (control) or
-    :meth:`send_sync` (the sync probe on 'down'). Mirrored publishes are today one XPUB
-    broadcast to all peers (the outbox's frames), so one slow SUB holds back everyone.
-    Per-peer flow control ("containment") fits here without touching the I/O thread or the
-    façade: the hub's outbox hands each data frame to the session, which calls a
-    ``deliver(frame, n)`` on every joined link; each link keeps its own bounded queue and its
-    group's policy (drop for this peer and count the gap, or disconnect it), and drains it to
-    its own pipe. Control frames (commands, syncs, acks) keep going through :meth:`send`,
-    never behind that queue, so a full peer never delays lifecycle traffic.
+    Every control frame the hub sends *to this peer* goes through :meth:`send`, the sync
+    probe through :meth:`send_sync` (addressed to this peer on 'down'). Its mirrored frames
+    go through its queue in the session's :class:`~multibus.transport.fanout.Fanout` once
+    it joined; nothing here ever waits behind that queue.
     """
 
     __slots__ = ("session", "name", "ident", "desired", "graceful", "cmd_seq", "pending",
                  "next_send", "pid", "peer_epoch", "state", "published_state", "connected",
-                 "joined", "token", "last_seen", "down")
+                 "joined", "token", "last_seen", "down", "acked_at", "stuck")
 
     def __init__(self, session: HubSession, name: str, ident: bytes,
                  desired: str | None = None, graceful: int = 0) -> None:
@@ -76,19 +76,24 @@ class PeerLink:
         self.token = 0
         self.last_seen = 0.0
         self.down = True  # the peer reads 'down' (it mirrors channels): sync before joined
+        self.acked_at = 0.0  # a command acked, its state not reported since (0: none)
+        self.stuck: dict[str, str] = {}  # why it looks stuck: 'data' (fanout), 'cmd' (unapplied)
 
     def send(self, frame: bytes) -> bool:
         """A control frame to this peer; False if not sent (blocked or gone: then lost)."""
         return self.session.send_to(self.ident, frame)
 
     def send_sync(self) -> None:
-        """A sync probe down the XPUB: the peer answers 'ready' once it reads 'down'."""
+        """A sync probe to this peer on 'down': it answers 'ready' once it reads 'down'.
+        Not sent (retried by the timer) while its pipe is full or not connected yet."""
         try:
-            self.session.io.subs.send(
-                wire.encode("sync", target=self.name, token=self.token), zmq.NOBLOCK
+            self.session.io.subs.send_multipart(
+                (self.ident, wire.encode("sync", target=self.name, token=self.token)),
+                zmq.NOBLOCK,
             )
-        except zmq.Again:
-            pass
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EAGAIN, zmq.EHOSTUNREACH):
+                raise
 
     def send_cmd(self, now: float) -> None:
         """The current desired state; resent by the timer until acked."""
@@ -105,13 +110,14 @@ class PeerLink:
     def info(self) -> dict[str, Any]:
         return {"pid": self.pid, "state": self.state, "desired": self.desired,
                 "connected": self.connected, "joined": self.joined,
-                "last_seen": self.last_seen}
+                "last_seen": self.last_seen, **self.session.fanout_info(self.name)}
 
 
 class HubSession:
     """The hub's half of the protocol, run by the I/O thread (see the module docstring)."""
 
     CONTROL_PARTS = 2  # ROUTER: routing id + frame
+    DATA_PARTS = 2  # 'up' is a ROUTER too: a frame's origin is the connection it came on
     hub_gone = False
 
     def __init__(self, cfg: Any, io: Any) -> None:
@@ -130,10 +136,12 @@ class HubSession:
         self._probe_start = 0.0
         self._next_hb = 0.0
         self._auth: Any = None
+        self.fanout: Fanout | None = None
+        self.secrets: dict[str, str] = {}  # name -> the secret its hello must carry
 
     # ---------------------------------------------------------------- sockets
 
-    def open(self, io: Any) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket, zmq.Socket]:
+    def open(self, io: Any) -> tuple[zmq.Socket, zmq.Socket, Fanout, zmq.Socket]:
         cfg = self.cfg
         ep = cfg.endpoints
         if cfg.curve is not None:
@@ -141,11 +149,17 @@ class HubSession:
                                              lambda: self.stats.report("zap_refused"))
         control = io.make_socket(zmq.ROUTER, "control")
         control.router_mandatory = 1
-        control.router_handover = 1
-        down = io.make_socket(zmq.XPUB, "down")
-        down.setsockopt(zmq.XPUB_NODROP, 1)
+        # no handover: a second connection naming a connected peer is refused by libzmq, so
+        # nobody takes over a live worker's pipe (issue 14); a restarted worker's DEALER
+        # reconnects until the dead one's pipe is gone (milliseconds)
+        control.router_handover = 0
+        down = io.make_socket(zmq.ROUTER, "down")  # per peer: see fanout.py
+        down.router_mandatory = 1
+        down.router_handover = 0
         down.sndhwm = DATA_HWM
-        up = io.make_socket(zmq.PULL, "up")
+        down.rcvhwm = 1  # peers send nothing here: what a stranger sends is drained
+        up = io.make_socket(zmq.ROUTER, "up")  # peers' DEALERs, routing id = their name
+        up.router_handover = 0
         up.rcvhwm = DATA_HWM
         control.bind(ep.control)
         down.bind(ep.down)
@@ -154,7 +168,11 @@ class HubSession:
                              up.last_endpoint.decode())
         if resolved != ep:
             cfg.endpoints = resolved
-        return control, up, down, down
+        self.fanout = Fanout(down, self.stats, cfg.send_timeout,
+                             log=lambda text, level: io.emit(
+                                 "log", f"multibus bridge {cfg.name!r}: {text}", level),
+                             on_slow=self._slow)
+        return control, up, self.fanout, down
 
     def opened(self) -> None:
         self._next_hb = time.monotonic()
@@ -166,8 +184,13 @@ class HubSession:
     def has_work(self) -> bool:
         return False
 
+    def data_ready(self) -> bool:
+        return True
+
     def before_flush(self) -> None:
-        pass
+        fanout = self.fanout
+        if fanout.blocked:
+            self.io.timer_at(fanout.pump(time.monotonic()))
 
     def closing(self) -> None:
         pass
@@ -213,6 +236,10 @@ class HubSession:
             self.io.emit("peer.failed", link.name, msg["state"], msg["error"])
         elif kind == "ack":
             if msg["epoch"] == self.epoch and msg["seq"] >= link.cmd_seq:
+                if link.pending and link.desired is not None and link.state != link.desired:
+                    # its main thread applies it: a state report must follow (see tick)
+                    link.acked_at = now
+                    self.io.timer_at(now + self.cfg.send_timeout)
                 link.pending = False
             if self._ack_waiters and msg["epoch"] == self.epoch:
                 self._acked(link.name, msg["seq"])
@@ -223,6 +250,18 @@ class HubSession:
             self._lose(link, "exited" if link.state == "EXITING" else "left")
         else:
             self.io.invalid("unexpected", f"{kind!r} frame from peer {name!r}")
+
+    def from_peer(self, ident: bytes, kind: str, msg: dict[str, Any]) -> bool:
+        """A frame on 'up' from connection ``ident``: its origin must be the peer of that
+        name, which said hello (and proved its secret, if one is expected; its last words
+        may come after its 'bye'); else dropped, counted."""
+        name = ident.decode("ascii", "replace")
+        link = self.links.get(name)
+        if link is not None and link.pid and msg["origin"] == name:
+            return True
+        self.io.invalid("origin", f"{kind!r} frame on 'up' from connection {ident[:64]!r} "
+                        f"with origin {msg['origin']!r}")
+        return False
 
     def on_data(self, kind: str, msg: dict[str, Any]) -> bool:
         """A non-publish frame on 'up': a peer's 'log' records."""
@@ -261,6 +300,13 @@ class HubSession:
         return link
 
     def _hello(self, ident: bytes, name: str, msg: dict[str, Any], now: float) -> None:
+        if self.secrets:
+            expected = self.secrets.get(name)
+            if expected is None or not hmac.compare_digest(
+                    msg.get("secret", "").encode(), expected.encode()):
+                self.io.invalid("auth", f"hello naming {name!r} without its secret "
+                                "(not the process spawned as it): ignored")
+                return
         with self.lock:
             link = self.links.get(name)
             if link is None:
@@ -278,6 +324,10 @@ class HubSession:
             if fresh:
                 link.joined = False
                 link.token = nonzero_u63()
+        if fresh:
+            self.fanout.remove(name)
+            link.acked_at = 0.0
+            self._stuck(name, "cmd", "")
         self._state(link, msg["state"])
         link.send(wire.encode("welcome", name=self.cfg.name, epoch=self.epoch,
                               graceful=link.graceful, max_message=self.cfg.max_message))
@@ -297,12 +347,19 @@ class HubSession:
     def _join(self, link: PeerLink) -> None:
         with self.lock:
             link.joined = True
+        if link.down:
+            self.fanout.add(link.name, link.ident)
         self.io.emit("peer.joined", link.name, link.pid)
         if link.state is not None:
             link.published_state = link.state
             self.io.emit("peer.state", link.name, link.state)
 
     def _state(self, link: PeerLink, state: str) -> None:
+        if (link.acked_at or link.stuck) and (state != link.state or state == link.desired):
+            # its main thread moved (a heartbeat's unchanged state proves nothing: the I/O
+            # thread sends it)
+            link.acked_at = 0.0
+            self._stuck(link.name, "cmd", "")
         if state != link.state:
             with self.lock:
                 link.state = state
@@ -317,6 +374,7 @@ class HubSession:
             link.connected = False
             link.joined = False
             link.pending = link.cmd_seq > 0
+        self.fanout.remove(link.name)
         self.io.emit("peer.lost", link.name, reason)
 
     def send_to(self, ident: bytes, frame: bytes) -> bool:
@@ -381,9 +439,40 @@ class HubSession:
                 done.release()
         self._ack_waiters = keep
 
+    def expect(self, name: str, secret: str) -> None:
+        """From now on a hello naming ``name`` must carry ``secret`` (and, once any secret is
+        expected, a hello naming a peer without one is refused)."""
+        self.secrets[name] = secret
+
     def forget(self, name: str) -> None:
         with self.lock:
             self.links.pop(name, None)
+        self.fanout.remove(name)
+
+    def _slow(self, name: str, reason: str) -> None:
+        """(Fanout) ``name``'s slow episode started (``reason``) or ended ('')."""
+        self._stuck(name, "data", reason)
+
+    def _stuck(self, name: str, kind: str, reason: str) -> None:
+        """Set (``reason``) or clear ('') one cause of ``name`` looking stuck; publish
+        ``peer.slow(name, why)`` when the answer changes ('' once no cause is left)."""
+        link = self.links.get(name)
+        if link is None:
+            return
+        before = "; ".join(link.stuck.values())
+        if reason:
+            link.stuck[kind] = reason
+        else:
+            link.stuck.pop(kind, None)
+        after = "; ".join(link.stuck.values())
+        if after != before:
+            self.io.emit("peer.slow", name, after)
+
+    def fanout_info(self, name: str) -> dict[str, Any]:
+        """(any thread) ``slow``, ``dropped`` and ``queued`` of a joined peer's mirrored
+        frames (ints and a bool, read as they are: the I/O thread writes them)."""
+        fanout = self.fanout
+        return fanout.info(name) if fanout is not None else {}
 
     def peers(self) -> dict[str, dict[str, Any]]:
         with self.lock:
@@ -427,6 +516,14 @@ class HubSession:
                 link.send(hb)
                 if not link.connected:
                     continue
+            if link.acked_at:
+                if now - link.acked_at >= self.cfg.send_timeout:
+                    link.acked_at = 0.0
+                    self._stuck(link.name, "cmd", f"{link.desired} not applied "
+                                f"{self.cfg.send_timeout:g}s after the command was received "
+                                "(its main thread does not answer)")
+                else:
+                    next_tick = min(next_tick, link.acked_at + self.cfg.send_timeout)
             if link.pending:
                 if now >= link.next_send:
                     self.stats.cmd_retries += 1

@@ -225,7 +225,7 @@ class IOThread:
         self._ctx = zmq.Context()
         session = self.session
         # control: the session's; data_in: mirrored frames in (None: nothing to read);
-        # data_out: frames out; subs: the hub's XPUB, read for subscription messages
+        # data_out: frames out (the hub: its Fanout); subs: the hub's 'down' ROUTER, drained
         self.control, self.data_in, self.data_out, self.subs = session.open(self)
         poller = self._poller = zmq.Poller()
         for mon in self._monitors:
@@ -260,7 +260,8 @@ class IOThread:
         calls = self.calls
         if now >= self.next_tick:
             session.tick(now)
-        if outbox.pending or now < outbox.streaming_until:
+        ready = session.data_ready()  # a peer sends nothing up before the hub knows it
+        if ready and (outbox.pending or now < outbox.streaming_until):
             # A stream is flowing (or a send is blocked): look again within 1 ms without
             # asking publishers to wake us. Waking costs them a syscall that also hands us
             # the GIL after every message, which would shrink batches to a few messages.
@@ -269,7 +270,7 @@ class IOThread:
             nt = self.next_tick
             timeout = -1 if nt == NEVER else max(0, int((nt - now) * 1000) + 1)
             self.sleeping = True  # from here on publishers wake us; then re-check the queues
-            if calls or session.has_work() or outbox.out or outbox.logs:
+            if calls or session.has_work() or (ready and (outbox.out or outbox.logs)):
                 timeout = 0
             elif not self._reading_data and not 0 <= timeout <= PAUSED_POLL_MS:
                 timeout = PAUSED_POLL_MS  # the dispatch thread wakes us; this is a backstop
@@ -282,7 +283,7 @@ class IOThread:
                 self._recv_control()
             elif sock is self.data_in:
                 self._recv_data()
-            elif sock is self.subs:  # hub XPUB: subscription messages, nothing to do
+            elif sock is self.subs:  # hub 'down': peers send nothing there; drained
                 self._drain(sock)
             elif sock in self._monitors:
                 self._recv_monitor(sock)
@@ -291,7 +292,8 @@ class IOThread:
         if calls:
             calls.run_due()
         session.before_flush()
-        outbox.flush(self.data_out)
+        if ready or session.data_ready():
+            outbox.flush(self.data_out)
         self.stats.fold()
         self._set_data_reading(
             self.dispatcher.backlog < DISPATCH_BACKLOG and len(outbox.pending) < PENDING_FRAMES
@@ -333,6 +335,8 @@ class IOThread:
         st = self.stats
         disp = self.dispatcher
         outbox = self.outbox
+        session = self.session
+        parts = session.DATA_PARTS
         for _ in range(64):
             if disp.put_count - disp.done >= DISPATCH_BACKLOG or \
                     len(outbox.pending) >= PENDING_FRAMES:
@@ -342,10 +346,10 @@ class IOThread:
             except zmq.Again:
                 return
             st.frames_in += 1
-            if len(frames) != 1:
+            if len(frames) != parts:
                 self.invalid("frames", f"data message of {len(frames)} frames")
                 continue
-            frame = frames[0]
+            frame = frames[-1]
             if frame.startswith(self._own_prefix, 1):
                 st.own_skipped += 1
                 continue  # our own publishes, relayed by the hub to everyone: never echo
@@ -354,9 +358,11 @@ class IOThread:
             except wire.WireError as exc:
                 self.invalid(exc.reason, str(exc))
                 continue
+            if parts == 2 and not session.from_peer(frames[0], kind, msg):
+                continue  # (hub) not what the connection it came on may say: counted
             if kind == "pub":
                 self._recv_pub(frame, msg)
-            elif not self.session.on_data(kind, msg):
+            elif not session.on_data(kind, msg):
                 where = "up" if self._hub else "down"
                 self.invalid("unexpected", f"{kind!r} frame on the {where} socket")
 

@@ -185,13 +185,18 @@ class Outbox:
             st.logs_sent += len(batch)
             pending.append((wire.encode_logs(self.name, batch), 0))
 
-    def flush(self, sock: zmq.Socket) -> None:
-        """Build frames from what is queued and send what ``sock`` takes now."""
+    def flush(self, sock: Any) -> None:
+        """Build frames from what is queued and send what ``sock`` takes now (the hub: hand
+        them all to its :class:`~multibus.transport.fanout.Fanout`)."""
         if self.out or self.logs:
             self._build_frames()
             self.streaming_until = time.monotonic() + 0.02
         pending = self.pending
         if not pending:
+            return
+        if self.hub:  # the hub's Fanout (fanout.py): per-peer queues, it never blocks
+            while pending:
+                sock.deliver(*pending.popleft())
             return
         st = self.stats
         while pending:
@@ -220,7 +225,7 @@ class Outbox:
             self.pending_since = 0.0
             st.frames_out += 1
 
-    def flush_until(self, sock: zmq.Socket, deadline: float) -> None:
+    def flush_until(self, sock: Any, deadline: float) -> None:
         """(closing) Send what is queued until ``deadline``."""
         while (self.out or self.logs or self.pending) and time.monotonic() < deadline:
             self.flush(sock)

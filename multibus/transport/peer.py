@@ -1,7 +1,8 @@
 """The peer's session: hello until welcomed, commands in, state reports and logs out, hub lost.
 
-A peer connects a DEALER (routing id = its name) to the hub's ROUTER, a PUSH to 'up' and, if
-it mirrors channels, a SUB to 'down'. It says hello when the control handshake succeeds (and
+A peer connects a DEALER (routing id = its name) to the hub's ROUTER, one to 'up' and, if
+it mirrors channels, a second DEALER (same routing id) to the hub's 'down' ROUTER.
+It says hello when the control handshake succeeds (and
 again until welcomed, or when the hub says 'who'); acks each command on receipt and hands it
 to the :class:`~multibus.transport.applier.Applier`, once per (epoch, seq); reports each state
 change of its bus and each command that failed in it; and forwards its 'log' records
@@ -32,6 +33,7 @@ class PeerSession:
     """The peer's half of the protocol (see the module docstring)."""
 
     CONTROL_PARTS = 1  # DEALER: the frame
+    DATA_PARTS = 1
 
     def __init__(self, cfg: Any, io: Any, applier: Applier) -> None:
         self.cfg = cfg
@@ -63,10 +65,12 @@ class PeerSession:
         # failures); two more monitors would cost every worker start and exit.
         down = None  # no channels: nothing to read downstream
         if self.cfg.channels:
-            down = io.make_socket(zmq.SUB, "down", monitor=False)
+            # the hub's 'down' is a ROUTER that sends to each peer by name (fanout.py)
+            down = io.make_socket(zmq.DEALER, "down", monitor=False)
+            down.routing_id = self.name.encode()
             down.rcvhwm = DATA_HWM
-            down.setsockopt(zmq.SUBSCRIBE, b"")
-        up = io.make_socket(zmq.PUSH, "up", monitor=False)
+        up = io.make_socket(zmq.DEALER, "up", monitor=False)  # the hub's ROUTER: origin
+        up.routing_id = self.name.encode()
         up.sndhwm = DATA_HWM
         control.connect(ep.control)
         if down is not None:
@@ -109,6 +113,11 @@ class PeerSession:
             self.io.wake()
 
     # ---------------------------------------------------------------- I/O thread
+
+    def data_ready(self) -> bool:
+        """Publishes and logs go up only once welcomed: the hub takes a frame on 'up' only
+        from a connection naming a peer it knows (``HubSession.from_peer``)."""
+        return self._welcomed
 
     def has_work(self) -> bool:
         return bool(self._states) or bool(self._failures and self._welcomed)
@@ -196,8 +205,10 @@ class PeerSession:
     def _send_hello(self) -> None:
         self._next_hello = t = time.monotonic() + self.retry
         self.io.timer_at(t)  # retried until welcomed
+        proof = {"secret": self.cfg.secret} if self.cfg.secret else {}
         self._send(wire.encode("hello", name=self.name, pid=os.getpid(), epoch=self.cfg.epoch,
-                               state=wire_state(self.bus.state), down=bool(self.cfg.channels)))
+                               state=wire_state(self.bus.state), down=bool(self.cfg.channels),
+                               **proof))
 
     def _hub_lost(self, reason: str) -> None:
         self._welcomed = False

@@ -34,6 +34,8 @@ COUNTERS = (
     "own_skipped",  # our own publishes relayed back by the hub
     "retries",  # data sends that found the socket full
     "dropped",  # mirrored messages dropped after send_timeout
+    "peer_dropped",  # (hub) mirrored messages dropped for slow peers (fanout.py)
+    "slow_peers",  # (hub) slow episodes: a peer not reading its mirrored messages
     "refused",  # publishes that could not be packed (raised in the publisher)
     "control_blocked",  # control frames the socket would not take
     "cmd_sent",

@@ -100,6 +100,11 @@ def _error(v: object) -> bool:
     return type(v) is str and len(v) <= MAX_ERROR
 
 
+def _secret(v: object) -> bool:
+    """A peer's proof of who it is: the secret its spawner gave it (hex, at most 64)."""
+    return type(v) is str and 0 < len(v) <= 64
+
+
 def _pid(v: object) -> bool:
     return type(v) is int and 0 < v < (1 << 32)
 
@@ -170,14 +175,21 @@ SCHEMAS: dict[str, dict[str, _Validator]] = {
     "welcome": {"name": valid_name, "epoch": _u64, "graceful": _u64, "max_message": _max_message},
     "cmd": {"epoch": _u64, "seq": _u64, "state": _desired, "graceful": _u64},
     "who": {},  # "I do not know you (any more): say hello"
-    # down (hub XPUB -> peer SUB)
+    # down (hub ROUTER -> peer DEALER)
     "sync": {"target": valid_name, "token": _u64},
     # up and down: mirrored publishes; up only: log records
     "pub": {"origin": valid_name, "epoch": _u64, "seq": _u64, "runs": _runs},
     "log": {"origin": valid_name, "msgs": _logs},
 }
+#: kind -> {field: validator} of the fields a frame may leave out (older peers do).
+OPTIONAL: dict[str, dict[str, _Validator]] = {
+    # the secret a supervisor gave the worker it spawned (issue 14): a hub that expects one
+    # for this name refuses a hello without it
+    "hello": {"secret": _secret},
+}
 _KEYS = {kind: frozenset(schema) | {"v", "k"} for kind, schema in SCHEMAS.items()}
 _ITEMS = {kind: tuple(schema.items()) for kind, schema in SCHEMAS.items()}
+_OPTIONAL = {kind: OPTIONAL.get(kind, {}) for kind in SCHEMAS}
 
 
 def _refuse_ext(code: int, data: bytes) -> object:
@@ -217,12 +229,21 @@ def decode(frame: bytes, max_message: int = MAX_MESSAGE) -> tuple[str, dict[str,
     items = _ITEMS.get(kind) if type(kind) is str else None
     if items is None:
         raise WireError("kind", f"unknown kind {kind!r}"[:200])
-    if msg.keys() != _KEYS[kind]:
+    if msg.keys() != _KEYS[kind] and not _optional_ok(kind, msg):
         raise WireError("schema", f"{kind}: keys {sorted(msg)!r}"[:200])
     for key, ok in items:
         if not ok(msg[key]):
             raise WireError("schema", f"{kind}: bad {key!r}")
     return kind, msg
+
+
+def _optional_ok(kind: str, fields: dict[str, Any]) -> bool:
+    """``fields`` has the kind's keys plus valid optional ones only."""
+    optional = _OPTIONAL[kind]
+    extra = fields.keys() - _KEYS[kind]
+    return (bool(optional) and _KEYS[kind] <= fields.keys() | {"v", "k"}
+            and extra <= optional.keys()
+            and all(optional[key](fields[key]) for key in extra))
 
 
 def encode(kind: str, **fields: Any) -> bytes:
@@ -231,7 +252,7 @@ def encode(kind: str, **fields: Any) -> bytes:
     items = _ITEMS.get(kind)
     if items is None:
         raise ValueError(f"unknown frame kind {kind!r}")
-    if fields.keys() != SCHEMAS[kind].keys():
+    if fields.keys() != SCHEMAS[kind].keys() and not _optional_ok(kind, fields):
         raise ValueError(f"{kind} frame needs fields {sorted(SCHEMAS[kind])}, got {sorted(fields)}")
     for key, ok in items:
         if not ok(fields[key]):

@@ -118,3 +118,40 @@ def logs_in_body(bus) -> None:
 def never_returns(bus) -> None:
     """A target that does its work itself instead of returning (the mistake)."""
     threading.Event().wait()
+
+
+def order_bank(bus) -> None:
+    """Publishes $MB_ORDERS orders (1 KiB each) every 5 ms on the mirrored 'order' channel."""
+    from multibus.plugins import Monitor
+
+    n = int(os.environ.get("MB_ORDERS", "20"))
+    count = iter(range(1 << 62))
+    pad = "x" * 1024
+
+    def place() -> None:
+        for _ in range(n):
+            bus.publish("order", next(count), pad)
+
+    Monitor(bus, place, frequency=0.005, name="orders").subscribe()
+
+
+def order_broker(bus) -> None:
+    """Counts the orders it receives; logs 'orders N' every 1000."""
+    got = [0]
+
+    def on_order(i, pad) -> None:
+        got[0] += 1
+        if got[0] % 1000 == 0:
+            bus.log(f"orders {got[0]}")
+
+    bus.subscribe("order", on_order)
+
+
+def order_stuck(bus) -> None:
+    """Its 'order' listener blocks forever: its bridge's dispatch thread never returns."""
+    bus.subscribe("order", lambda *a: threading.Event().wait())
+
+
+def secret_probe(bus) -> None:
+    """Logs whether its supervisor's secret is still in its environment (it must not be)."""
+    bus.log(f"secret in env: {'MULTIBUS_SECRET' in os.environ}")
