@@ -57,6 +57,7 @@ PRELOAD = ("multibus.worker", "multibus.fastexit", "multibus.bus", "multibus.tra
 MAX_MESSAGE = 1 << 20
 EXIT_UNSAFE = 4
 EXIT_WORKER_SETUP = 70
+WINDOW = 16  # fork requests in flight (each holds 2 pipe fds until answered)
 READY_TIMEOUT = 5.0  # seconds the zygote gets to preload before workers are exec'd instead
 REPLY_TIMEOUT = 10.0
 
@@ -514,6 +515,34 @@ class ZygoteClient:
               cwd: str | None) -> Any:
         """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it
         (:attr:`failure` says why)."""
+        child, self.failure = self.spawn_many([(name, args, env, cwd)])[0]
+        return child
+
+    def spawn_many(self, requests: list[tuple[str, list[str], dict[str, str], str | None]],
+                   window: int = WINDOW) -> list[tuple[Any, str]]:
+        """Fork a worker for each ``(name, args, env, cwd)``, pipelined: up to ``window``
+        requests are in flight, so the zygote forks the next while we register the last.
+        One ``(child, failure)`` per request, in order; child None: exec it, failure why."""
+        out: list[tuple[Any, str]] = []
+        sent: list[tuple[str, Any]] = []  # (name, what _collect needs), oldest first
+        for req in requests:
+            while len(sent) >= window:
+                out.append(self._collect(*sent.pop(0)))
+            pending = self._request(*req)
+            if pending is None:
+                while sent:  # replies come in order: drain before answering this one
+                    out.append(self._collect(*sent.pop(0)))
+                out.append((None, self.failure))
+            else:
+                sent.append((req[0], pending))
+        while sent:
+            out.append(self._collect(*sent.pop(0)))
+        return out
+
+    def _request(self, name: str, args: list[str], env: dict[str, str],
+                 cwd: str | None) -> tuple[int, int, list[str]] | None:
+        """Send one fork request: (stdout fd, stderr fd, argv) to collect, or None (exec:
+        :attr:`failure` says why)."""
         if self.dead or self.sock is None:
             self.failure = "zygote unavailable"
             return None
@@ -533,30 +562,37 @@ class ZygoteClient:
             self.ready = True
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        argv = [self.python, "-m", "multibus.worker", *args]
+        req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
+               "rlimits": state["rlimits"], "orig_argv": argv}
         try:
-            req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
-                   "rlimits": state["rlimits"],
-                   "orig_argv": [self.python, "-m", "multibus.worker", *args]}
-            try:
-                socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
-            except OSError as e:
-                self._fail(f"cannot send a request: {e}")
-                return None
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            reply = self._recv(REPLY_TIMEOUT)
+            self.sock.settimeout(REPLY_TIMEOUT)
+            socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
+        except OSError as e:
+            os.close(out_r)
+            os.close(err_r)
+            self._fail(f"cannot send a request: {e}")
+            return None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return out_r, err_r, argv
+
+    def _collect(self, name: str, pending: tuple[int, int, list[str]]) -> tuple[Any, str]:
+        """The zygote's answer to a request :meth:`_request` sent: (child, '') or (None,
+        why it must be exec'd)."""
+        out_r, err_r, argv = pending
+        try:
+            reply = None if self.sock is None else self._recv(REPLY_TIMEOUT)
             if reply is None:
-                return None
+                return None, "zygote unavailable"
             if "pid" not in reply:
                 self.log(f"zygote could not fork {name}: {reply.get('error')}; exec'ing it", 30)
-                self.failure = "the zygote could not fork it"
-                return None
+                return None, "the zygote could not fork it"
             proc = ForkedProcess(int(reply["pid"]), os.fdopen(out_r, "rb"),
-                                 os.fdopen(err_r, "rb"),
-                                 [self.python, "-m", "multibus.worker", *args])
+                                 os.fdopen(err_r, "rb"), argv)
             out_r = err_r = -1
-            return self.procs.register(name, proc)
+            return self.procs.register(name, proc), ""
         finally:
             for fd in (out_r, err_r):
                 if fd >= 0:
