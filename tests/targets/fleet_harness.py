@@ -3,7 +3,7 @@
 Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
        [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T]
        [--backoff FIRST,CAP] [--env K=V] [--exec] [--zygote-preload M] [--cwd DIR]
-       [--umask OCTAL] [--nofile SOFT]
+       [--umask OCTAL] [--nofile SOFT] [--no-table]
 Runs the fleet with ``run_fleet`` (as ``multibus run`` does: same signals, same exit codes).
 Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
 "FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
@@ -54,6 +54,8 @@ def main() -> int:
     ap.add_argument("--cwd", default=None, help="the workers' working directory")
     ap.add_argument("--umask", default=None, help="set when the fleet starts (after the zygote)")
     ap.add_argument("--nofile", type=int, default=None, help="RLIMIT_NOFILE soft limit, ditto")
+    ap.add_argument("--no-table", action="store_true",
+                    help="no WORKERS lines (a large fleet's table at every change)")
     a = ap.parse_args()
     lock = threading.Lock()
 
@@ -69,7 +71,8 @@ def main() -> int:
     def on_log(msg: str, level: int = 20) -> None:
         emit(f"LOG {level} {msg}" + (f"  @{time.monotonic() - t0:.3f}" if stamp else ""))
 
-    bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
+    if not a.no_table:
+        bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
 
     def set_limits() -> None:
         """What a supervisor may change after it started its zygote: workers get it too."""

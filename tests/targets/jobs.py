@@ -85,6 +85,21 @@ def chatty_exit(bus) -> None:
     bus.subscribe("start", start)
 
 
+def numbered_lines(bus) -> None:
+    """Prints 'line 0' .. 'line 1999' on stdout once started, then keeps running."""
+
+    def start() -> None:
+        def go() -> None:
+            w = sys.stdout.write
+            for i in range(2000):
+                w(f"line {i}\n")
+            sys.stdout.flush()
+
+        threading.Thread(target=go, daemon=True).start()
+
+    bus.subscribe("start", start)
+
+
 def chatty_on_exit(bus) -> None:
     """Prints 10,000 lines in its 'exit' listener, just before the process exits."""
 
