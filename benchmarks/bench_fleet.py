@@ -1,7 +1,8 @@
 """Fleet benchmark: multibus Supervisor vs Circus 0.19 vs a bare Popen script.
 
     python benchmarks/bench_fleet.py [--sizes 1,10,50,200,1000] [--idle 20] [--respawns 5]
-                                     [--repeat 3] [--exec-max 200] [--no-circus] [--no-exec]
+                                     [--repeat 3] [--exec-max 200] [--mb-exec-max 50]
+                                     [--no-circus] [--no-exec]
                                      [--no-logs]
 
 "multibus" forks workers from a zygote (the default) that preloaded their module (``Supervisor(
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec-max", type=int, default=200,
                     help="largest fleet for Circus, bare and mb-exec (exec'ing 1,000 "
                          "interpreters takes over a minute on 2 cores)")
+    ap.add_argument("--mb-exec-max", type=int, default=50,
+                    help="largest fleet for mb-exec (200 exec'd workers need more than the "
+                         "default start_timeout on a loaded 2-core machine)")
     ap.add_argument("--no-circus", action="store_true")
     ap.add_argument("--no-exec", action="store_true", help="skip multibus without zygote")
     ap.add_argument("--no-logs", action="store_true", help="skip the log throughput run")
@@ -380,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, str], list[float]] = {}
     for n, rnd, system in ((n, r, s) for n in sizes for r in range(args.repeat)
                            for s in systems):
-        if system != "multibus" and n > args.exec_max:
+        if (system != "multibus" and n > args.exec_max) or (
+                system == "mb-exec" and n > args.mb_exec_max):
             continue
         run = Run(system, n)
         probe = None
@@ -426,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                 if times:
                     results[(system, "respawn")] = statistics.median(times)
             samples.setdefault((system, f"stop{n}"), []).append(run.stop())
+        except RuntimeError as e:  # one failed launch is reported, the others still run
+            print(f"{system:9s} N={n:<4d} FAILED: {e}", flush=True)
+            samples.setdefault((system, f"failed{n}"), []).append(1)
+            continue
         finally:
             if probe is not None:
                 probe.stop()
