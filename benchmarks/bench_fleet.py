@@ -1,10 +1,13 @@
 """Fleet benchmark: multibus Supervisor vs Circus 0.19 vs a bare Popen script.
 
-    python benchmarks/bench_fleet.py [--sizes 1,10,50] [--idle 20] [--respawns 5] [--repeat 5]
+    python benchmarks/bench_fleet.py [--sizes 1,10,50,200,1000] [--idle 20] [--respawns 5]
+                                     [--repeat 3] [--exec-max 200] [--mb-exec-max 50]
                                      [--no-circus] [--no-exec]
+                                     [--no-logs]
 
 "multibus" forks workers from a zygote (the default) that preloaded their module (``Supervisor(
-zygote_preload=["bench_fleet"])``); "mb-exec" execs each.
+zygote_preload=["bench_fleet"])``); "mb-exec" execs each. Circus, bare and mb-exec run up to
+``--exec-max`` workers. The multibus supervisor also runs a Control, as ``multibus run`` does.
 
 Measured for each system; ready and stop are the median of ``--repeat`` launches, the
 systems taking turns (idle and respawn: the first launch of 10):
@@ -13,12 +16,18 @@ systems taking turns (idle and respawn: the first launch of 10):
   reported STARTED through the bridge). Circus / bare: every worker wrote ``ready <pid>`` to a
   FIFO after building and starting a multibus Bus (same imports minus the bridge).
 * stop: SIGINT to the supervisor -> supervisor exited and every worker reaped.
+* ready/stop_ms_per_worker: the slope between the two largest sizes a system ran.
+* rss_mb, fds: the supervisor's, once the fleet is ready.
+* status_max_during_start: the slowest ``multibus status`` answer while the fleet starts.
 * idle (10 workers, ``--idle`` s): supervisor CPU time and context switches per second, all
   threads (``/proc/PID/task/*/status`` voluntary + nonvoluntary).
 * respawn (10 workers): SIGKILL one worker -> its replacement ready (median of ``--respawns``).
+* log_lines_per_s: 50 workers print 20,000 numbered lines each; the supervisor writes them to
+  a file (multibus: the LogPrinter of ``multibus run``; Circus: its stream redirector to a
+  FileStream); first to last line seen in the file, with lines lost and out of order per worker.
 
-Targets (printed as ratios ours/circus): ready(N=50) <= 1.0; stop <= 0.5; idle wake-ups
-<= 0.2/s; respawn ratio <= 0.1. Circus is the ``bench`` extra (``pip install circus==0.19.0``).
+Targets (issue 18) are checked at the end. Circus is the ``bench`` extra
+(``pip install circus==0.19.0``).
 """
 
 from __future__ import annotations
@@ -34,6 +43,35 @@ ROOT = os.path.dirname(HERE)
 
 def idle(bus) -> None:
     """multibus worker target: nothing to do."""
+
+
+LINES = 20000  # lines each worker prints in the log throughput run
+
+
+def _print_lines(tag: str) -> None:
+    out = sys.stdout
+    for i in range(LINES):
+        out.write(f"{tag} {i}\n")
+    out.flush()
+
+
+def printer(bus) -> None:
+    """multibus worker target: print LINES numbered lines once started (from a thread, as a
+    target subscribes and returns)."""
+    import threading
+
+    bus.subscribe("start", lambda: threading.Thread(
+        target=_print_lines, args=(f"p{os.getpid()}",), daemon=True).start())
+
+
+def _plain_printer() -> None:
+    """A Circus worker of the log run: print LINES numbered lines, sleep until killed."""
+    import signal
+
+    _print_lines(f"p{os.getpid()}")
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(0))
+    while True:
+        signal.pause()
 
 
 def _plain_worker(fifo: str) -> None:
@@ -79,10 +117,14 @@ def _bare(n: int, fifo: str) -> None:
             p.wait()
 
 
-def _supervise(n: int, name: str, zygote: bool = True) -> int:
+def _supervise(n: int, name: str, zygote: bool = True, target: str = "idle",
+               logfile: str | None = None) -> int:
+    """A supervisor as ``multibus run`` makes it: Supervisor + Control (``multibus status``
+    answers), worker output to ``logfile`` through the LogPrinter if given."""
     import threading
 
     from multibus.bus import Bus
+    from multibus.control import Control
     from multibus.supervisor import Supervisor, WorkerSpec
 
     lock = threading.Lock()
@@ -104,19 +146,30 @@ def _supervise(n: int, name: str, zygote: bool = True) -> int:
             emit(f"ready {pid}")
 
     bus.subscribe("peer.state", on_state)
-    spec = WorkerSpec(name="b", target="bench_fleet:idle", count=n,
+    printer = None
+    if logfile:
+        from multibus.logprinter import LogPrinter
+
+        printer = LogPrinter(20, "text", open(logfile, "w"), max_queue=10000).start()  # noqa: SIM115
+        bus.subscribe("log", printer)
+    spec = WorkerSpec(name="b", target=f"bench_fleet:{target}", count=n,
                       env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])})
     # the zygote (the default) imports the worker code once (as a forkserver user would ask
     # it to); mb-exec opts out
     opts = {"zygote_preload": ["bench_fleet"]} if zygote else {"zygote": False}
     sup = Supervisor(bus, [spec], name=name, pidfile=False, **opts)
     sup.subscribe()
+    Control(bus, sup, name=name).subscribe()
+    emit("CONTROL")
     try:
         bus.start()
         emit("READY")
         bus.block()
     except KeyboardInterrupt:
         bus.exit()
+    if printer is not None:
+        printer.close()
+        emit(f"DROPPED {printer.dropped}")
     return sup.exit_code
 
 
@@ -127,25 +180,34 @@ MB = ("multibus", "mb-exec")  # workers forked from a zygote / each one exec'd
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    import re
     import select
     import shutil
     import signal
     import statistics
     import subprocess
     import tempfile
+    import threading
     import time
 
     import psutil
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="1,10,50")
+    ap.add_argument("--sizes", default="1,10,50,200,1000")
     ap.add_argument("--idle", type=float, default=20.0)
     ap.add_argument("--respawns", type=int, default=5)
-    ap.add_argument("--repeat", type=int, default=5,
+    ap.add_argument("--repeat", type=int, default=3,
                     help="launch/stop each fleet this many times, systems interleaved; report "
                          "the median (one sample each is at the mercy of a noisy machine)")
+    ap.add_argument("--exec-max", type=int, default=200,
+                    help="largest fleet for Circus, bare and mb-exec (exec'ing 1,000 "
+                         "interpreters takes over a minute on 2 cores)")
+    ap.add_argument("--mb-exec-max", type=int, default=50,
+                    help="largest fleet for mb-exec (200 exec'd workers need more than the "
+                         "default start_timeout on a loaded 2-core machine)")
     ap.add_argument("--no-circus", action="store_true")
     ap.add_argument("--no-exec", action="store_true", help="skip multibus without zygote")
+    ap.add_argument("--no-logs", action="store_true", help="skip the log throughput run")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="bench-fleet-")
@@ -156,9 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     class Run:
-        """One launched system: its process, and a way to learn about worker readiness."""
+        """One launched system: its process, and a way to learn about worker readiness.
+        ``logfile``: its workers print LINES lines each, written there by the supervisor."""
 
-        def __init__(self, system: str, n: int) -> None:
+        def __init__(self, system: str, n: int, logfile: str | None = None) -> None:
             self.system, self.n = system, n
             self.fifo = os.path.join(tmp, f"{system}-{n}.fifo")
             if os.path.exists(self.fifo):
@@ -168,10 +231,13 @@ def main(argv: list[str] | None = None) -> int:
             self.wfd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # never EOF
             self.buf = b""
             self.ready: dict[int, float] = {}  # pid -> when its ready line arrived
+            self.notes: list[str] = []  # other lines of a multibus supervisor
             self.t0 = time.monotonic()
+            self.name = f"bench{n}-{os.getpid()}"
             if system in MB:
                 cmd = [sys.executable, os.path.abspath(__file__), "_supervise", str(n),
-                       f"bench{n}-{os.getpid()}", "zygote" if system == "multibus" else "exec"]
+                       self.name, "zygote" if system == "multibus" else "exec"]
+                cmd += ["printer", logfile] if logfile else []
                 self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                              stdin=subprocess.DEVNULL)
                 self.src = self.proc.stdout.fileno()
@@ -181,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                 self.src = self.rfd
             else:
                 ini = os.path.join(tmp, f"circus-{n}.ini")
+                cmd = ([sys.executable, os.path.abspath(__file__), "_printer"] if logfile
+                       else _plain_argv(self.fifo))
+                stream = (f"stdout_stream.class = FileStream\n"
+                          f"stdout_stream.filename = {logfile}\n" if logfile else "")
                 with open(ini, "w") as f:
                     f.write(
                         "[circus]\n"
@@ -188,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"pubsub_endpoint = ipc://{tmp}/c{n}.pub\n"
                         "statsd = False\n"
                         "[watcher:w]\n"
-                        f"cmd = {' '.join(_plain_argv(self.fifo))}\n"
+                        f"cmd = {' '.join(cmd)}\n"
                         f"numprocesses = {n}\n"
-                        "copy_env = True\n"
+                        "copy_env = True\n" + stream
                     )
                 self.proc = subprocess.Popen([circus, ini], env=env, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL,
@@ -211,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                     self.ready[int(text.split()[1])] = now
                 elif text == "READY":
                     self.ready[-1] = now
+                else:
+                    self.notes.append(text)
 
-        def wait_until(self, pred, timeout: float = 60.0) -> float:
+        def wait_until(self, pred, timeout: float = 120.0) -> float:
             deadline = time.monotonic() + timeout
             while not pred():
                 if time.monotonic() > deadline:
@@ -242,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                 if self.src == self.rfd:
                     self.proc.wait(60)
                 else:  # keep reading its stdout, or it blocks on a full pipe
-                    r, _, _ = select.select([self.src], [], [], 1.0)
+                    self.pump(1.0)
+                    r, _, _ = select.select([self.src], [], [], 0)
                     if r and not os.read(self.src, 1 << 20):
                         self.proc.wait(60)
             while any(_alive(p) for p in pids) and time.monotonic() - t < 30:
@@ -255,6 +328,33 @@ def main(argv: list[str] | None = None) -> int:
                 self.proc.wait()
             os.close(self.rfd)
             os.close(self.wfd)
+
+    class StatusProbe:
+        """Ask a multibus supervisor for ``status`` over and over while its fleet starts
+        (its Control answers once it said CONTROL); keeps each answer's latency."""
+
+        def __init__(self, run: Run) -> None:
+            from multibus.control import ControlClient
+
+            self.client = ControlClient(run.name, timeout=10.0)
+            self.run, self.latencies = run, []
+            self.done = threading.Event()
+            self.thread = threading.Thread(target=self._loop, daemon=True)
+
+        def _loop(self) -> None:
+            end = time.monotonic() + 120
+            while not self.done.is_set() and time.monotonic() < end:
+                t = time.monotonic()
+                try:
+                    self.client.status()
+                except Exception:  # noqa: BLE001 - not up yet, or gone: try again
+                    self.done.wait(0.02)
+                    continue
+                self.latencies.append(time.monotonic() - t)
+
+        def stop(self) -> None:
+            self.done.set()
+            self.thread.join(15)
 
     def _alive(pid: int) -> bool:
         try:
@@ -284,9 +384,25 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, str], list[float]] = {}
     for n, rnd, system in ((n, r, s) for n in sizes for r in range(args.repeat)
                            for s in systems):
+        if (system != "multibus" and n > args.exec_max) or (
+                system == "mb-exec" and n > args.mb_exec_max):
+            continue
         run = Run(system, n)
+        probe = None
         try:
+            if system == "multibus":
+                run.wait_until(lambda r=run: "CONTROL" in r.notes)
+                probe = StatusProbe(run)
+                probe.thread.start()
             samples.setdefault((system, f"ready{n}"), []).append(run.wait_until(run.all_ready))
+            if probe is not None:
+                probe.stop()
+                if probe.latencies:
+                    samples.setdefault((system, f"status_max_during_start{n}"), []).append(
+                        max(probe.latencies))
+            sp = psutil.Process(run.proc.pid)
+            samples.setdefault((system, f"rss_mb{n}"), []).append(sp.memory_info().rss / 2**20)
+            samples.setdefault((system, f"fds{n}"), []).append(sp.num_fds())
             # let the fleet settle (circus keeps starting its own machinery)
             end = time.monotonic() + 0.5
             while time.monotonic() < end:
@@ -315,41 +431,115 @@ def main(argv: list[str] | None = None) -> int:
                 if times:
                     results[(system, "respawn")] = statistics.median(times)
             samples.setdefault((system, f"stop{n}"), []).append(run.stop())
+        except RuntimeError as e:  # one failed launch is reported, the others still run
+            print(f"{system:9s} N={n:<4d} FAILED: {e}", flush=True)
+            samples.setdefault((system, f"failed{n}"), []).append(1)
+            continue
         finally:
+            if probe is not None:
+                probe.stop()
             run.close()
-        print(f"{system:9s} N={n:<3d} ready {samples[(system, f'ready{n}')][-1]:.3f}s  "
+        print(f"{system:9s} N={n:<4d} ready {samples[(system, f'ready{n}')][-1]:.3f}s  "
               f"stop {samples[(system, f'stop{n}')][-1]:.3f}s", flush=True)
     for key, values in samples.items():
         results[key] = statistics.median(values)
+    for system in systems:  # the slope: seconds per worker between the two largest sizes
+        ran = sorted(n for n in sizes if (system, f"ready{n}") in results)
+        if len(ran) >= 2:
+            lo, hi = ran[-2], ran[-1]
+            for what in ("ready", "stop"):
+                results[(system, f"{what}_ms_per_worker")] = 1e3 * (
+                    results[(system, f"{what}{hi}")] - results[(system, f"{what}{lo}")]) / (hi - lo)
+
+    if not args.no_logs:
+        line_re = re.compile(rb"p(\d+) (\d+)$")
+        for system in ["multibus"] + ([] if circus is None else ["circus"]):
+            logfile = os.path.join(tmp, f"{system}.log")
+            open(logfile, "w").close()
+            run = Run(system, 50, logfile)
+            want = 50 * LINES
+            last: dict[bytes, int] = {}
+            got = disorder = 0
+            first = end = None
+            try:
+                with open(logfile, "rb") as f:
+                    buf = b""
+                    deadline = time.monotonic() + 180
+                    while got < want and time.monotonic() < deadline:
+                        run.pump(0.05)
+                        data = f.read()
+                        if not data:
+                            continue
+                        now = time.monotonic()
+                        buf += data
+                        *lines, buf = buf.split(b"\n")
+                        for line in lines:
+                            m = line_re.search(line)
+                            if m is None:
+                                continue
+                            first = first or now
+                            end = now
+                            got += 1
+                            tag, i = m.group(1), int(m.group(2))
+                            disorder += i != last.get(tag, -1) + 1
+                            last[tag] = i
+                run.stop()
+            finally:
+                run.close()
+            dropped = next((int(x.split()[1]) for x in run.notes if x.startswith("DROPPED")), 0)
+            rate = got / (end - first) if first and end and end > first else 0.0
+            results[(system, "log_lines_per_s")] = rate
+            results[(system, "log_lines_lost")] = want - got
+            results[(system, "log_out_of_order")] = disorder
+            results[(system, "log_dropped_counted")] = dropped
+            print(f"{system:9s} logs: {got}/{want} lines, {rate:,.0f}/s, {disorder} out of "
+                  f"order, {dropped} dropped (counted)", flush=True)
 
     keys = sorted({k for _, k in results}, key=lambda k: (k.rstrip("0123456789"), len(k), k))
     print()
-    header = f"{'metric':20s}" + "".join(f"{s:>12s}" for s in systems)
+    header = f"{'metric':26s}" + "".join(f"{s:>12s}" for s in systems)
     if circus:
         header += f"{'mb/circus':>11s}"
     print(header)
     for k in keys:
-        row = f"{k:20s}" + "".join(
+        row = f"{k:26s}" + "".join(
             f"{results[(s, k)]:12.4f}" if (s, k) in results else f"{'-':>12s}" for s in systems)
-        if circus and ("circus", k) in results and results[("circus", k)]:
+        if circus and ("circus", k) in results and results[("circus", k)] \
+                and ("multibus", k) in results:
             row += f"{results[('multibus', k)] / results[('circus', k)]:11.3f}"
         print(row)
-    if circus:
-        def ratio(k: str) -> float:
-            return results[("multibus", k)] / results[("circus", k)]
 
-        checks = []
-        if 50 in sizes:
-            checks.append(("ready N=50 <= circus", ratio("ready50") <= 1.0))
-            checks.append(("stop N=50 <= half of circus", ratio("stop50") <= 0.5))
-        if 10 in sizes:
-            checks.append(("idle wake-ups <= 0.2/s",
-                           results[("multibus", "idle_wakeups_per_s")] <= 0.2))
-            if ("multibus", "respawn") in results and ("circus", "respawn") in results:
-                checks.append(("respawn >= 10x faster than circus", ratio("respawn") <= 0.1))
-        print()
-        for label, ok in checks:
-            print(f"{'PASS' if ok else 'MISS'}  {label}")
+    def ratio(k: str, other: str = "circus") -> float:
+        return results[("multibus", k)] / results[(other, k)]
+
+    checks = []
+    for n in (50, 200):
+        if circus and ("circus", f"ready{n}") in results:
+            checks.append((f"ready N={n} <= 0.5 x circus", ratio(f"ready{n}") <= 0.5))
+            checks.append((f"stop N={n} <= 0.4 x circus", ratio(f"stop{n}") <= 0.4))
+    if ("multibus", "ready1000") in results:
+        checks.append(("1000 workers ready <= 5 s", results[("multibus", "ready1000")] <= 5))
+        checks.append(("1000 workers stopped <= 2 s", results[("multibus", "stop1000")] <= 2))
+        checks.append(("1000 workers: supervisor RSS <= 150 MB",
+                       results[("multibus", "rss_mb1000")] <= 150))
+    for n in sizes:
+        if ("multibus", f"status_max_during_start{n}") in results:
+            checks.append((f"status during the start of {n} < 0.3 s",
+                           results[("multibus", f"status_max_during_start{n}")] < 0.3))
+    if circus and ("circus", "log_lines_per_s") in results:
+        checks.append(("log lines/s >= circus", ratio("log_lines_per_s") >= 1.0))
+        checks.append(("log lines: none lost, in order per worker",
+                       results[("multibus", "log_lines_lost")] == 0
+                       and results[("multibus", "log_out_of_order")] == 0))
+    if ("mb-exec", "ready50") in results and ("bare", "ready50") in results:
+        checks.append(("--exec ready N=50 <= 1.5 x bare exec",
+                       results[("mb-exec", "ready50")] <= 1.5 * results[("bare", "ready50")]))
+    if 10 in sizes and ("multibus", "idle_wakeups_per_s") in results:
+        checks.append(("idle wake-ups <= 0.2/s",
+                       results[("multibus", "idle_wakeups_per_s")] <= 0.2))
+    print()
+    for label, ok in checks:
+        print(f"{'PASS' if ok else 'MISS'}  {label}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
@@ -363,6 +553,9 @@ if __name__ == "__main__":
         from multibus.fastexit import exit_now
 
         # as the ``multibus`` command ends: the fleet is reaped, skip interpreter teardown
-        exit_now(_supervise(int(sys.argv[2]), sys.argv[3], sys.argv[4:5] != ["exec"]))
+        exit_now(_supervise(int(sys.argv[2]), sys.argv[3], sys.argv[4] != "exec",
+                            *sys.argv[5:7]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "_printer":
+        _plain_printer()
     else:
         sys.exit(main())

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import psutil
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -80,6 +79,13 @@ MAX_QUEUED = 100  # ops waiting to run; one more is refused
 BRIDGE_COUNTERS = ("invalid", "gaps", "lost", "stale", "dropped", "handshake_failed",
                    "zap_refused")
 CANCELLED = "cancelled: the supervisor is exiting"
+_HZ = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time and start time in ticks
+_PAGE = os.sysconf("SC_PAGE_SIZE")  # ... and RSS in pages
+
+
+def _uptime() -> float:
+    """Seconds since boot: the clock of /proc/PID/stat's start time."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 # --------------------------------------------------------------------------- names
@@ -191,7 +197,7 @@ class Control:
         self._op_ids = itertools.count(1)
         self._ops_lock = threading.Lock()
         self._serial = threading.Lock()
-        self._procs: dict[int, psutil.Process] = {}
+        self._procs: dict[int, tuple[int, float, float]] = {}  # pid -> (start, cpu s, when)
         self._defer = getattr(bus, "defer", None)
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -368,24 +374,26 @@ class Control:
 
     def _usage(self, pid: int | None) -> tuple[float | None, int | None]:
         """(CPU %, RSS bytes) of ``pid``: CPU since the previous status call, or averaged over
-        the process's life the first time it is seen."""
+        the process's life the first time it is seen. One read of ``/proc/PID/stat`` (a
+        status of 1,000 workers stays well under 0.3 s; psutil reads several files)."""
         if not pid:
             return None, None
         try:
-            proc = self._procs.get(pid)
-            if proc is None or not proc.is_running():
-                proc = psutil.Process(pid)
-                self._procs[pid] = proc
-                proc.cpu_percent(None)  # starts the delta for the next call
-                t = proc.cpu_times()
-                life = max(time.time() - proc.create_time(), 1e-3)
-                cpu = 100.0 * (t.user + t.system) / life
-            else:
-                cpu = proc.cpu_percent(None)
-            return round(cpu, 1), proc.memory_info().rss
-        except psutil.Error:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
             self._procs.pop(pid, None)
             return None, None
+        ticks = (int(fields[11]) + int(fields[12])) / _HZ
+        start, now = int(fields[19]), time.monotonic()
+        prev = self._procs.get(pid)
+        if prev is None or prev[0] != start:  # first seen (or the pid was reused)
+            life = max(_uptime() - start / _HZ, 1e-3)
+            cpu = 100.0 * ticks / life
+        else:
+            cpu = 100.0 * (ticks - prev[1]) / max(now - prev[2], 1e-3)
+        self._procs[pid] = (start, ticks, now)
+        return round(cpu, 1), int(fields[21]) * _PAGE
 
     def status(self) -> dict[str, Any]:
         """The status document (stable keys; new keys may be added, none removed)::

@@ -193,22 +193,23 @@ class Fleet(Mapping[str, WorkerSlot]):
             return None
         return None if joined and w.state is WorkerState.SPAWNING else w
 
-    def peer_joined(self, name: str, pid: int | None) -> bool:
-        """The hub saw ``name`` (process ``pid``) join: SPAWNING -> JOINED. Changed?"""
+    def peer_joined(self, name: str, pid: int | None) -> WorkerSlot | None:
+        """The hub saw ``name`` (process ``pid``) join: SPAWNING -> JOINED. The slot if
+        that changed it, else None."""
         w = self.current(name, pid)
         if w is None or w.state is not WorkerState.SPAWNING:
-            return False
+            return None
         w.state = WorkerState.JOINED
-        return True
+        return w
 
-    def peer_state(self, name: str, state: object) -> bool:
-        """Worker ``name``'s bus reported ``state``. Changed?"""
+    def peer_state(self, name: str, state: object) -> WorkerSlot | None:
+        """Worker ``name``'s bus reported ``state``: the slot if that changed it."""
         w = self.current(name, joined=True)
         new = WorkerState.of_bus(state)
         if w is None or new is None:
-            return False
+            return None
         w.state = new
-        return True
+        return w
 
     def group_of(self, slot: WorkerSlot) -> Group:
         return self.groups[slot.wn.group]

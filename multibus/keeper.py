@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
+from multibus.bus import state_name
 from multibus.fleet import Fleet, WorkerSlot, WorkerState
 from multibus.procs import Child, ProcessManager, signal_group
 from multibus.restart import GiveUp, RestartPolicy
@@ -28,6 +30,7 @@ from multibus.spawner import Spawner
 __all__ = ["FleetError", "HubBridge", "Keeper"]
 
 S = WorkerState
+SPAWN_CHUNK = 64  # workers spawned per turn of the manager thread
 
 
 class FleetError(RuntimeError):
@@ -76,6 +79,10 @@ class Keeper:
         self.failed = False
         self.spawner: Spawner | None = None
         self.bridge: HubBridge = None  # type: ignore[assignment]
+        self._watches: list[set[WorkerSlot | None]] = []  # see watch()
+        self._joined: set[str] = set()  # names with a record at the hub (forget on respawn)
+        # name -> (pid, bus state): events of a process not (yet) recorded as its worker's
+        self._early: dict[str, tuple[int | None, str | None]] = {}
 
     def attach(self, spawner: Spawner, bridge: HubBridge) -> None:
         self.spawner, self.bridge = spawner, bridge
@@ -92,8 +99,12 @@ class Keeper:
         with self.cond:
             return self.fleet.rows(time.monotonic())
 
-    def changed(self) -> None:
+    def changed(self, *slots: WorkerSlot) -> None:
+        """Something changed (in ``slots``; none named: anything): wake the waiters, each
+        told what to look at again (:meth:`watch`), and publish the table on 'workers'."""
         with self.cond:
+            for touched in self._watches:
+                touched.update(slots or (None,))
             self.cond.notify_all()
             if not self.bus.listeners.get("workers"):
                 return  # nobody listens: a 50-row table per change is a fleet stop's main cost
@@ -103,52 +114,92 @@ class Keeper:
         except Exception:  # noqa: BLE001 - a bad 'workers' listener must not break us
             pass
 
+    @contextmanager
+    def watch(self) -> Iterator[set[WorkerSlot | None]]:
+        """A set that collects the slots changed from now on (None: anything may have): a
+        waiter re-examines only those, so waiting on N workers costs O(1) per event, not
+        O(N). Hold ``cond`` around the ``with``; take what is there with :meth:`touched`."""
+        touched: set[WorkerSlot | None] = set()
+        self._watches.append(touched)
+        try:
+            yield touched
+        finally:
+            self._watches.remove(touched)
+
+    @staticmethod
+    def touched(watch: set[WorkerSlot | None]) -> set[WorkerSlot | None]:
+        """Empty ``watch`` and return what it had collected."""
+        got = set(watch)
+        watch.clear()
+        return got
+
     def _spawn(self, w: WorkerSlot) -> None:
         """Spawn ``w`` (manager thread only)."""
+        self._spawn_batch([w])
+
+    def _spawn_batch(self, slots: list[WorkerSlot]) -> None:
+        """Spawn each of ``slots`` still wanted without a process (manager thread only), the
+        zygote's forks pipelined; one 'workers' change for the batch."""
         assert self.spawner is not None and self.procs.in_thread()
-        w.pending = None
-        if not w.wanted or self.fleet.get(w.name) is not w or not self.running or w.alive:
+        todo = []
+        for w in slots:
+            w.pending = None
+            if w.wanted and self.fleet.get(w.name) is w and self.running and not w.alive:
+                todo.append(w)
+        if not todo:
             return
-        self.bridge.forget(w.name)
-        try:
-            child = self.spawner.spawn(w.name, w.spec, self.bridge.endpoints.to_string())
-        except OSError as e:
-            msg = f"cannot spawn worker {w.name}: {e}"
-            self.log(msg, 40)
-            w.last_lines = [msg]
-            w.exit_code = 127
+        for w in todo:
             with self.cond:
-                w.state = S.EXITED
-            self.fatal_error(msg)
-            return
-        child.data["worker"] = w
-        with self.cond:
-            w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
-            w.start_error = w.stuck = None
-            w.launch = child.data.get("launch")
-        # A forked worker can join (and report STARTED) before we get here: the bridge events
-        # for it were dropped as unknown, so take its state from the bridge (read outside our
-        # lock; an event applied meanwhile is newer and wins).
-        info = self.bridge.peers().get(w.name)
-        if info and info.get("pid") == child.pid and info.get("joined"):
-            joined = WorkerState.of_bus(info.get("state")) or S.JOINED
+                self._early.pop(w.name, None)
+                known = w.name in self._joined
+                self._joined.discard(w.name)
+            if known:  # a previous process's record (and desired state) at the hub
+                self.bridge.forget(w.name)
+        children = self.spawner.spawn_many([(w.name, w.spec) for w in todo],
+                                           self.bridge.endpoints.to_string())
+        for w, child in zip(todo, children, strict=True):
+            if isinstance(child, OSError):
+                msg = f"cannot spawn worker {w.name}: {child}"
+                self.log(msg, 40)
+                w.last_lines = [msg]
+                w.exit_code = 127
+                with self.cond:
+                    w.state = S.EXITED
+                self.fatal_error(msg)
+                continue
+            child.data["worker"] = w
             with self.cond:
-                if w.child is child and w.state is S.SPAWNING:
-                    w.state = joined
-        self.changed()
+                w.child, w.pid, w.since, w.state = child, child.pid, child.started, S.SPAWNING
+                w.start_error = w.stuck = None
+                w.launch = child.data.get("launch")
+                # A forked worker can join (and report STARTED) before we get here: its
+                # events found no process of that pid and were kept aside (_note_early).
+                early = self._early.pop(w.name, None)
+                if early is not None and early[0] == child.pid:
+                    w.state = WorkerState.of_bus(early[1]) or S.JOINED
+        self.changed(*todo)
 
     def spawn_missing(self) -> None:
-        """Spawn every wanted worker that has no live process (from any thread)."""
+        """Spawn every wanted worker that has no live process (from any thread), in chunks
+        of :data:`SPAWN_CHUNK` so the manager thread handles exits and output in between."""
         done = threading.Event()
+        todo = [w for w in self.fleet.slots() if w.wanted and not w.alive]
 
         def run() -> None:
             try:
-                for w in self.fleet.slots():
-                    if w.wanted and not w.alive:
-                        w.cancel_restart()
-                        self._spawn(w)
+                chunk = todo[:SPAWN_CHUNK]
+                del todo[:SPAWN_CHUNK]
+                for w in chunk:
+                    w.cancel_restart()
+                self._spawn_batch(chunk)
+            except BaseException:
+                todo.clear()
+                raise
             finally:
-                done.set()
+                if todo:
+                    self.procs.call_soon(run)
+                else:
+                    done.set()
 
         self.procs.call_soon(run)
         while not done.wait(0.5):
@@ -166,33 +217,57 @@ class Keeper:
         """Until every wanted one of ``slots`` (None: of the fleet, as it is then) is
         STARTED; FleetError when one failed to start (at once), is late, or the fleet failed.
         Late: past its start_timeout from its own spawn (:meth:`_deadline`), or past
-        ``limit`` (a monotonic time) if given."""
-        with self.cond:
+        ``limit`` (a monotonic time) if given. Each change costs O(1): only the workers it
+        touched are looked at again; all of them only when the earliest deadline comes."""
+        among = None if slots is None else set(slots)
+
+        def deadline(w: WorkerSlot) -> float:
+            return self._deadline(w, t0) if limit is None else limit
+
+        with self.cond, self.watch() as watch:
+            pending: set[WorkerSlot] = set()
+            check = float("-inf")  # when deadlines must be looked at again (all of them)
             while True:
                 if self.fatal:
                     raise FleetError(self.fatal)
-                waiting = [w for w in (self.fleet.slots() if slots is None else slots)
-                           if w.wanted and w.state is not S.STARTED]
-                if not waiting:
-                    return
-                failed = [w for w in waiting if w.start_error is not None]
-                if failed:
-                    w = failed[0]
-                    raise FleetError(f"fleet {self.name!r}: worker {w.name} failed to start: "
-                                     f"{w.start_error}")
                 now = time.monotonic()
-                deadline = {w.name: self._deadline(w, t0) if limit is None else limit
-                            for w in waiting}
-                late = [w for w in waiting if now >= deadline[w.name]]
-                if late:
-                    more = f" (and {len(late) - 5} more)" if len(late) > 5 else ""
-                    waited = now - max(t0, late[0].since or t0)
-                    raise FleetError(
-                        f"fleet {self.name!r}: {len(late)} worker(s) not STARTED after "
-                        f"{waited:.1f}s (start_timeout): "
-                        + "; ".join(self._why_late(w, now - max(t0, w.since or t0))
-                                    for w in late[:5]) + more)
-                self.cond.wait(min(deadline.values()) - now)
+                touched = self.touched(watch)
+                full = None in touched or now >= check
+                if full:  # O(N): at the start, on 'anything changed', at a deadline
+                    every = self.fleet.slots() if slots is None else slots
+                    pending = {w for w in every if w.wanted and w.state is not S.STARTED}
+                    touched = set(pending)
+                    check = float("inf")
+                for w in touched:
+                    if w is None or (among is not None and w not in among):
+                        continue
+                    if w.wanted and w.state is not S.STARTED:
+                        pending.add(w)
+                        check = min(check, deadline(w))
+                        if w.start_error is not None:
+                            raise FleetError(f"fleet {self.name!r}: worker {w.name} failed "
+                                             f"to start: {w.start_error}")
+                    else:
+                        pending.discard(w)
+                if not pending:
+                    return
+                if full:
+                    self._raise_late([w for w in every if w in pending], deadline, now, t0)
+                self.cond.wait(max(0.0, check - now))
+
+    def _raise_late(self, waiting: list[WorkerSlot], deadline: Callable[[WorkerSlot], float],
+                    now: float, t0: float) -> None:
+        """FleetError naming the workers of ``waiting`` past their deadline, if any."""
+        late = [w for w in waiting if now >= deadline(w)]
+        if not late:
+            return
+        more = f" (and {len(late) - 5} more)" if len(late) > 5 else ""
+        waited = now - max(t0, late[0].since or t0)
+        raise FleetError(
+            f"fleet {self.name!r}: {len(late)} worker(s) not STARTED after "
+            f"{waited:.1f}s (start_timeout): "
+            + "; ".join(self._why_late(w, now - max(t0, w.since or t0))
+                        for w in late[:5]) + more)
 
     @staticmethod
     def _why_late(w: WorkerSlot, waited: float) -> str:
@@ -239,7 +314,7 @@ class Keeper:
         elif running and (w.spec.restart == "permanent"
                           or (w.spec.restart == "transient" and child.returncode != 0)):
             self._schedule_restart(w, child, uptime)
-        self.changed()
+        self.changed(w)
 
     def _schedule_restart(self, w: WorkerSlot, child: Child, uptime: float) -> None:
         delay = self.policy.decide(w.name, uptime)
@@ -290,15 +365,28 @@ class Keeper:
 
     def peer_joined(self, name: str, pid: int | None = None, *args: Any) -> None:
         with self.cond:
-            changed = self.fleet.peer_joined(name, pid)
-        if changed:
-            self.changed()
+            self._joined.add(name)
+            w = self.fleet.peer_joined(name, pid)
+            if w is None:
+                self._note_early(name, pid, None)
+        if w is not None:
+            self.changed(w)
 
     def peer_state(self, name: str, state: str, *args: Any) -> None:
         with self.cond:
-            changed = self.fleet.peer_state(name, state)
-        if changed:
-            self.changed()
+            w = self.fleet.peer_state(name, state)
+            if w is None and name in self._early:
+                self._note_early(name, self._early[name][0], state)
+        if w is not None:
+            self.changed(w)
+
+    def _note_early(self, name: str, pid: int | None, state: Any) -> None:
+        """Keep what process ``pid`` of ``name`` reported before it is recorded as that
+        worker's (a forked worker can join before its spawn returns): at most one entry
+        per worker of the fleet."""
+        w = self.fleet.get(name)
+        if w is not None and w.wanted and pid is not None and pid != w.pid:
+            self._early[name] = (pid, state_name(state))
 
     def peer_log(self, name: str, msg: str = "", level: int = 20, *args: Any) -> None:
         """Keep a worker's error records: they explain a failed start."""
@@ -321,6 +409,8 @@ class Keeper:
             w = self.fleet.current(name, joined=True)
             if w is not None:
                 w.start_error = error or "its start failed"
+                for touched in self._watches:
+                    touched.add(w)
                 self.cond.notify_all()
 
     def peer_lost(self, name: str, reason: str = "", *args: Any) -> None:

@@ -72,7 +72,8 @@ class LogPrinter:
                 self.dropped += 1
                 return
             self._queue.append(rec)
-            self._cond.notify()
+            if len(self._queue) == 1:  # the writer waits only on an empty queue
+                self._cond.notify()
 
     def _run(self) -> None:
         reported = 0
@@ -90,7 +91,8 @@ class LogPrinter:
                             f"{dropped - reported} log lines dropped (output too slow)"))
                 reported = dropped
             for rec in batch:
-                self.write(rec)
+                self.write(rec, flush=False)
+            self._flush()  # once per batch: a flush per line was the writer's main cost
 
     def close(self, timeout: float = 5.0) -> None:
         """Write out what is queued (bounded by ``timeout``), then stop the thread."""
@@ -100,7 +102,7 @@ class LogPrinter:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def write(self, rec: Record) -> None:
+    def write(self, rec: Record, flush: bool = True) -> None:
         if self.fmt == "json":
             line = format_json(rec)
         else:
@@ -108,6 +110,13 @@ class LogPrinter:
             line = format_text(rec, self.colour, self.width)
         try:
             self.stream.write(line + "\n")
-            self.stream.flush()
         except (OSError, ValueError):
             pass  # closed terminal: keep running
+        if flush:
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass

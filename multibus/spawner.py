@@ -70,22 +70,41 @@ class Spawner:
     def spawn(self, name: str, spec: WorkerSpec, endpoints: str) -> Child:
         """Start worker ``name`` of ``spec`` connecting to the hub at ``endpoints`` (manager
         thread); OSError if it cannot be started."""
-        env = worker_env(spec)
-        if self.expect is not None:
-            env[SECRET_ENV] = secret = secrets.token_hex(16)
-            self.expect(name, secret)  # before the worker can say hello
-        args = worker_args(name, spec.target, parent_pid=os.getpid(), endpoints=endpoints,
-                           stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
-                           peer_timeout=self.peer_timeout, channels=spec.channels,
-                           fleet=self.fleet)
-        child, why = None, self.exec_why
-        if self.zygote is not None:
-            child = self.zygote.spawn(name, args, env, spec.cwd)
-            why = self.zygote.failure
-        if child is None:
-            argv = [self.python, "-m", "multibus.worker", *args]
-            child = self.procs.spawn(name, argv, env, spec.cwd)
-            child.data["launch"] = f"exec ({why})"
-        else:
-            child.data["launch"] = "fork"
+        child = self.spawn_many([(name, spec)], endpoints)[0]
+        if isinstance(child, OSError):
+            raise child
         return child
+
+    def spawn_many(self, workers: list[tuple[str, WorkerSpec]],
+                   endpoints: str) -> list[Child | OSError]:
+        """:meth:`spawn` each ``(name, spec)``, the zygote's forks pipelined (manager thread):
+        one Child, or the OSError that kept it from starting, per worker, in order."""
+        reqs = []
+        for name, spec in workers:
+            args = worker_args(name, spec.target, parent_pid=os.getpid(), endpoints=endpoints,
+                               stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
+                               peer_timeout=self.peer_timeout, channels=spec.channels,
+                               fleet=self.fleet)
+            env = worker_env(spec)
+            if self.expect is not None:
+                env[SECRET_ENV] = secret = secrets.token_hex(16)
+                self.expect(name, secret)  # before the worker can say hello
+            reqs.append((name, args, env, spec.cwd))
+        z = self.zygote
+        forked = (z.spawn_many(reqs) if z is not None
+                  else [(None, self.exec_why)] * len(reqs))
+        out: list[Child | OSError] = []
+        for (name, args, env, cwd), (child, why) in zip(reqs, forked, strict=True):
+            if child is not None:
+                child.data["launch"] = "fork"
+                out.append(child)
+                continue
+            try:
+                child = self.procs.spawn(name, [self.python, "-m", "multibus.worker", *args],
+                                         env, cwd)
+            except OSError as e:
+                out.append(e)
+                continue
+            child.data["launch"] = f"exec ({why or self.exec_why})"
+            out.append(child)
+        return out

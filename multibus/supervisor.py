@@ -284,20 +284,9 @@ class Supervisor:
             self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
         else:
             self.bridge.command("stop")
-        deadline: dict[str, float] = {}
         hurry = False
         try:
-            with self._cond:
-                while True:
-                    now = time.monotonic()
-                    waiting = []
-                    for w in self.fleet.live():  # re-read: a spawn may have been in flight
-                        limit = deadline.setdefault(w.name, now + w.spec.stop_timeout)
-                        if w.state not in done and limit > now:
-                            waiting.append(w)
-                    if not waiting:
-                        break
-                    self._cond.wait(min(deadline[w.name] for w in waiting) - now)
+            self._wait_stopped(done)
         except KeyboardInterrupt:
             hurry = True
         if hurry:
@@ -306,6 +295,33 @@ class Supervisor:
         late = [w for w in self.fleet.live() if w.state not in done]
         if late:
             self._escalate(late, hurry=False)
+
+    def _wait_stopped(self, done: frozenset[WorkerState]) -> None:
+        """Until every live worker is in a ``done`` state or past its stop_timeout (counted
+        from when it is first seen here). O(1) per change: only the workers it touched are
+        looked at again (:meth:`Keeper.watch`); every live one on 'anything changed'."""
+        deadline: dict[WorkerSlot, float] = {}
+        waiting: set[WorkerSlot] = set()
+        check = float("-inf")  # when deadlines must be looked at again (all of them)
+        with self._cond, self.keeper.watch() as watch:
+            while True:
+                now = time.monotonic()
+                touched = self.keeper.touched(watch)
+                if None in touched or now >= check:  # re-read: a spawn may have been in flight
+                    touched = set(self.fleet.live()) | waiting
+                    check = float("inf")
+                for w in touched:
+                    if w is None:
+                        continue
+                    limit = deadline.setdefault(w, now + w.spec.stop_timeout)
+                    if w.alive and w.state not in done and limit > now:
+                        waiting.add(w)
+                        check = min(check, limit)
+                    else:
+                        waiting.discard(w)
+                if not waiting:
+                    return
+                self._cond.wait(max(0.0, check - now))
 
     def exit(self) -> None:
         """Have every worker exit; escalate; reap everything (orphans too); close."""

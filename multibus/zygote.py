@@ -57,6 +57,8 @@ PRELOAD = ("multibus.worker", "multibus.fastexit", "multibus.bus", "multibus.tra
 MAX_MESSAGE = 1 << 20
 EXIT_UNSAFE = 4
 EXIT_WORKER_SETUP = 70
+BATCH = 16  # fork requests one intermediate process serves
+WINDOW = 16  # fork requests in flight (each holds 2 pipe fds until answered)
 READY_TIMEOUT = 5.0  # seconds the zygote gets to preload before workers are exec'd instead
 REPLY_TIMEOUT = 10.0
 
@@ -296,8 +298,11 @@ def _shrink() -> None:
         pass
 
 
-def _fork_worker(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> int:
-    """Fork an intermediate that forks the worker and exits; return the worker's pid."""
+def _fork_workers(sock: socket.socket, batch: list[tuple[dict[str, Any], list[int]]]
+                  ) -> list[int | None]:
+    """Fork an intermediate that forks a worker for each ``(request, fds)`` of ``batch``
+    and exits (they are re-parented to the supervisor); return each worker's pid (None:
+    that fork failed). One intermediate per batch: half the forks of one per worker."""
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -307,32 +312,63 @@ def _fork_worker(sock: socket.socket, req: dict[str, Any], fds: list[int]) -> in
         try:
             os.close(r)
             me = os.getpid()
-            b = os.fork()
-            if b == 0:
-                os.close(w)
-                _become_worker(sock, req, fds, me)
-                os._exit(EXIT_WORKER_SETUP)  # not reached
-            try:
-                os.setpgid(b, b)  # both sides: the group exists before the pid is reported
-            except OSError:
-                pass
-            os.write(w, str(b).encode())
+            for req, fds in batch:
+                try:
+                    b = os.fork()
+                except OSError:
+                    os.write(w, b"-\n")
+                    continue
+                if b == 0:
+                    os.close(w)
+                    _become_worker(sock, req, fds, me)
+                    os._exit(EXIT_WORKER_SETUP)  # not reached
+                try:
+                    os.setpgid(b, b)  # both sides: the group exists before the pid is reported
+                except OSError:
+                    pass
+                os.write(w, f"{b}\n".encode())
             code = 0
         finally:
             os._exit(code)
     os.close(w)
     data = b""
-    while chunk := os.read(r, 64):
+    while chunk := os.read(r, 4096):
         data += chunk
     os.close(r)
     os.waitpid(a, 0)
-    if not data:
-        raise OSError("the intermediate process failed to fork the worker")
-    return int(data)
+    pids: list[int | None] = [None if x == "-" else int(x) for x in data.decode().split()]
+    return pids + [None] * (len(batch) - len(pids))
+
+
+def _read_batch(sock: socket.socket) -> tuple[list[tuple[dict[str, Any], list[int]]], bool]:
+    """The next requests: wait for one, then take what else is already there (up to
+    :data:`BATCH`). Returns (batch of (request or {'error'}, fds), the supervisor is gone)."""
+    import select
+
+    batch: list[tuple[dict[str, Any], list[int]]] = []
+    while len(batch) < BATCH:
+        if batch and not select.select([sock], [], [], 0)[0]:
+            break  # (recv_fds ignores its flags: no MSG_DONTWAIT)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            return batch, True
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            batch.append(({"error": f"expected 2 fds, got {len(fds)}"}, []))
+        else:
+            try:
+                batch.append((json.loads(msg), fds))
+            except ValueError as e:
+                batch.append(({"error": f"{type(e).__name__}: {e}"}, fds))
+    return batch, False
 
 
 def serve(sock: socket.socket) -> int:
-    """Answer fork requests until the supervisor closes its end."""
+    """Answer fork requests until the supervisor closes its end; requests that arrive
+    together are forked by one intermediate (:func:`_fork_workers`), answered in order."""
     import threading
 
     if threading.active_count() != 1:
@@ -341,21 +377,24 @@ def serve(sock: socket.socket) -> int:
         return EXIT_UNSAFE
     sock.send(json.dumps({"ready": os.getpid()}).encode())
     while True:
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
-        if not msg:
-            for fd in fds:
-                os.close(fd)
-            return 0
+        batch, gone = _read_batch(sock)
+        good = [(req, fds) for req, fds in batch if "error" not in req]
         try:
-            if len(fds) != 2:
-                raise ValueError(f"expected 2 fds, got {len(fds)}")
-            reply: dict[str, Any] = {"pid": _fork_worker(sock, json.loads(msg), fds)}
+            pids = iter(_fork_workers(sock, good) if good else [])
+            failed = "the intermediate process failed to fork the worker"
         except Exception as e:  # noqa: BLE001 - one bad request must not end the zygote
-            reply = {"error": f"{type(e).__name__}: {e}"}
-        finally:
+            pids, failed = iter([]), f"{type(e).__name__}: {e}"
+        for req, fds in batch:
             for fd in fds:
                 os.close(fd)
-        sock.send(json.dumps(reply).encode())
+            pid = None if "error" in req else next(pids, None)
+            reply = {"error": req.get("error", failed)} if pid is None else {"pid": pid}
+            try:
+                sock.send(json.dumps(reply).encode())
+            except OSError:
+                return 0
+        if gone:
+            return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,6 +553,34 @@ class ZygoteClient:
               cwd: str | None) -> Any:
         """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it
         (:attr:`failure` says why)."""
+        child, self.failure = self.spawn_many([(name, args, env, cwd)])[0]
+        return child
+
+    def spawn_many(self, requests: list[tuple[str, list[str], dict[str, str], str | None]],
+                   window: int = WINDOW) -> list[tuple[Any, str]]:
+        """Fork a worker for each ``(name, args, env, cwd)``, pipelined: up to ``window``
+        requests are in flight, so the zygote forks the next while we register the last.
+        One ``(child, failure)`` per request, in order; child None: exec it, failure why."""
+        out: list[tuple[Any, str]] = []
+        sent: list[tuple[str, Any]] = []  # (name, what _collect needs), oldest first
+        for req in requests:
+            while len(sent) >= window:
+                out.append(self._collect(*sent.pop(0)))
+            pending = self._request(*req)
+            if pending is None:
+                while sent:  # replies come in order: drain before answering this one
+                    out.append(self._collect(*sent.pop(0)))
+                out.append((None, self.failure))
+            else:
+                sent.append((req[0], pending))
+        while sent:
+            out.append(self._collect(*sent.pop(0)))
+        return out
+
+    def _request(self, name: str, args: list[str], env: dict[str, str],
+                 cwd: str | None) -> tuple[int, int, list[str]] | None:
+        """Send one fork request: (stdout fd, stderr fd, argv) to collect, or None (exec:
+        :attr:`failure` says why)."""
         if self.dead or self.sock is None:
             self.failure = "zygote unavailable"
             return None
@@ -533,30 +600,37 @@ class ZygoteClient:
             self.ready = True
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        argv = [self.python, "-m", "multibus.worker", *args]
+        req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
+               "rlimits": state["rlimits"], "orig_argv": argv}
         try:
-            req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
-                   "rlimits": state["rlimits"],
-                   "orig_argv": [self.python, "-m", "multibus.worker", *args]}
-            try:
-                socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
-            except OSError as e:
-                self._fail(f"cannot send a request: {e}")
-                return None
-            finally:
-                os.close(out_w)
-                os.close(err_w)
-            reply = self._recv(REPLY_TIMEOUT)
+            self.sock.settimeout(REPLY_TIMEOUT)
+            socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
+        except OSError as e:
+            os.close(out_r)
+            os.close(err_r)
+            self._fail(f"cannot send a request: {e}")
+            return None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        return out_r, err_r, argv
+
+    def _collect(self, name: str, pending: tuple[int, int, list[str]]) -> tuple[Any, str]:
+        """The zygote's answer to a request :meth:`_request` sent: (child, '') or (None,
+        why it must be exec'd)."""
+        out_r, err_r, argv = pending
+        try:
+            reply = None if self.sock is None else self._recv(REPLY_TIMEOUT)
             if reply is None:
-                return None
+                return None, "zygote unavailable"
             if "pid" not in reply:
                 self.log(f"zygote could not fork {name}: {reply.get('error')}; exec'ing it", 30)
-                self.failure = "the zygote could not fork it"
-                return None
+                return None, "the zygote could not fork it"
             proc = ForkedProcess(int(reply["pid"]), os.fdopen(out_r, "rb"),
-                                 os.fdopen(err_r, "rb"),
-                                 [self.python, "-m", "multibus.worker", *args])
+                                 os.fdopen(err_r, "rb"), argv)
             out_r = err_r = -1
-            return self.procs.register(name, proc)
+            return self.procs.register(name, proc), ""
         finally:
             for fd in (out_r, err_r):
                 if fd >= 0:

@@ -3,7 +3,7 @@
 Usage: python -m targets.fleet_harness --name NAME --target pkg.mod:fn [-n N] [--restart MODE]
        [--stop-timeout S] [--start-timeout S] [--term-timeout S] [--intensity N,T]
        [--backoff FIRST,CAP] [--env K=V] [--exec] [--zygote-preload M] [--cwd DIR]
-       [--umask OCTAL] [--nofile SOFT] [--ulimit-n SOFT[,HARD]]
+       [--umask OCTAL] [--nofile SOFT] [--ulimit-n SOFT[,HARD]] [--no-table]
 Runs the fleet with ``run_fleet`` (as ``multibus run`` does: same signals, same exit codes).
 Prints "LOG <level> <msg>" for bus log records, "WORKERS <json>" for each state table,
 "FLEET STARTED" / "FLEET ERROR <msg>" / "REFUSED <msg>", and at the end "CHILDREN <n>" (its
@@ -56,6 +56,8 @@ def main() -> int:
     ap.add_argument("--nofile", type=int, default=None, help="RLIMIT_NOFILE soft limit, ditto")
     ap.add_argument("--ulimit-n", default=None, metavar="SOFT[,HARD]",
                     help="RLIMIT_NOFILE set first thing, as `ulimit -n` in a shell would")
+    ap.add_argument("--no-table", action="store_true",
+                    help="no WORKERS lines (a large fleet's table at every change)")
     a = ap.parse_args()
     if a.ulimit_n:
         import resource
@@ -76,7 +78,8 @@ def main() -> int:
     def on_log(msg: str, level: int = 20) -> None:
         emit(f"LOG {level} {msg}" + (f"  @{time.monotonic() - t0:.3f}" if stamp else ""))
 
-    bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
+    if not a.no_table:
+        bus.subscribe("workers", lambda rows: emit("WORKERS " + json.dumps(rows)))
 
     def set_limits() -> None:
         """What a supervisor may change after it started its zygote: workers get it too."""

@@ -69,20 +69,32 @@ def grandchild(bus) -> None:
     bus.subscribe("start", start)
 
 
-def chatty_exit(bus) -> None:
-    """Prints 10,000 lines, then dies at once (no flush beyond the writes themselves)."""
+def _print_when_started(bus, count: int, then_exit: bool) -> None:
+    """Once started, print 'line 0' .. 'line <count-1>' from a thread; then die at once (no
+    flush beyond the writes themselves) if ``then_exit``."""
 
     def start() -> None:
         def go() -> None:
             w = sys.stdout.write
-            for i in range(10000):
+            for i in range(count):
                 w(f"line {i}\n")
             sys.stdout.flush()
-            os._exit(0)
+            if then_exit:
+                os._exit(0)
 
         threading.Thread(target=go, daemon=True).start()
 
     bus.subscribe("start", start)
+
+
+def chatty_exit(bus) -> None:
+    """Prints 10,000 lines, then dies at once (no flush beyond the writes themselves)."""
+    _print_when_started(bus, 10000, then_exit=True)
+
+
+def numbered_lines(bus) -> None:
+    """Prints 'line 0' .. 'line 1999' on stdout once started, then keeps running."""
+    _print_when_started(bus, 2000, then_exit=False)
 
 
 def chatty_on_exit(bus) -> None:
