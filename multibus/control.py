@@ -24,13 +24,11 @@ Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
 
 from __future__ import annotations
 
-import collections
 import itertools
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,7 @@ from multibus.commands import (
 from multibus.logring import LogRing
 from multibus.logview import SUPERVISOR, Record
 from multibus.names import WorkerName
+from multibus.opqueue import CANCELLED, Op, OpQueue
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
 from multibus.transport.stats import RateLimit
@@ -73,12 +72,9 @@ __all__ = [
 PROTOCOL = 1
 MAX_REQUEST = 64 * 1024
 MAX_REPLY = 4 << 20
-MAX_OPS_KEPT = 256  # finished ops remembered for op_status
-MAX_QUEUED = 100  # ops waiting to run; one more is refused
 #: The bridge counters ``status`` shows under "counters" -> "bridge": trouble, not traffic.
 BRIDGE_COUNTERS = ("invalid", "gaps", "lost", "stale", "dropped", "handshake_failed",
                    "zap_refused")
-CANCELLED = "cancelled: the supervisor is exiting"
 _HZ = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time and start time in ticks
 _PAGE = os.sysconf("SC_PAGE_SIZE")  # ... and RSS in pages
 
@@ -141,24 +137,6 @@ def decode_request(frame: bytes) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- server
 
-@dataclass(eq=False)
-class Op:
-    """One queued transition."""
-
-    id: int
-    action: str
-    args: dict[str, Any]
-    state: str = "queued"  # queued | running | done | failed
-    error: str | None = None
-    note: str | None = None
-    queued_at: float = 0.0
-    ended_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"op": self.id, "action": self.action, "args": self.args, "state": self.state,
-                "error": self.error, "note": self.note}
-
-
 class Control:
     """Answer control requests for ``supervisor`` (a :class:`~multibus.supervisor.Supervisor`)
     on ``<runtime dir>/<name>.ctl``.
@@ -191,14 +169,8 @@ class Control:
         self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
-        self._ops: dict[int, Op] = {}  # op_status answers these: waiting, running, finished
-        self._waiting: dict[int, Op] = {}  # queued, not started yet (bounded)
-        self._done: collections.deque[int] = collections.deque()  # finished, oldest first
-        self._op_ids = itertools.count(1)
-        self._ops_lock = threading.Lock()
-        self._serial = threading.Lock()
+        self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log)
         self._procs: dict[int, tuple[int, float, float]] = {}  # pid -> (start, cpu s, when)
-        self._defer = getattr(bus, "defer", None)
         self._thread: threading.Thread | None = None
         self._closing = False
         self._wakeup = Wakeup()
@@ -279,96 +251,25 @@ class Control:
         self._followers.append((ident, req, time.monotonic() + float(req["wait"])))
         return True
 
-    # -- queued operations ----------------------------------------------------------------
+    # -- queued operations (see multibus.opqueue) ----------------------------------------
 
     def queue(self, action: str, **args: Any) -> Op:
-        """Queue a transition (``ACTIONS`` or 'scale' with group + count or delta).
-
-        The queue is bounded: past ``MAX_QUEUED`` waiting ops, ControlError. An op identical
-        to one still waiting is that op (a relative scale, ``delta``, never is). An 'exit'
-        cancels every waiting op and runs before them."""
-        with self._ops_lock:
-            same = (None if "delta" in args else
-                    next((o for o in self._waiting.values()
-                          if o.action == action and o.args == args), None))
-            if same is not None:
-                return same
-            if action == "exit":
-                cancelled = self._cancel_waiting(CANCELLED)
-            elif len(self._waiting) >= MAX_QUEUED:
-                raise ControlError(
-                    f"the operation queue is full ({MAX_QUEUED} waiting); wait for them to run "
-                    "(multibus status lists them) and try again")
-            op = Op(next(self._op_ids), action, args, queued_at=time.monotonic())
-            if action == "exit" and cancelled:
-                op.note = f"cancelled {cancelled} queued operation{'s' if cancelled != 1 else ''}"
-            self._ops[op.id] = op
-            self._waiting[op.id] = op
-        if self._defer is not None:
-            self._defer(lambda: self._run_op(op), action == "exit")
-        else:  # a bus without defer (cherrypy.engine): run on a thread, one at a time
-            threading.Thread(target=self._run_op_serial, args=(op,), daemon=True).start()
-        return op
+        return self.ops.queue(action, **args)
 
     def cancel_waiting(self, reason: str = CANCELLED) -> int:
-        """Fail every op still waiting with ``reason`` (SIGTERM/SIGINT/exit); how many."""
-        with self._ops_lock:
-            return self._cancel_waiting(reason)
+        return self.ops.cancel_waiting(reason)
 
-    def _cancel_waiting(self, reason: str) -> int:
-        ops = list(self._waiting.values())
-        self._waiting.clear()
-        for op in ops:
-            op.state, op.error, op.ended_at = "failed", reason, time.monotonic()
-            self._finished(op)
-        return len(ops)
+    def op(self, op_id: int) -> Op | None:
+        return self.ops.get(op_id)
 
-    def _finished(self, op: Op) -> None:
-        """Remember ``op`` among the last ``MAX_OPS_KEPT`` finished ones (lock held)."""
-        self._done.append(op.id)
-        while len(self._done) > MAX_OPS_KEPT:
-            self._ops.pop(self._done.popleft(), None)
-
-    def _run_op_serial(self, op: Op) -> None:
-        with self._serial:
-            self._run_op(op)
-
-    def _run_op(self, op: Op) -> None:
-        with self._ops_lock:
-            if self._waiting.pop(op.id, None) is None:
-                return  # cancelled while it waited
-            op.state = "running"
-        try:
-            op.note = self._perform(op) or op.note
-            op.state = "done"
-        except (KeyboardInterrupt, SystemExit):
-            op.state, op.error = "failed", "interrupted"
-            raise
-        except BaseException as e:  # noqa: BLE001 - reported to the client
-            op.state = "failed"
-            op.error = str(e) or type(e).__name__
-            self.bus.log(f"{op.action} failed: {op.error}", 40)
-        finally:
-            op.ended_at = time.monotonic()
-            with self._ops_lock:
-                self._finished(op)
-
-    def _state(self) -> str:
-        return state_of(self.bus)
+    def pending(self) -> list[Op]:
+        return self.ops.pending()
 
     def _perform(self, op: Op) -> str | None:
-        state = self._state()
+        state = state_of(self.bus)
         if state == "EXITING":
             raise ControlError("the supervisor is exiting")
         return TRANSITIONS[op.action].perform(self, state, op.args)
-
-    def op(self, op_id: int) -> Op | None:
-        return self._ops.get(op_id)
-
-    def pending(self) -> list[Op]:
-        """The running op (if any) and those waiting, in order: at most MAX_QUEUED + 1."""
-        with self._ops_lock:
-            return [o for o in self._ops.values() if o.state in ("queued", "running")]
 
     # -- status ---------------------------------------------------------------------------
 
@@ -433,7 +334,7 @@ class Control:
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
             })
         return {
-            "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": self._state(),
+            "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
             "counters": self.counters(),

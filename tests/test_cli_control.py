@@ -14,8 +14,6 @@ from progs.procio import wait_for
 from multibus.bus import Bus, states
 from multibus.commands import format_status
 from multibus.control import (
-    CANCELLED,
-    MAX_QUEUED,
     Control,
     ControlClient,
     ControlError,
@@ -26,6 +24,7 @@ from multibus.control import (
     running_supervisors,
 )
 from multibus.logview import format_json, format_text, split_source
+from multibus.opqueue import CANCELLED, MAX_QUEUED
 from multibus.specs import WorkerSpec
 from multibus.systemd import sd_notify
 from multibus.transport.endpoints import private_ipc, remove_ipc

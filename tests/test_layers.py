@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("transport",),
     ("specs", "restart", "procs", "zygote", "worker"),
     ("fleet", "spawner", "keeper", "config", "supervisor"),
-    ("commands", "control"),
+    ("commands", "opqueue", "control"),
     ("runner", "cli", "__main__"),
 ]
 
