@@ -343,7 +343,7 @@ class Control:
     def counters(self) -> dict[str, dict[str, int]]:
         """What went wrong so far, by whom: the control socket's invalid and refused
         requests (and its waiting followers), and the hub bridge's trouble counters."""
-        bridge = getattr(self.sup, "bridge", None)
+        bridge = self.sup.bridge  # None until the supervisor subscribed
         stats = bridge.stats() if bridge is not None else {}
         return {"control": {"invalid": self.invalid, "refused": self.refused,
                             "followers": len(self._followers), "paused": self.paused,

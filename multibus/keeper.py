@@ -57,6 +57,10 @@ class HubBridge(Protocol):
 
     def forget(self, name: str) -> None: ...
 
+    def expect(self, name: str, secret: str) -> None: ...
+
+    def stats(self) -> dict[str, int]: ...
+
 
 class Keeper:
     """The fleet ``fleet`` of supervisor ``name`` on ``bus``, while it runs.

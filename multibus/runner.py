@@ -53,18 +53,21 @@ class _StartedLines:
     A worker reports its state and sends its log lines on two sockets, so the supervisor may
     see every worker STARTED (and say "Bus STARTED") before their "Bus STARTED" lines arrive.
     Its 'start' listener (after the Supervisor's) waits, at most ``timeout`` seconds, until it
-    has heard each STARTED worker say so; ``heard`` (a 'log' listener) notes the lines."""
+    has heard each STARTED worker say so; ``heard`` notes the lines, as a 'log' listener only
+    while a start is under way (a flood of worker output later costs it nothing)."""
 
-    def __init__(self, sup: Supervisor, timeout: float = 0.5) -> None:
+    def __init__(self, bus: Bus, sup: Supervisor, timeout: float = 0.5) -> None:
+        self.bus = bus
         self.sup = sup
         self.timeout = timeout
         self._cond = threading.Condition()
         self._heard: set[str] = set()
 
-    def forget(self) -> None:
-        """A start begins: lines of earlier starts do not count."""
+    def begin(self) -> None:
+        """A start begins: listen; lines of earlier starts do not count."""
         with self._cond:
             self._heard.clear()
+        self.bus.subscribe("log", self.heard, 2)  # after the printer and the Control's ring
 
     def heard(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
         source, text = split_source(msg) if isinstance(msg, str) else ("", "")
@@ -77,6 +80,7 @@ class _StartedLines:
         started = {r["name"] for r in self.sup.table() if r["state"] == "STARTED"}
         with self._cond:
             self._cond.wait_for(lambda: started <= self._heard, self.timeout)
+        self.bus.unsubscribe("log", self.heard)
 
 
 def _refusal(name: str, error: Exception, pidfile: Any) -> str:
@@ -162,9 +166,8 @@ def run_fleet(
         n = sum(1 for r in sup.table() if r["state"] == "STARTED")
         notify(f"READY=1\nSTATUS={n} workers STARTED")
 
-    lines = _StartedLines(sup)
-    bus.subscribe("log", lines.heard, 2)  # after the printer and the Control's ring (1)
-    bus.subscribe("start", lines.forget, 0)
+    lines = _StartedLines(bus, sup)
+    bus.subscribe("start", lines.begin, 0)
     bus.subscribe("start", lines.wait, 99)  # after the Supervisor's (75)
     bus.subscribe("start", workers_started, 100)
     bus.subscribe("stop", lambda: notify("STATUS=fleet STOPPED"), 100)

@@ -152,7 +152,7 @@ class Supervisor:
             if self.zygote_requested and not self.use_zygote:
                 self.spawner.exec_why = "zygote needs subreaper=True"
             self.bridge = self._make_bridge()
-            self.spawner.expect = getattr(self.bridge, "expect", None)  # issue 14: secrets
+            self.spawner.expect = self.bridge.expect  # each worker proves a secret in its hello
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
                 self.spawner.start_zygote(self.specs.values(), self.zygote_preload)

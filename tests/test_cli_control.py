@@ -44,6 +44,7 @@ class FakeSupervisor:
         self.stopping = threading.Event()
         self.scaled: list[tuple[str, int]] = []
         self.kills: list[tuple[str, str]] = []  # (worker, why) per kill, as the Supervisor's
+        self.bridge = None  # no hub: no bridge counters
         bus.subscribe("stop", self.stop)
 
     def stop(self) -> None:

@@ -182,6 +182,7 @@ class FakeHub:
         self.endpoints = SimpleNamespace(to_string=lambda: "ipc:///nowhere")
         self.commands: list[tuple[str, list[str] | None]] = []
         self.forgotten: list[str] = []
+        self.expected: dict[str, str] = {}
 
     def subscribe(self) -> FakeHub:
         return self
@@ -195,6 +196,12 @@ class FakeHub:
 
     def forget(self, name):
         self.forgotten.append(name)
+
+    def expect(self, name, secret):
+        self.expected[name] = secret
+
+    def stats(self):
+        return {}
 
 
 @pytest.mark.timeout(30)
