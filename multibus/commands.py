@@ -118,6 +118,11 @@ def _exit(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return None
 
 
+def _replace(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    """Queued by the supervisor itself (max_memory / max_age: multibus.recycle)."""
+    return ctl.sup.replace(args["worker"], args["pid"], args["reason"])
+
+
 def _scale(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     group = args["group"]
     count = args.get("count")
@@ -147,6 +152,7 @@ TRANSITIONS: dict[str, Action] = {a.name: a for a in (
     Action("graceful", "reload every worker bus (bus 'graceful')", _graceful),
     Action("exit", "stop every worker, then the supervisor exits", _exit),
     Action("scale", "run N workers of GROUP", _scale, op=False),
+    Action("replace", "replace a worker gracefully (max_memory, max_age)", _replace, op=False),
 )}
 ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 

@@ -22,6 +22,9 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     zygote = true             # fork workers from one preloaded process (the default: fast);
                               # false: exec an interpreter per worker (multibus run --exec)
     zygote_preload = []       # modules that process imports once, e.g. ["app"] (opt-in)
+    log_file = "fleet.log"    # every record, also to this file (default: none)
+    log_max_bytes = "10MB"    # rotate the log files at this size (default 0: never)
+    log_backups = 5           # rotated files kept (fleet.log.1 ... .5)
 
     [groups.web]              # groups run in file order; the first is the default group
     target = "app:serve"      # package.module:callable, called with the worker's bus
@@ -34,6 +37,11 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     cwd = "."
     pythonpath = []
     slow_peer = "drop"        # a worker not reading its mirrored channels: drop | restart
+    log_file = "web.log"      # this group's records (its workers' logs and output) too
+    log_max_bytes = "10MB"    # default: the supervisor's; log_backups likewise
+    max_memory = "512MB"      # RSS past which a worker is gracefully replaced
+    max_age = 3600            # seconds after which a worker is gracefully replaced ...
+    max_age_jitter = 300      # ... plus uniform(0, 300) s of its own
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multibus.logfiles import LogFile
 from multibus.names import check_name
-from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
+from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec, parse_size
 from multibus.worker import worker_env
 
 __all__ = [
@@ -86,6 +95,8 @@ class FleetConfig:
     source: str | None = None  # the file it came from (for messages)
     zygote: bool = True  # fork workers from a preloaded zygote (Supervisor(zygote=...))
     zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
+    log_file: LogFile | None = None  # every record also goes there ([supervisor] log_file)
+    group_log_files: Mapping[str, LogFile] = field(default_factory=dict)  # group -> its file
 
     @property
     def default_group(self) -> str | None:
@@ -211,6 +222,8 @@ SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_resta
                    "zygote_preload")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
               "cwd", "pythonpath", "slow_peer")
+LOG_FILE_KEYS = ("log_file", "log_max_bytes", "log_backups")  # [supervisor] and groups
+RECYCLE_KEYS = ("max_memory", "max_age", "max_age_jitter")  # groups
 
 
 def load(path: str | os.PathLike[str]) -> FleetConfig:
@@ -240,7 +253,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     base = base or Path.cwd()
     c.keys("", data, ("supervisor", "groups"))
     sup = c.table("supervisor", data.get("supervisor", {}))
-    c.keys("supervisor", sup, SUPERVISOR_KEYS)
+    c.keys("supervisor", sup, SUPERVISOR_KEYS + LOG_FILE_KEYS)
 
     name = DEFAULT_NAME
     if "name" in sup:
@@ -283,11 +296,13 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     if not groups:
         raise ConfigError(f"{source}: groups: empty; add at least one [groups.NAME] table "
                           "with a target")
+    log_default = _log_file(c, "supervisor", sup, base, LogFile(""))
+    group_logs: dict[str, LogFile] = {}
     specs = []
     for gname, group in groups.items():
         key = f"groups.{gname}"
         group = c.table(key, group)
-        c.keys(key, group, GROUP_KEYS)
+        c.keys(key, group, GROUP_KEYS + LOG_FILE_KEYS + RECYCLE_KEYS)
         if "target" not in group:
             raise ConfigError(f"{source}: {key}.target: missing; expected "
                               "'package.module:callable'")
@@ -323,12 +338,68 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
             extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
             env["PYTHONPATH"] = os.pathsep.join(paths + extra)
         fields["env"] = env
+        fields.update(_recycling(c, key, group))
+        group_log = _log_file(c, key, group, base, log_default)
+        if group_log.path:
+            group_logs[gname] = group_log
         try:
             specs.append(WorkerSpec.from_dict(fields))
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
-                       source, zygote, preload)
+                       source, zygote, preload, log_default if log_default.path else None,
+                       group_logs)
+
+
+def _size(c: _Checker, key: str, value: Any) -> int:
+    """A size in bytes (an integer, or a string like '512MB'), > 0."""
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise c.fail(key, "a size in bytes or a string like '512MB' (KB, MB, GB, KiB, MiB, "
+                     "GiB)", value) from None
+
+
+def _log_file(c: _Checker, key: str, table: Mapping[str, Any], base: Path,
+              default: LogFile) -> LogFile:
+    """The log_file, log_max_bytes and log_backups of ``table`` (``key``: where it is),
+    each defaulting to ``default``'s (the supervisor's); path '' when it has no log_file."""
+    path = ""
+    if "log_file" in table:
+        path = str(base / c.string(f"{key}.log_file", table["log_file"]))
+    max_bytes = default.max_bytes
+    if "log_max_bytes" in table:
+        value = table["log_max_bytes"]
+        never = value == 0 and value is not False
+        max_bytes = 0 if never else _size(c, f"{key}.log_max_bytes", value)
+    backups = default.backups
+    if "log_backups" in table:
+        backups = c.integer(f"{key}.log_backups", table["log_backups"])
+    if key != "supervisor" and not path and any(k in table for k in LOG_FILE_KEYS):
+        raise ConfigError(f"{c.source}: {key}.log_max_bytes/log_backups: no effect without "
+                          f"{key}.log_file; set log_file too")
+    if max_bytes and not backups:
+        raise ConfigError(f"{c.source}: {key}.log_backups: expected an integer >= 1 when "
+                          "log_max_bytes is set (with 0 backups a file would never rotate)")
+    return LogFile(path, max_bytes, backups, f"{key}.log_file")
+
+
+def _recycling(c: _Checker, key: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    """max_memory, max_age and max_age_jitter of a group, checked (for WorkerSpec)."""
+    fields: dict[str, Any] = {}
+    if "max_memory" in group:
+        fields["max_memory"] = _size(c, f"{key}.max_memory", group["max_memory"])
+    if "max_age" in group:
+        fields["max_age"] = c.seconds(f"{key}.max_age", group["max_age"])
+    if "max_age_jitter" in group:
+        jitter = group["max_age_jitter"]
+        if jitter != 0 or jitter is False:
+            jitter = c.seconds(f"{key}.max_age_jitter", jitter)
+        if "max_age" not in group:
+            raise ConfigError(f"{c.source}: {key}.max_age_jitter: needs max_age; set max_age "
+                              "too")
+        fields["max_age_jitter"] = float(jitter)
+    return fields
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,

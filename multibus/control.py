@@ -300,7 +300,9 @@ class Control:
         """The status document (stable keys; new keys may be added, none removed)::
 
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
-             "groups": [{"name", "target", "count" (desired), "running"}],
+             "groups": [{"name", "target", "count" (desired), "running",
+                         "max_memory", "max_age", "max_age_jitter",
+                         "replaced": {"max_memory": n, "max_age": n}}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],
@@ -332,6 +334,7 @@ class Control:
             groups.append({
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
+                **self.sup.group_status(gname),
             })
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),

@@ -64,6 +64,7 @@ class WorkerSlot:
     start_error: str | None = None  # its process reported that its bus failed to start
     launch: str | None = None  # how its process was started: 'fork' or 'exec (why)'
     stuck: str | None = None  # why its process looks stuck (the hub's 'peer.slow'), or None
+    replacing: str | None = None  # why it is being replaced (multibus.recycle), or None
     last_lines: list[str] = field(default_factory=list)
 
     @property

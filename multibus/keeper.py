@@ -315,6 +315,8 @@ class Keeper:
         if not wanted:
             with self.cond:
                 self.fleet.group_of(w).discard(w)
+        elif running and w.replacing:  # recycle.replace: at once, not a crash (no restart)
+            self._spawn(w)
         elif running and (w.spec.restart == "permanent"
                           or (w.spec.restart == "transient" and child.returncode != 0)):
             self._schedule_restart(w, child, uptime)
@@ -438,8 +440,8 @@ class Keeper:
         with self.cond:
             w = self.fleet.current(name, joined=True)
             running = self.running
-        if w is None or not running or w.child is None or not w.wanted:
-            return  # not running, or scaled away: it was asked to leave (scale times it)
+        if w is None or not running or w.child is None or not w.wanted or w.replacing:
+            return  # not running, scaled away or being replaced: asked to leave (and timed)
         child = w.child
         self.log(f"{what} (pid {child.pid}): {reason}; terminating it", 30)
         signal_group(child.pgid, 15)

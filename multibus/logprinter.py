@@ -47,7 +47,7 @@ class LogPrinter:
         self.colour = fmt == "text" and use_colour(stream)
         self.width = min(max((len(s) for s in sources), default=0), MAX_WIDTH)
         self.dropped = 0
-        self._queue: collections.deque[Record] = collections.deque()
+        self._queue: collections.deque[Any] = collections.deque()
         self._max = max_queue
         self._cond = threading.Condition()
         self._closed = False
@@ -63,15 +63,23 @@ class LogPrinter:
         if lvl < self.level:
             return
         source, text = split_source(msg if isinstance(msg, str) else str(msg))
-        rec = (0, time.time(), lvl, source, text)
+        self.put(self.item((0, time.time(), lvl, source, text)))
+
+    def item(self, rec: Record) -> Any:
+        """What is queued for ``rec``: the record itself (a subclass may add to it)."""
+        return rec
+
+    def put(self, item: Any, always: bool = False) -> None:
+        """Queue ``item`` for the writer thread (``always``: even past ``max_queue``), or
+        write it now without one; a full queue drops it, counted."""
         if self._thread is None:
-            self.write(rec)
+            self.emit(item)
             return
         with self._cond:
-            if len(self._queue) >= self._max:
+            if len(self._queue) >= self._max and not always:
                 self.dropped += 1
                 return
-            self._queue.append(rec)
+            self._queue.append(item)
             if len(self._queue) == 1:  # the writer waits only on an empty queue
                 self._cond.notify()
 
@@ -87,11 +95,10 @@ class LogPrinter:
                 self._queue.clear()
                 dropped = self.dropped
             if dropped > reported:
-                self.write((0, time.time(), 30, SUPERVISOR,
-                            f"{dropped - reported} log lines dropped (output too slow)"))
+                self.notice(f"{dropped - reported} log lines dropped (output too slow)")
                 reported = dropped
-            for rec in batch:
-                self.write(rec, flush=False)
+            for item in batch:
+                self.emit(item, flush=False)
             self._flush()  # once per batch: a flush per line was the writer's main cost
 
     def close(self, timeout: float = 5.0) -> None:
@@ -101,6 +108,14 @@ class LogPrinter:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def emit(self, item: Any, flush: bool = True) -> None:
+        """Write one queued item (:meth:`item` made it) out."""
+        self.write(item, flush)
+
+    def notice(self, text: str) -> None:
+        """Write the printer's own warning (lines dropped) out."""
+        self.write((0, time.time(), 30, SUPERVISOR, text))
 
     def write(self, rec: Record, flush: bool = True) -> None:
         if self.fmt == "json":

@@ -72,10 +72,12 @@ def _colour_of(source: str) -> int:
     return _PALETTE[sum(source.encode()) % len(_PALETTE)]
 
 
-def format_text(rec: Record, colour: bool = False, width: int = 0) -> str:
-    """One or more lines (a multi-line message repeats the prefix on every line)."""
+def format_text(rec: Record, colour: bool = False, width: int = 0, date: bool = False) -> str:
+    """One or more lines (a multi-line message repeats the prefix on every line). ``date``:
+    the stamp starts with the date (``2025-11-23 09:41:02.123``), for files."""
     _, t, level, source, msg = rec
-    stamp = datetime.datetime.fromtimestamp(t).strftime("%H:%M:%S.%f")[:-3]
+    stamp = datetime.datetime.fromtimestamp(t).strftime(
+        "%Y-%m-%d %H:%M:%S.%f" if date else "%H:%M:%S.%f")[:-3]
     label = source.ljust(width)
     mark = f"{level_name(level)} " if level >= 30 else ""
     if colour:
@@ -88,8 +90,9 @@ def format_text(rec: Record, colour: bool = False, width: int = 0) -> str:
     return "\n".join(f"{stamp}  {label} | {mark}{line}" for line in lines)
 
 
-def format_json(rec: Record) -> str:
-    """One JSON object on one line (stable keys, see the module docstring)."""
+def format_json(rec: Record, **extra: Any) -> str:
+    """One JSON object on one line (stable keys, see the module docstring); ``extra`` keys
+    (a log file's ``pid``) come before ``message``."""
     _, t, level, source, msg = rec
     worker = WorkerName.parse(source)
     obj: dict[str, Any] = {
@@ -98,6 +101,7 @@ def format_json(rec: Record) -> str:
         "source": source,
         "group": worker.group if worker else None,
         "index": worker.index if worker else None,
+        **extra,
         "message": msg,
     }
     return json.dumps(obj, ensure_ascii=False)

@@ -9,7 +9,8 @@ gracefully, then exit; while it is starting they abort the start at once; a seco
 while it exits kills every worker (``Supervisor.kill_all``). SIGHUP, as CherryPy's: on a
 terminal (it closed) like SIGTERM; detached (daemon, service, stdin not a tty) a reload.
 SIGHUP's reload and SIGTTIN/SIGTTOU (scale the first group) are queued on the Control socket
-like the matching commands.
+like the matching commands. SIGUSR1 reopens the log files (:mod:`multibus.logfiles`), for
+logrotate.
 Exit status: 0 after a clean stop, 1 if a worker had to be killed or the fleet failed.
 """
 
@@ -26,6 +27,7 @@ from multibus.bus import Bus
 from multibus.commands import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from multibus.config import FleetConfig
 from multibus.control import Control, ControlError
+from multibus.logfiles import LogFileError, LogFiles
 from multibus.logprinter import LogPrinter, fleet_sources
 from multibus.logview import SUPERVISOR, split_source
 from multibus.plugins.pidfile import PIDFileError
@@ -125,6 +127,14 @@ def run_fleet(
         log = printer = LogPrinter(cfg.log_level, cfg.log_format, sys.stderr,
                                    sources=sources).start()
     bus.subscribe("log", log, 1)
+    try:
+        files = _log_files(cfg, log)
+    except LogFileError as e:
+        if printer is not None:
+            printer.close()
+        raise FleetRefused(f"{cfg.source}: {e}" if cfg.source else str(e), EXIT_USAGE) from e
+    if files is not None:
+        bus.subscribe("log", files, 1)
     options: dict[str, Any] = {
         "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
         "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, **supervisor_options}
@@ -132,8 +142,9 @@ def run_fleet(
     try:
         sup.subscribe()
     except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
-        if printer is not None:
-            printer.close()
+        for closing in (printer, files):
+            if closing is not None:
+                closing.close()
         raise FleetRefused(_refusal(cfg.name, e, options["pidfile"]), EXIT_USAGE) from e
 
     stopping = threading.Event()
@@ -158,9 +169,15 @@ def run_fleet(
                           interrupt_start=lambda: os.kill(os.getpid(), signal.SIGTERM)).subscribe()
     except Exception as e:  # noqa: BLE001
         bus.exit()
-        if printer is not None:
-            printer.close()
+        for closing in (printer, files):
+            if closing is not None:
+                closing.close()
         raise FleetRefused(str(e), EXIT_FAIL) from e
+    if files is not None:
+        files.pid_of = sup.pid_of
+    # max_memory / max_age replacements are ops, serialized with the user's commands
+    sup.recycler.request = lambda worker, pid, reason: control.queue(
+        "replace", worker=worker, pid=pid, reason=reason)
 
     def workers_started() -> None:
         n = sum(1 for r in sup.table() if r["state"] == "STARTED")
@@ -202,6 +219,7 @@ def run_fleet(
         "SIGHUP": hangup,
         "SIGTTIN": lambda: queue("scale", group=default, delta=1),
         "SIGTTOU": lambda: queue("scale", group=default, delta=-1),
+        "SIGUSR1": lambda: _reopen(bus, files),
     }
     handler.subscribe()
     code = EXIT_OK
@@ -228,6 +246,27 @@ def run_fleet(
             handler.unsubscribe()
         except Exception:  # noqa: BLE001
             pass
+        if files is not None:
+            files.close()
         if printer is not None:
             printer.close()
     return max(code, sup.exit_code)
+
+
+def _log_files(cfg: FleetConfig, log: Callable[..., Any]) -> LogFiles | None:
+    """The fleet's log files, open and writing (None without any); LogFileError when one
+    cannot be opened. A file that fails later is said once on ``log`` (the terminal)."""
+    if cfg.log_file is None and not cfg.group_log_files:
+        return None
+    return LogFiles(cfg.log_level, cfg.log_format, cfg.log_file, cfg.group_log_files,
+                    counts={spec.name: spec.count for spec in cfg.specs},
+                    on_error=lambda text: log(text, 40)).start()
+
+
+def _reopen(bus: Bus, files: LogFiles | None) -> None:
+    """SIGUSR1 (logrotate's postrotate): reopen the log files by their paths."""
+    if files is None:
+        bus.log("SIGUSR1: no log files to reopen")
+        return
+    files.reopen()
+    bus.log(f"log files reopened ({', '.join(f.path for f in files.files)})")

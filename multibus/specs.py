@@ -16,7 +16,8 @@ from typing import Any
 
 from multibus.names import WorkerName, valid_group
 
-__all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec", "Intensity"]
+__all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec", "Intensity",
+           "parse_size"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
 SLOW_PEER_POLICIES = ("drop", "restart")
@@ -26,6 +27,28 @@ _RESERVED_CHANNELS = {"main", "start", "stop", "graceful", "exit", "log"}
 
 class SpecError(ValueError):
     """A worker spec is invalid; the message names the field and the fix."""
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(value: int | str) -> int:
+    """A size in bytes: an integer, or a string like ``"512MB"`` (KB/MB/GB/TB are powers of
+    1000, KiB/MiB/GiB/TiB of 1024; ``"100"`` and ``"100B"`` are bytes). ValueError otherwise
+    (or when it is not > 0)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        unit = (m.group(2) or "").lower().removesuffix("b")
+        n = int(float(m.group(1)) * _UNITS[unit])
+    else:
+        raise ValueError(f"{value!r} is not a size: use bytes or a string like '512MB', "
+                         "'1.5GiB' (KB, MB, GB, KiB, MiB, GiB)")
+    if n <= 0:
+        raise ValueError(f"{value!r}: a size must be > 0")
+    return n
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,10 @@ class WorkerSpec:
         dropped, counted and logged once per episode, until it reads again; nobody else
         waits) or 'restart' (it is terminated, and restarted as its ``restart`` mode says).
         Either way its status row says ``stuck`` (why) while it lasts.
+    max_memory: bytes of RSS (or a size string, see :func:`parse_size`) past which a
+        worker is gracefully replaced (:mod:`multibus.recycle`); None: no limit.
+    max_age: seconds after which a worker is gracefully replaced, plus a random
+        ``uniform(0, max_age_jitter)`` of its own (so a group is not replaced all at once).
     """
 
     name: str
@@ -60,6 +87,9 @@ class WorkerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     slow_peer: str = "drop"
+    max_memory: int | None = None
+    max_age: float | None = None
+    max_age_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if not valid_group(self.name):
@@ -84,6 +114,7 @@ class WorkerSpec:
             value = getattr(self, key)
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise SpecError(f"{where}: {key} {value!r} must be a number of seconds > 0")
+        self._check_recycling(where)
         channels = (self.channels,) if isinstance(self.channels, str) else self.channels
         channels = tuple(channels)
         for ch in channels:
@@ -100,6 +131,23 @@ class WorkerSpec:
         object.__setattr__(self, "env", dict(self.env))
         if self.cwd is not None and not isinstance(self.cwd, str):
             raise SpecError(f"{where}: cwd must be a path string or None")
+
+    def _check_recycling(self, where: str) -> None:
+        """max_memory (bytes, or a size string), max_age and max_age_jitter."""
+        if self.max_memory is not None:
+            try:
+                object.__setattr__(self, "max_memory", parse_size(self.max_memory))
+            except ValueError as e:
+                raise SpecError(f"{where}: max_memory {e}") from None
+        if self.max_age is not None and (not isinstance(self.max_age, int | float) or isinstance(
+                self.max_age, bool) or self.max_age <= 0):
+            raise SpecError(f"{where}: max_age {self.max_age!r} must be a number of seconds > 0")
+        jitter = self.max_age_jitter
+        if not isinstance(jitter, int | float) or isinstance(jitter, bool) or jitter < 0:
+            raise SpecError(f"{where}: max_age_jitter {jitter!r} must be a number of seconds "
+                            ">= 0")
+        if jitter and self.max_age is None:
+            raise SpecError(f"{where}: max_age_jitter needs max_age; set max_age too")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkerSpec:

@@ -32,6 +32,8 @@ from multibus import fdbudget
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
+from multibus.recycle import Recycler
+from multibus.recycle import replace as _replace
 from multibus.restart import RestartPolicy
 from multibus.spawner import Spawner
 from multibus.specs import Intensity, SpecError, WorkerSpec, coerce_specs
@@ -114,6 +116,7 @@ class Supervisor:
         self.kills: list[tuple[str, str]] = []
         self._subscribed: list[tuple[str, Callable[..., Any]]] = []
         self._exit_sent = False  # the stop that opened the exit already told workers to exit
+        self.recycler = Recycler(self)  # max_memory / max_age (a thread only if a group sets one)
 
     @property
     def workers(self) -> Fleet:
@@ -156,6 +159,7 @@ class Supervisor:
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
                 self.spawner.start_zygote(self.specs.values(), self.zygote_preload)
+            self.recycler.start()
         except BaseException:
             self._teardown()
             raise
@@ -200,6 +204,7 @@ class Supervisor:
             self.spawner.close_zygote()
 
     def _teardown(self) -> None:
+        self.recycler.close()
         self._close_zygote()
         if self.procs is not None:
             self.procs.close()
@@ -336,6 +341,7 @@ class Supervisor:
                 self.bridge.command("exit")
             except Exception as e:  # noqa: BLE001 - still escalate below
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
+        self.recycler.close()
         live = self.fleet.live()
         now = time.monotonic()
         self._close_zygote()
@@ -391,6 +397,24 @@ class Supervisor:
 
 
     # -- run-time changes -----------------------------------------------------------------
+
+    def replace(self, name: str, pid: int | None = None, reason: str = "max_age") -> str:
+        """Gracefully replace worker ``name`` (its process ``pid``, if given) for ``reason``
+        (see :func:`multibus.recycle.replace`); a transition: run it on the main thread."""
+        return _replace(self, name, pid, reason)
+
+    def pid_of(self, name: str) -> int | None:
+        """The pid of worker ``name``'s process (None: no such worker or process)."""
+        w = self.fleet.get(name)
+        return None if w is None else w.pid
+
+    def group_status(self, group: str) -> dict[str, Any]:
+        """What ``status --json`` adds to a group: its max_memory (bytes), max_age,
+        max_age_jitter and ``replaced`` (replacements so far, by reason)."""
+        spec = self.specs[group]
+        return {"max_memory": spec.max_memory, "max_age": spec.max_age,
+                "max_age_jitter": spec.max_age_jitter,
+                "replaced": dict(self.recycler.replaced.get(group, {}))}
 
     def scale(self, group: str, count: int, timeout: float | None = None) -> None:
         """Run ``count`` workers of ``group``: spawn new ones or stop the highest-numbered.

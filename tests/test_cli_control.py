@@ -57,6 +57,9 @@ class FakeSupervisor:
     def scale(self, group: str, count: int) -> None:
         self.scaled.append((group, count))
 
+    def group_status(self, group: str) -> dict:
+        return {}
+
 
 @pytest.fixture
 def served():
