@@ -2,7 +2,9 @@
 
 Default actions: SIGTERM -> exit, SIGINT -> exit, SIGUSR1 -> graceful, SIGHUP -> graceful when
 detached (parent is init or stdin is not a tty: a daemon, a service), else exit (a closed
-terminal sends SIGHUP), as CherryPy's ``handle_SIGHUP`` (see ``is_detached``).
+terminal sends SIGHUP), as CherryPy's ``handle_SIGHUP`` (see ``is_detached``). ``multibus
+run`` (``run_fleet``) sets its own ``handlers``: SIGUSR1 there reopens the fleet's log files
+(for logrotate) instead, as nginx does; a reload is SIGHUP's.
 
 Why not act inside the handler (as CherryPy does): a Python signal handler runs in the main
 thread between two bytecodes of whatever it was doing, possibly in the middle of a publish or
