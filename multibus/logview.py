@@ -72,12 +72,27 @@ def _colour_of(source: str) -> int:
     return _PALETTE[sum(source.encode()) % len(_PALETTE)]
 
 
+_SECONDS: dict[tuple[datetime.datetime, bool], str] = {}  # strftime of the latest seconds
+
+
+def _stamp(t: float, date: bool) -> str:
+    """``09:41:02.123`` (``2025-11-23 09:41:02.123`` with ``date``): strftime once per
+    second, the writers' main cost when it was once per line."""
+    dt = datetime.datetime.fromtimestamp(t)
+    key = (dt.replace(microsecond=0), date)
+    prefix = _SECONDS.get(key)
+    if prefix is None:
+        if len(_SECONDS) > 8:
+            _SECONDS.clear()
+        prefix = _SECONDS[key] = dt.strftime("%Y-%m-%d %H:%M:%S" if date else "%H:%M:%S")
+    return f"{prefix}.{dt.microsecond // 1000:03d}"
+
+
 def format_text(rec: Record, colour: bool = False, width: int = 0, date: bool = False) -> str:
     """One or more lines (a multi-line message repeats the prefix on every line). ``date``:
     the stamp starts with the date (``2025-11-23 09:41:02.123``), for files."""
     _, t, level, source, msg = rec
-    stamp = datetime.datetime.fromtimestamp(t).strftime(
-        "%Y-%m-%d %H:%M:%S.%f" if date else "%H:%M:%S.%f")[:-3]
+    stamp = _stamp(t, date)
     label = source.ljust(width)
     mark = f"{level_name(level)} " if level >= 30 else ""
     if colour:
