@@ -301,8 +301,8 @@ class Control:
 
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
              "groups": [{"name", "target", "count" (desired), "running",
-                         "max_memory", "max_age", "max_age_jitter",
-                         "replaced": {"max_memory": n, "max_age": n}}],
+                         and with max_memory or max_age set: "max_memory", "max_age",
+                         "max_age_jitter", "replaced": {"max_memory": n, "max_age": n}}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],

@@ -409,9 +409,12 @@ class Supervisor:
         return None if w is None else w.pid
 
     def group_status(self, group: str) -> dict[str, Any]:
-        """What ``status --json`` adds to a group: its max_memory (bytes), max_age,
-        max_age_jitter and ``replaced`` (replacements so far, by reason)."""
+        """What ``status --json`` adds to a group that sets max_memory or max_age: those
+        (bytes, seconds; null when not set), max_age_jitter and ``replaced`` (replacements
+        so far, by reason)."""
         spec = self.specs[group]
+        if not (spec.max_memory or spec.max_age):
+            return {}
         return {"max_memory": spec.max_memory, "max_age": spec.max_age,
                 "max_age_jitter": spec.max_age_jitter,
                 "replaced": dict(self.recycler.replaced.get(group, {}))}
