@@ -22,6 +22,7 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     zygote = true             # fork workers from one preloaded process (the default: fast);
                               # false: exec an interpreter per worker (multibus run --exec)
     zygote_preload = []       # modules that process imports once, e.g. ["app"] (opt-in)
+    containment = "auto"      # auto | cgroup | scan | none: what keeps every descendant in
 
     [groups.web]              # groups run in file order; the first is the default group
     target = "app:serve"      # package.module:callable, called with the worker's bus
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multibus.containment import MODES
 from multibus.names import check_name
 from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
 from multibus.worker import worker_env
@@ -86,6 +88,7 @@ class FleetConfig:
     source: str | None = None  # the file it came from (for messages)
     zygote: bool = True  # fork workers from a preloaded zygote (Supervisor(zygote=...))
     zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
+    containment: str = "auto"  # auto | cgroup | scan | none (multibus.containment)
 
     @property
     def default_group(self) -> str | None:
@@ -208,7 +211,7 @@ def parse_level(value: str | int) -> int:
 
 SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_restarts",
                    "restart_period", "log_level", "log_format", "pythonpath", "zygote",
-                   "zygote_preload")
+                   "zygote_preload", "containment")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
               "cwd", "pythonpath", "slow_peer")
 
@@ -276,6 +279,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         raise ConfigError(f"{source}: supervisor.zygote_preload: needs the zygote; remove "
                           "'zygote = false' or the preload list")
 
+    containment = c.choice("supervisor.containment", sup.get("containment", "auto"), MODES)
+
     if "groups" not in data:
         raise ConfigError(f"{source}: groups: missing; add at least one [groups.NAME] table "
                           "with a target")
@@ -328,7 +333,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
-                       source, zygote, preload)
+                       source, zygote, preload, containment)
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,
