@@ -245,7 +245,7 @@ def test_supervisors_in_this_process_each_get_a_boundary_and_clean_it(tmp_path, 
     for _ in range(2):  # one after the other: a new boundary each time, none left over
         bus = Bus()
         logs: list[str] = []
-        bus.subscribe("log", lambda msg, level=20: logs.append(msg))
+        bus.subscribe("log", lambda msg, level=20, logs=logs: logs.append(msg))
         spec = WorkerSpec(name="w", target="targets.escapers:setsid", count=1,
                           env={"PYTHONPATH": PATH, "MB_ESCAPE_DIR": str(tmp_path)})
         sup = Supervisor(bus, [spec], name=f"t{uuid.uuid4().hex[:8]}", pidfile=False,
