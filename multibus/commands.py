@@ -440,6 +440,8 @@ def format_status(st: dict[str, Any]) -> str:
     n = len(st["workers"])
     head = (f"{st['name']} (pid {st['pid']}): {st['state']}, {n} worker{'s' if n != 1 else ''}, "
             f"up {_duration(st['uptime'])}")
+    if st.get("containment"):  # which boundary holds every descendant (issue 14)
+        head += f", containment: {st['containment']}"
     lines.append(head)
     trouble = _trouble(st.get("counters") or {})
     if trouble:

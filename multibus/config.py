@@ -25,6 +25,7 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     log_file = "fleet.log"    # every record, also to this file (default: none)
     log_max_bytes = "10MB"    # rotate the log files at this size (default 0: never)
     log_backups = 5           # rotated files kept (fleet.log.1 ... .5)
+    containment = "auto"      # auto | cgroup | scan | none: the fleet's boundary (README: Containment)
 
     [groups.web]              # groups run in file order; the first is the default group
     target = "app:serve"      # package.module:callable, called with the worker's bus
@@ -55,6 +56,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multibus.containment import MODES
 from multibus.logfiles import LogFile
 from multibus.names import check_name
 from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec, parse_size
@@ -97,6 +99,7 @@ class FleetConfig:
     zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
     log_file: LogFile | None = None  # every record also goes there ([supervisor] log_file)
     group_log_files: Mapping[str, LogFile] = field(default_factory=dict)  # group -> its file
+    containment: str = "auto"  # auto | cgroup | scan | none (multibus.containment)
 
     @property
     def default_group(self) -> str | None:
@@ -219,7 +222,7 @@ def parse_level(value: str | int) -> int:
 
 SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_restarts",
                    "restart_period", "log_level", "log_format", "pythonpath", "zygote",
-                   "zygote_preload")
+                   "zygote_preload", "containment")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
               "cwd", "pythonpath", "slow_peer")
 LOG_FILE_KEYS = ("log_file", "log_max_bytes", "log_backups")  # [supervisor] and groups
@@ -289,6 +292,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         raise ConfigError(f"{source}: supervisor.zygote_preload: needs the zygote; remove "
                           "'zygote = false' or the preload list")
 
+    containment = c.choice("supervisor.containment", sup.get("containment", "auto"), MODES)
+
     if "groups" not in data:
         raise ConfigError(f"{source}: groups: missing; add at least one [groups.NAME] table "
                           "with a target")
@@ -347,8 +352,9 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
-                       source, zygote, preload, log_default if log_default.path else None,
-                       group_logs)
+                       source, zygote, preload,
+                       log_file=log_default if log_default.path else None,
+                       group_log_files=group_logs, containment=containment)
 
 
 def _size(c: _Checker, key: str, value: Any) -> int:

@@ -48,6 +48,7 @@ from multibus.commands import (
     is_int,
     state_of,
 )
+from multibus.containment import Containment
 from multibus.logring import LogRing
 from multibus.logview import SUPERVISOR, Record
 from multibus.names import WorkerName
@@ -309,7 +310,8 @@ class Control:
              "queue": [{"op", "action", "args", "state", "error", "note"}],
              "counters": {"control": {"invalid", "refused", "followers", "listening",
                                       "paused" (times it stopped listening: fd limit)},
-                          "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}}}
+                          "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}},
+             "containment": 'cgroup PATH' | 'scan (marker MULTIBUS_FLEET=ID)' | 'none'}
         """
         order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
         rows = self.sup.table()
@@ -341,6 +343,7 @@ class Control:
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
             "counters": self.counters(),
+            "containment": Containment.describe_active(),
         }
 
     def counters(self) -> dict[str, dict[str, int]]:

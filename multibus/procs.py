@@ -201,6 +201,7 @@ class ProcessManager:
         self.keep_lines = keep_lines
         self.children: dict[int, Child] = {}  # pid -> live (unreaped) child
         self.adopted: dict[int, int] = {}  # pid -> pidfd of an adopted orphan
+        self.foreign: set[int] = set()  # our children that are not orphans (the guardian)
         self._sel = selectors.DefaultSelector()
         self._wakeup = Wakeup()
         self._sel.register(self._wakeup.fileno(), selectors.EVENT_READ, ("wake", None))
@@ -504,7 +505,7 @@ class ProcessManager:
             except OSError:
                 continue
         for pid in pids:
-            if pid in self.children or pid in self.adopted:
+            if pid in self.children or pid in self.adopted or pid in self.foreign:
                 continue
             try:
                 if os.getpgid(pid) == self._pgrp:

@@ -12,6 +12,10 @@ SIGHUP's reload and SIGTTIN/SIGTTOU (scale the first group) are queued on the Co
 like the matching commands. SIGUSR1 reopens the log files (:mod:`multibus.logfiles`), for
 logrotate.
 Exit status: 0 after a clean stop, 1 if a worker had to be killed or the fleet failed.
+
+Containment (:mod:`multibus.containment`) is set up first, while the process has one thread:
+its guardian is forked then, and this process moves into the fleet's boundary before it starts
+anything.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from multibus.bus import Bus
 from multibus.commands import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 from multibus.config import FleetConfig
+from multibus.containment import Containment, ContainmentError
 from multibus.control import Control, ControlError
 from multibus.logfiles import LogFileError, LogFiles
 from multibus.logprinter import LogPrinter, fleet_sources
@@ -119,6 +124,11 @@ def run_fleet(
     """
     cfg = fleet if isinstance(fleet, FleetConfig) else FleetConfig(coerce_specs(fleet))
     cfg = cfg.with_name(name)
+    mode = supervisor_options.pop("containment", cfg.containment)
+    try:  # first: the guardian is forked before any thread of ours (the log printer's)
+        contain = Containment.open(mode, cfg.name) if isinstance(mode, str) else mode
+    except ContainmentError as e:
+        raise FleetRefused(f"cannot start supervisor {cfg.name!r}: {e}", EXIT_USAGE) from e
     notify_env = {"NOTIFY_SOCKET": os.environ.pop("NOTIFY_SOCKET", "")}  # not for workers
     bus = Bus() if bus is None else bus
     printer = None
@@ -138,13 +148,19 @@ def run_fleet(
     options: dict[str, Any] = {
         "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
         "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, **supervisor_options}
-    sup = Supervisor(bus, cfg.specs, name=cfg.name, **options)
+    try:
+        sup = Supervisor(bus, cfg.specs, name=cfg.name, containment=contain, **options)
+    except BaseException:
+        contain.release()
+        raise
     try:
         sup.subscribe()
     except Exception as e:  # noqa: BLE001 - name in use (names the pid), unsafe runtime dir...
         for closing in (printer, files):
             if closing is not None:
                 closing.close()
+        if sup.containment is None:  # refused before it took the containment over
+            contain.release()
         raise FleetRefused(_refusal(cfg.name, e, options["pidfile"]), EXIT_USAGE) from e
 
     stopping = threading.Event()

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from multibus import fdbudget
+from multibus.containment import Containment
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
@@ -63,6 +64,9 @@ class Supervisor:
     once: opt-in, like gunicorn's ``preload_app``, since their import-time code then runs in
     the zygote. Workers it cannot serve (see :func:`~multibus.zygote.exec_reason`), or all
     of them once it is gone, are exec'd; each worker's ``launch`` in the status says which.
+    ``containment`` ('auto', 'cgroup', 'scan', 'none', or an open
+    :class:`~multibus.containment.Containment` to take over) is the boundary every worker and
+    descendant is kept in, killed whole when the supervisor dies (its guardian) or exits.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class Supervisor:
         peer_timeout: float = 20.0,
         zygote: bool = True,
         zygote_preload: Iterable[str] = (),
+        containment: str | Containment = "auto",
     ) -> None:
         self.bus = bus
         self.name = name
@@ -117,6 +122,8 @@ class Supervisor:
         self._subscribed: list[tuple[str, Callable[..., Any]]] = []
         self._exit_sent = False  # the stop that opened the exit already told workers to exit
         self.recycler = Recycler(self)  # max_memory / max_age (a thread only if a group sets one)
+        self._containment_arg = containment
+        self.containment: Containment | None = None  # while subscribed
 
     @property
     def workers(self) -> Fleet:
@@ -145,10 +152,15 @@ class Supervisor:
         try:
             if self.subreaper:
                 set_child_subreaper()
+            arg = self._containment_arg
+            self.containment = (Containment.open(arg, self.name) if isinstance(arg, str)
+                                else arg)  # before anything is spawned: all of it is inside
             self.procs = ProcessManager(
                 on_line=self.keeper.on_line, on_exit=self.keeper.on_exit,
                 on_adopted=self.keeper.on_adopted,
-            ).start()
+            )
+            self.procs.foreign.add(self.containment.guardian_pid or 0)  # not an orphan of ours
+            self.procs.start()
             self.spawner = Spawner(self.procs, self.python, heartbeat=self.heartbeat,
                                    peer_timeout=self.peer_timeout, log=self.log,
                                    fleet=self.name)
@@ -206,6 +218,7 @@ class Supervisor:
     def _teardown(self) -> None:
         self.recycler.close()
         self._close_zygote()
+        self._release_containment()
         if self.procs is not None:
             self.procs.close()
         if self.pidfile is not None:
@@ -350,6 +363,7 @@ class Supervisor:
         self._mark_killed(stop_children(list(deadlines), deadlines,
                                         term_timeout=self.term_timeout, log=self.log),
                           "did not exit")
+        self._release_containment()  # what the workers left behind: killed, each logged
         if self.procs is not None:
             self.procs.close()
         self.keeper.changed()
@@ -361,6 +375,11 @@ class Supervisor:
 
     # -- helpers --------------------------------------------------------------------------
 
+
+    def _release_containment(self) -> None:
+        c, self.containment = self.containment, None
+        if c is not None:
+            c.release(self.log)
 
     def _escalate(self, workers: list[WorkerSlot], hurry: bool) -> None:
         """Signal ``workers`` that are late (SIGTERM, then SIGKILL) or, in a ``hurry`` (a
