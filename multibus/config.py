@@ -25,7 +25,7 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     log_file = "fleet.log"    # every record, also to this file (default: none)
     log_max_bytes = "10MB"    # rotate the log files at this size (default 0: never)
     log_backups = 5           # rotated files kept (fleet.log.1 ... .5)
-    containment = "auto"      # auto | cgroup | scan | none: the fleet's boundary (README: Containment)
+    containment = "auto"      # auto | cgroup | scan | none (README: Containment)
 
     [groups.web]              # groups run in file order; the first is the default group
     target = "app:serve"      # package.module:callable, called with the worker's bus
