@@ -300,10 +300,12 @@ class Control:
         """The status document (stable keys; new keys may be added, none removed)::
 
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
-             "groups": [{"name", "target", "count" (desired), "running"}],
+             "groups": [{"name", "target", "count" (desired), "running",
+                         "cmd" (a program's argv, else None), "ready",
+                         "limits": {"user", "group", "umask", "rlimits"}}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
-                          "launch" ('fork', 'exec (why)'; None before its first spawn)}],
+                          "launch" ('fork', 'exec (why)', 'cmd'; None before its first spawn)}],
              "queue": [{"op", "action", "args", "state", "error", "note"}],
              "counters": {"control": {"invalid", "refused", "followers", "listening",
                                       "paused" (times it stopped listening: fd limit)},
@@ -332,6 +334,8 @@ class Control:
             groups.append({
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
+                "cmd": list(spec.cmd) or None, "ready": spec.ready,
+                "limits": spec.launch_settings(),
             })
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),

@@ -256,6 +256,7 @@ class Supervisor:
 
     def graceful(self) -> None:
         self.bridge.command("graceful")
+        self.keeper.programs.graceful(self.fleet.live())  # cmd groups: graceful_signal
 
     def kill_all(self) -> None:
         """SIGKILL every live worker's process group and record it as killed. Safe in a
@@ -284,6 +285,7 @@ class Supervisor:
             self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
         else:
             self.bridge.command("stop")
+        self.keeper.programs.stop(self.fleet.live())  # cmd groups: stop_signal, they end
         hurry = False
         try:
             self._wait_stopped(done)
@@ -337,6 +339,7 @@ class Supervisor:
             except Exception as e:  # noqa: BLE001 - still escalate below
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
         live = self.fleet.live()
+        self.keeper.programs.stop(live)  # cmd groups: stop_signal
         now = time.monotonic()
         self._close_zygote()
         deadlines = {w.child: now + w.spec.stop_timeout
@@ -421,7 +424,10 @@ class Supervisor:
         """Have scaled-away workers exit (then escalate); forget them."""
         live = [w for w in removed if w.alive]
         if live:
-            self.bridge.command("exit", peers=[w.name for w in live])
+            buses, _ = self.keeper.programs.split(live)
+            if buses:
+                self.bridge.command("exit", peers=[w.name for w in buses])
+            self.keeper.programs.stop(live)  # cmd groups: stop_signal
             children = [w.child for w in live if w.child is not None]
             self._mark_killed(stop_children(
                 children, time.monotonic() + g.spec.stop_timeout,
