@@ -131,7 +131,7 @@ class Spawner:
             uid, gid, groups = resolve_ids(spec.user, spec.group, f"group {spec.name!r}")
         except ValueError as e:
             return OSError(str(e))
-        env = {**os.environ, **spec.env}
+        env = {**os.environ, **spec.env, "MULTIBUS_WORKER": name}  # which one it is, as a worker
         if uid is not None:  # as a login gives them, unless the group's env says otherwise
             pw = pwd.getpwuid(uid)
             for key, value in (("HOME", pw.pw_dir), ("USER", pw.pw_name),
