@@ -7,7 +7,8 @@ expected, so ``multibus run`` can refuse before anything is started. ``check_tar
 imports each group's target in a throwaway interpreter with the worker's environment, so an
 unimportable target is also refused up front (and the supervisor never executes user code).
 
-Layout (every key optional except ``groups.<name>.target``; paths are relative to the file)::
+Layout (every key optional except ``groups.<name>.target``, or ``cmd`` instead for a program
+that is not Python: see the README; paths are relative to the file)::
 
     [supervisor]
     name = "fleet"            # hub/control name (--name overrides); default: "multibus"
