@@ -301,7 +301,7 @@ class Control:
 
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
              "groups": [{"name", "target", "count" (desired), "running",
-                         "cmd" (a program's argv, else None), "ready",
+                         and, only where set: "cmd" + "ready" (a program's),
                          "limits": {"user", "group", "umask", "rlimits"}}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
@@ -334,8 +334,7 @@ class Control:
             groups.append({
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
-                "cmd": list(spec.cmd) or None, "ready": spec.ready,
-                "limits": spec.launch_settings(),
+                **spec.status_fields(),
             })
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),

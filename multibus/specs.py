@@ -181,6 +181,17 @@ class WorkerSpec:
                 "umask": None if self.umask is None else f"{self.umask:04o}",
                 "rlimits": {k: [v(s), v(h)] for k, (s, h) in self.rlimits.items()}}
 
+    def status_fields(self) -> dict[str, Any]:
+        """What ``status --json`` adds to this group's entry, only where set (a bus group
+        without launch settings adds nothing): ``cmd`` and ``ready`` for a program,
+        ``limits`` (:meth:`launch_settings`) when any is set."""
+        out: dict[str, Any] = {}
+        if self.cmd:
+            out.update(cmd=list(self.cmd), ready=self.ready)
+        if (self.user, self.group, self.umask) != (None, None, None) or self.rlimits:
+            out["limits"] = self.launch_settings()
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
