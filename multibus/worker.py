@@ -108,8 +108,7 @@ def set_title(name: str, fleet: str | None) -> None:
 
 def _parse(argv: list[str]) -> dict[str, object]:
     """Tiny ``--key value`` parser (argparse costs startup time). --channel repeats."""
-    opts: dict[str, object] = {"channels": [], "stop_timeout": 5.0, "parent_pid": 0,
-                               "rlimits": []}
+    opts: dict[str, object] = {"channels": [], "stop_timeout": 5.0, "parent_pid": 0}
     it = iter(argv)
     for arg in it:
         if not arg.startswith("--"):
@@ -122,7 +121,7 @@ def _parse(argv: list[str]) -> dict[str, object]:
         if key == "channel":
             opts["channels"].append(value)  # type: ignore[union-attr]
         elif key == "rlimit":
-            opts["rlimits"].append(value)  # type: ignore[union-attr]
+            opts.setdefault("rlimits", []).append(value)  # type: ignore[union-attr]
         elif key in ("parent_pid",):
             opts[key] = int(value)
         elif key == "heartbeat" and value.lower() in ("none", "off"):
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     import multibus.fastexit  # noqa: F401 - for run(); an import while exiting costs ~0.4 ms
     opts = _parse(args)
     name = str(opts["name"])
-    if opts["rlimits"]:  # the group's, before any of its code runs
+    if opts.get("rlimits"):  # the group's, before any of its code runs
         from multibus.launcher import apply_rlimits, parse_rlimit_arg
 
         try:

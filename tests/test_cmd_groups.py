@@ -230,7 +230,7 @@ cmd = {toml_cmd(PY, "-c", CRASH_ONCE, str(tmp_path / "mark"))}
         rows = wait_for(lambda: (r := started(name, "flaky")) and r[0]["restarts"] == 1 and r,
                         30, "restarted once and STARTED")
         assert rows[0]["exit_code"] == 3
-        assert "second life" in output(log)
+        wait_for(lambda: "second life" in output(log), 10, "the second process's output")
         assert mb("exit", "--name", name).returncode == 0
         assert proc.wait(30) == 0
 
