@@ -269,6 +269,11 @@ def test_run_dash_dash_runs_a_program(tmp_path):
     ('[groups.x]\ncmd = ["sleep", "1"]\nchannels = ["a"]\n', "a cmd program has no bus"),
 ])
 def test_bad_cmd_groups_exit_2_with_one_line(tmp_path, body, expected):
+    assert_refused(tmp_path, body, expected)
+
+
+def assert_refused(tmp_path: Path, body: str, expected: str) -> None:
+    """``multibus run`` of a fleet file ``body`` exits 2 with one line saying ``expected``."""
     path = tmp_path / "bad.toml"
     path.write_text(body)
     r = mb("run", str(path), "--name", unique("bad"))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from test_cli import mb, output, running, status, unique, wait_for
-from test_cmd_groups import started, toml_cmd, write_fleet
+from test_cmd_groups import assert_refused, started, toml_cmd, write_fleet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -110,11 +110,7 @@ pythonpath = [{TESTS!r}]
     ('[groups.x]\ncmd = ["sleep", "1"]\numask = "8"\n', "groups.x.umask: expected an octal"),
 ])
 def test_bad_limits_exit_2_with_one_line(tmp_path, body, expected):
-    path = tmp_path / "bad.toml"
-    path.write_text(body)
-    r = mb("run", str(path), "--name", unique("bad"))
-    assert r.returncode == 2
-    assert expected in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert_refused(tmp_path, body, expected)
 
 
 def test_changing_user_needs_root():
