@@ -1,6 +1,7 @@
 """The ``multibus`` command: run a supervised fleet, and control it from another terminal.
 
     multibus run TARGET|FILE.toml [-n N] [--name NAME] [--mirror CH ...]
+    multibus run [-n N] [--group G] -- PROGRAM ARGS...
     multibus status [--json]
     multibus start | stop | restart | graceful | exit
     multibus scale GROUP N
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import replace
 
 from multibus.commands import (
@@ -34,6 +36,7 @@ from multibus.config import (
     ConfigError,
     FleetConfig,
     check_targets,
+    from_command,
     from_target,
     load,
     parse_level,
@@ -49,6 +52,16 @@ __all__ = ["build_parser", "console", "main"]
 
 def _load_fleet(args: argparse.Namespace) -> FleetConfig:
     target = args.target
+    if args.cmd is not None:  # run -- PROGRAM ARGS...
+        if target is not None or args.mirror:
+            raise ConfigError(f"run -- {' '.join(args.cmd)}: give either a TARGET|FILE or a "
+                              "program after '--' (and no --mirror: a program has no bus)")
+        cfg = from_command(args.cmd, 1 if args.n is None else args.n, group=args.group)
+        return cfg.with_name(_name(args))
+    if target is None:
+        raise ConfigError("run: expected a TARGET, a FILE.toml, or '-- PROGRAM ARGS...'")
+    if args.group is not None:
+        raise ConfigError("run: --group names the group of a program run with '-- PROGRAM'")
     if target.endswith(".toml") or os.path.isfile(target):
         if args.n is not None or args.mirror:
             raise ConfigError(f"{target}: -n and --mirror apply to a TARGET; set count and "
@@ -151,11 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", parents=[common], help="run a supervisor in the foreground",
                          description="Run a fleet in the foreground: TARGET is "
                          "'package.module:callable' (called with each worker's bus), or a "
-                         "fleet .toml file. Ctrl-C / SIGTERM stop it gracefully; SIGHUP "
+                         "fleet .toml file; or '-- PROGRAM ARGS...' runs any executable "
+                         "(a cmd group). Ctrl-C / SIGTERM stop it gracefully; SIGHUP "
                          "stops it too on a terminal, and reloads when detached (stdin not a "
                          "terminal: systemd, a daemon); SIGTTIN / SIGTTOU add / remove a worker "
                          "of the first group.")
-    run.add_argument("target", metavar="TARGET|FILE")
+    run.add_argument("target", metavar="TARGET|FILE", nargs="?")
+    run.add_argument("--group", metavar="NAME", default=None,
+                     help="with '-- PROGRAM ARGS...': the group's name (default: the "
+                     "program's basename)")
     run.add_argument("-n", type=int, default=None, metavar="N",
                      help="number of workers of TARGET (default 1)")
     run.add_argument("--mirror", action="append", metavar="CH",
@@ -181,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``multibus`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = None
+    if "run" in argv and "--" in argv and argv.index("run") < argv.index("--"):
+        cut = argv.index("--")  # run ... -- PROGRAM ARGS: the program's args are its own
+        argv, cmd = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    args.cmd = cmd
     try:
         if args.command == "run":
             return cmd_run(args)

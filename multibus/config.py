@@ -7,7 +7,8 @@ expected, so ``multibus run`` can refuse before anything is started. ``check_tar
 imports each group's target in a throwaway interpreter with the worker's environment, so an
 unimportable target is also refused up front (and the supervisor never executes user code).
 
-Layout (every key optional except ``groups.<name>.target``; paths are relative to the file)::
+Layout (every key optional except ``groups.<name>.target``, or ``cmd`` instead for a program
+that is not Python: see the README; paths are relative to the file)::
 
     [supervisor]
     name = "fleet"            # hub/control name (--name overrides); default: "multibus"
@@ -66,7 +67,9 @@ __all__ = [
     "ConfigError",
     "FleetConfig",
     "LOG_LEVELS",
+    "check_program",
     "check_targets",
+    "from_command",
     "from_target",
     "load",
     "parse_level",
@@ -227,6 +230,9 @@ GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_t
               "cwd", "pythonpath", "slow_peer")
 LOG_FILE_KEYS = ("log_file", "log_max_bytes", "log_backups")  # [supervisor] and groups
 RECYCLE_KEYS = ("max_memory", "max_age", "max_age_jitter")  # groups
+# programs (cmd groups) and launch settings (every group): see _program_fields
+PROGRAM_KEYS = ("cmd", "ready", "stop_signal", "graceful_signal")
+LAUNCH_KEYS = ("user", "group", "umask", "rlimits")
 
 
 def load(path: str | os.PathLike[str]) -> FleetConfig:
@@ -307,12 +313,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     for gname, group in groups.items():
         key = f"groups.{gname}"
         group = c.table(key, group)
-        c.keys(key, group, GROUP_KEYS + LOG_FILE_KEYS + RECYCLE_KEYS)
-        if "target" not in group:
-            raise ConfigError(f"{source}: {key}.target: missing; expected "
-                              "'package.module:callable'")
-        fields: dict[str, Any] = {"name": gname, "target": c.string(f"{key}.target",
-                                                                    group["target"])}
+        c.keys(key, group, GROUP_KEYS + LOG_FILE_KEYS + RECYCLE_KEYS + PROGRAM_KEYS + LAUNCH_KEYS)
+        fields: dict[str, Any] = {"name": gname, **_program_fields(c, key, group, base)}
         if "count" in group:
             fields["count"] = c.integer(f"{key}.count", group["count"])
         if "channels" in group:
@@ -408,6 +410,60 @@ def _recycling(c: _Checker, key: str, group: Mapping[str, Any]) -> dict[str, Any
     return fields
 
 
+def _program_fields(c: _Checker, key: str, group: Mapping[str, Any],
+                    base: Path) -> dict[str, Any]:
+    """``target``, or ``cmd`` and the keys of a program; the launch settings of any group."""
+    if ("target" in group) == ("cmd" in group):
+        what = "missing" if "target" not in group else "and cmd both given"
+        raise ConfigError(f"{c.source}: {key}.target: {what}; expected "
+                          "'package.module:callable', or cmd = [\"program\", \"arg\", ...] "
+                          "instead")
+    fields: dict[str, Any] = {}
+    if "target" in group:
+        fields["target"] = c.string(f"{key}.target", group["target"])
+        for k in PROGRAM_KEYS:
+            if k in group:
+                raise ConfigError(f"{c.source}: {key}.{k}: applies to cmd programs only; "
+                                  "remove it (a bus worker's bus drives its lifecycle)")
+    else:
+        cmd = group["cmd"]
+        if not isinstance(cmd, list) or not cmd or not all(isinstance(a, str) for a in cmd) \
+                or not cmd[0]:
+            raise c.fail(f"{key}.cmd", "an array of strings: the program, then its arguments",
+                         cmd)
+        fields["cmd"] = tuple(cmd)
+        if "ready" in group:
+            ready = c.string(f"{key}.ready", group["ready"])
+            kind, _, path = ready.partition(":")
+            if kind == "file" and path and not os.path.isabs(path):
+                ready = f"file:{base / path}"  # relative to the file, as every path here
+            fields["ready"] = ready
+        for k in ("stop_signal", "graceful_signal"):
+            if k in group:
+                value = group[k]
+                if not isinstance(value, str | int) or isinstance(value, bool):
+                    raise c.fail(f"{key}.{k}", "a signal name like 'SIGTERM', or a number",
+                                 value)
+                fields[k] = value
+    for k in ("user", "group"):
+        if k in group:
+            fields[k] = c.string(f"{key}.{k}", group[k])
+    if "umask" in group:
+        value = group["umask"]
+        if isinstance(value, str):
+            try:
+                value = int(value.removeprefix("0o"), 8)
+            except ValueError:
+                raise c.fail(f"{key}.umask", "an octal umask like 0o022 or '022'",
+                             group["umask"]) from None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+            raise c.fail(f"{key}.umask", "an octal umask like 0o022 or '022'", group["umask"])
+        fields["umask"] = value
+    if "rlimits" in group:
+        fields["rlimits"] = c.table(f"{key}.rlimits", group["rlimits"])
+    return fields
+
+
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,
                 name: str | None = None) -> FleetConfig:
     """The fleet of ``multibus run TARGET -n N``: one group, named after the target's module
@@ -422,7 +478,42 @@ def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,
                        source=target)
 
 
+def from_command(cmd: list[str], count: int = 1, *, group: str | None = None,
+                 name: str | None = None) -> FleetConfig:
+    """The fleet of ``multibus run -- CMD ARGS...``: one ``cmd`` group, named ``group`` or
+    after the program (``/usr/bin/redis-server`` -> ``redis-server``)."""
+    if not cmd or not cmd[0]:
+        raise ConfigError("run --: expected a program after '--', e.g. multibus run -- "
+                          "redis-server --port 0")
+    if group is None:
+        group = os.path.basename(cmd[0])
+        group = "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in group)[:64]
+    try:
+        spec = WorkerSpec(name=group or "program", cmd=tuple(cmd), count=count)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    return FleetConfig([spec], name=_check_name(name, "--name") if name else DEFAULT_NAME,
+                       source=" ".join(cmd))
+
+
 # --------------------------------------------------------------------------- target checks
+
+def check_program(config: FleetConfig, spec: WorkerSpec) -> None:
+    """A ``cmd`` group's program exists and can be executed (found on its PATH)."""
+    import shutil
+
+    program = spec.cmd[0]
+    path = {**os.environ, **spec.env}.get("PATH", os.defpath)
+    if os.sep in program:
+        found = os.path.join(spec.cwd or os.getcwd(), program)
+        ok = os.path.isfile(found) and os.access(found, os.X_OK)
+    else:
+        ok = shutil.which(program, path=path) is not None
+    if not ok:
+        where = "is not an executable file" if os.sep in program else "is not found on PATH"
+        raise ConfigError(f"{config.source}: groups.{spec.name}.cmd: {program!r} {where} "
+                          "(install it, or give its full path)")
+
 
 _CHECK = """\
 import sys
@@ -447,6 +538,9 @@ def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
             if spec.cwd is not None and not os.path.isdir(spec.cwd):
                 raise ConfigError(f"{config.source}: groups.{spec.name}.cwd: no such directory "
                                   f"{spec.cwd}")
+            if spec.cmd:
+                check_program(config, spec)
+                continue
             p = subprocess.Popen(
                 [sys.executable, "-c", _CHECK, spec.target],
                 env=worker_env(spec), cwd=spec.cwd, stdin=subprocess.DEVNULL,

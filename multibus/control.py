@@ -304,9 +304,11 @@ class Control:
              "groups": [{"name", "target", "count" (desired), "running",
                          and with max_memory or max_age set: "max_memory", "max_age",
                          "max_age_jitter", "replaced": {"max_memory": n, "max_age": n}}],
+                         and, only where set: "cmd" + "ready" (a program's),
+                         "limits": {"user", "group", "umask", "rlimits"}}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
-                          "launch" ('fork', 'exec (why)'; None before its first spawn)}],
+                          "launch" ('fork', 'exec (why)', 'cmd'; None before its first spawn)}],
              "queue": [{"op", "action", "args", "state", "error", "note"}],
              "counters": {"control": {"invalid", "refused", "followers", "listening",
                                       "paused" (times it stopped listening: fd limit)},
@@ -336,6 +338,7 @@ class Control:
             groups.append({
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
+                **spec.status_fields(),
                 **self.sup.group_status(gname),
             })
         return {

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from multibus.bus import state_name
 from multibus.fleet import Fleet, WorkerSlot, WorkerState
 from multibus.procs import Child, ProcessManager, signal_group
+from multibus.programs import Programs
 from multibus.restart import GiveUp, RestartPolicy
 from multibus.spawner import Spawner
 
@@ -87,6 +88,7 @@ class Keeper:
         self._joined: set[str] = set()  # names with a record at the hub (forget on respawn)
         # name -> (pid, bus state): events of a process not (yet) recorded as its worker's
         self._early: dict[str, tuple[int | None, str | None]] = {}
+        self.programs = Programs(self)  # the cmd groups' workers, which have no bus
 
     def attach(self, spawner: Spawner, bridge: HubBridge) -> None:
         self.spawner, self.bridge = spawner, bridge
@@ -181,6 +183,8 @@ class Keeper:
                 early = self._early.pop(w.name, None)
                 if early is not None and early[0] == child.pid:
                     w.state = WorkerState.of_bus(early[1]) or S.JOINED
+            if child.data.get("program"):
+                self.programs.spawned(w, child)
         self.changed(*todo)
 
     def spawn_missing(self) -> None:
@@ -277,6 +281,9 @@ class Keeper:
     def _why_late(w: WorkerSlot, waited: float) -> str:
         """What keeps ``w`` from STARTED. A live worker that has not joined is still in its
         target: a target subscribes its plugins and returns, and only then connects."""
+        program = Programs.why_late(w, waited)
+        if program is not None:
+            return program
         if w.state is S.SPAWNING and w.alive:
             return (f"{w.name}: its target {w.spec.target} has not returned after "
                     f"{waited:.1f}s: a target subscribes its plugins and returns; run blocking "
@@ -303,6 +310,7 @@ class Keeper:
         w: WorkerSlot | None = child.data.get("worker")
         if w is None:
             return
+        self.programs.exited(child)
         uptime = (child.ended or time.monotonic()) - child.started
         with self.cond:
             w.exit_code = child.returncode

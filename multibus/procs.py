@@ -259,18 +259,20 @@ class ProcessManager:
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
         pass_fds: Iterable[int] = (),
+        umask: int = -1,
     ) -> Child:
         """Exec ``argv`` from the manager thread in its own process group; return its Child.
 
         stdin is /dev/null; stdout and stderr are pipes read by the manager thread.
+        ``umask`` >= 0 is the child's umask (Popen's ``umask=``).
         """
         if self.in_thread():
-            return self._spawn(name, argv, env, cwd, tuple(pass_fds))
+            return self._spawn(name, argv, env, cwd, tuple(pass_fds), umask)
         fut: Future[Child] = Future()
 
         def do() -> None:
             try:
-                fut.set_result(self._spawn(name, argv, env, cwd, tuple(pass_fds)))
+                fut.set_result(self._spawn(name, argv, env, cwd, tuple(pass_fds), umask))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(e)
 
@@ -324,6 +326,7 @@ class ProcessManager:
         env: Mapping[str, str] | None,
         cwd: str | None,
         pass_fds: tuple[int, ...],
+        umask: int = -1,
     ) -> Child:
         popen = subprocess.Popen(
             list(argv),
@@ -335,6 +338,7 @@ class ProcessManager:
             close_fds=True,
             pass_fds=pass_fds,
             process_group=0,
+            umask=umask,
         )
         return self._register(name, popen)
 
@@ -570,7 +574,9 @@ def stop_children(
     process group, and ``term_timeout`` later SIGKILL. A KeyboardInterrupt while waiting (a
     second Ctrl-C) escalates to SIGKILL at once. A child already killed (:meth:`Child.kill`)
     is only waited for: nothing more is sent or said about it. Returns the children that had
-    to be signalled here; each one's ``signalled`` says how.
+    to be signalled here; each one's ``signalled`` says how. A child whose
+    ``data["kill_at_deadline"]`` is set (a program already sent its own stop signal) gets
+    SIGKILL at its deadline, without the SIGTERM step.
     """
     children = [c for c in children]
     signalled: set[Child] = set()
@@ -599,6 +605,9 @@ def stop_children(
 
     try:
         left = unkilled(wait_until(unkilled(children), deadline_of))
+        kill_all([c for c in left if c.data.get("kill_at_deadline")],
+                 "did not stop in time after its stop signal")
+        left = [c for c in left if not c.data.get("kill_at_deadline")]
         for c in left:
             say(f"{c.name} (pid {c.pid}) did not stop in time; sending SIGTERM to its group")
             signal_group(c.pgid, signal.SIGTERM)

@@ -84,7 +84,8 @@ class _StartedLines:
                 self._cond.notify_all()
 
     def wait(self) -> None:
-        started = {r["name"] for r in self.sup.table() if r["state"] == "STARTED"}
+        started = {r["name"] for r in self.sup.table()  # a cmd program has no bus lines
+                   if r["state"] == "STARTED" and r.get("launch") != "cmd"}
         with self._cond:
             self._cond.wait_for(lambda: started <= self._heard, self.timeout)
         self.bus.unsubscribe("log", self.heard)

@@ -6,16 +6,25 @@ and becomes a :class:`~multibus.procs.Child` of the :class:`~multibus.procs.Proc
 whose thread is the only one that spawns (PDEATHSIG follows the spawning thread).
 How it was started is kept in ``child.data["launch"]``: ``"fork"``, or ``"exec (why)"``, which
 ``multibus status`` shows (e.g. ``exec (PYTHONHASHSEED set)``, ``exec (zygote disabled)``).
+
+A ``cmd`` group's program is never forked: it is exec'd through :mod:`multibus.launcher`
+(its rlimits, user and groups, PDEATHSIG), with the supervisor's environment plus the group's
+``env`` and nothing of multibus's; its launch is ``"cmd"``. A group's ``umask`` is Popen's
+(exec) or the zygote's (fork); its rlimits are set by the worker's bootstrap (exec, as
+``--rlimit`` arguments), the zygote's child (fork) or the launcher (cmd).
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 import secrets
+import signal
 from collections.abc import Callable, Iterable
 
+from multibus import launcher
 from multibus.procs import Child, ProcessManager
-from multibus.specs import WorkerSpec
+from multibus.specs import WorkerSpec, resolve_ids
 from multibus.worker import SECRET_ENV, worker_args, worker_env
 from multibus.zygote import ZygoteClient
 
@@ -79,32 +88,69 @@ class Spawner:
                    endpoints: str) -> list[Child | OSError]:
         """:meth:`spawn` each ``(name, spec)``, the zygote's forks pipelined (manager thread):
         one Child, or the OSError that kept it from starting, per worker, in order."""
-        reqs = []
+        programs = {name: self._spawn_program(name, spec) for name, spec in workers
+                    if spec.cmd}
+        reqs, umasks = [], []
         for name, spec in workers:
-            args = worker_args(name, spec.target, parent_pid=os.getpid(), endpoints=endpoints,
+            if spec.cmd:
+                continue
+            args = worker_args(name, spec.target or "", parent_pid=os.getpid(),
+                               endpoints=endpoints,
                                stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
                                peer_timeout=self.peer_timeout, channels=spec.channels,
-                               fleet=self.fleet)
+                               fleet=self.fleet, rlimits=spec.rlimits)
             env = worker_env(spec)
             if self.expect is not None:
                 env[SECRET_ENV] = secret = secrets.token_hex(16)
                 self.expect(name, secret)  # before the worker can say hello
-            reqs.append((name, args, env, spec.cwd))
+            reqs.append((name, args, env, spec.cwd, spec.umask))
+            umasks.append(-1 if spec.umask is None else spec.umask)
         z = self.zygote
         forked = (z.spawn_many(reqs) if z is not None
                   else [(None, self.exec_why)] * len(reqs))
-        out: list[Child | OSError] = []
-        for (name, args, env, cwd), (child, why) in zip(reqs, forked, strict=True):
+        done: dict[str, Child | OSError] = {}
+        for (name, args, env, cwd, _), umask, (child, why) in zip(reqs, umasks, forked,
+                                                                  strict=True):
             if child is not None:
                 child.data["launch"] = "fork"
-                out.append(child)
+                done[name] = child
                 continue
             try:
                 child = self.procs.spawn(name, [self.python, "-m", "multibus.worker", *args],
-                                         env, cwd)
+                                         env, cwd, umask=umask)
             except OSError as e:
-                out.append(e)
+                done[name] = e
                 continue
             child.data["launch"] = f"exec ({why or self.exec_why})"
-            out.append(child)
-        return out
+            done[name] = child
+        return [programs[name] if name in programs else done[name] for name, _ in workers]
+
+    def _spawn_program(self, name: str, spec: WorkerSpec) -> Child | OSError:
+        """Exec a ``cmd`` group's program through the launcher (manager thread)."""
+        try:
+            uid, gid, groups = resolve_ids(spec.user, spec.group, f"group {spec.name!r}")
+        except ValueError as e:
+            return OSError(str(e))
+        env = {**os.environ, **spec.env, "MULTIBUS_WORKER": name}  # which one it is, as a worker
+        if uid is not None:  # as a login gives them, unless the group's env says otherwise
+            pw = pwd.getpwuid(uid)
+            for key, value in (("HOME", pw.pw_dir), ("USER", pw.pw_name),
+                               ("LOGNAME", pw.pw_name)):
+                env[key] = spec.env.get(key, value)
+        argv = [self.python, "-I", "-S", launcher.__file__, "--parent-pid", str(os.getpid()),
+                "--pdeathsig", str(int(signal.Signals[spec.stop_signal]))]
+        for arg in launcher.format_rlimits(dict(spec.rlimits)):
+            argv += ["--rlimit", arg]
+        for opt, value in (("--uid", uid), ("--gid", gid)):
+            if value is not None:
+                argv += [opt, str(value)]
+        if groups is not None:
+            argv += ["--groups", ",".join(map(str, groups))]
+        try:
+            child = self.procs.spawn(name, [*argv, "--", *spec.cmd], env, spec.cwd,
+                                     umask=-1 if spec.umask is None else spec.umask)
+        except OSError as e:
+            return e
+        child.data["launch"] = "cmd"
+        child.data["program"] = True
+        return child

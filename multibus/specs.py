@@ -17,7 +17,8 @@ from typing import Any
 from multibus.names import WorkerName, valid_group
 
 __all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec", "Intensity",
-           "parse_size"]
+           "parse_size",
+           "signal_name", "check_rlimits", "resolve_ids"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
 SLOW_PEER_POLICIES = ("drop", "restart")
@@ -75,10 +76,19 @@ class WorkerSpec:
         worker is gracefully replaced (:mod:`multibus.recycle`); None: no limit.
     max_age: seconds after which a worker is gracefully replaced, plus a random
         ``uniform(0, max_age_jitter)`` of its own (so a group is not replaced all at once).
+    cmd: instead of ``target``, any executable and its arguments (exactly one of the two):
+        a program without a bus, whose state the supervisor drives (:mod:`multibus.programs`).
+        ``ready`` (:mod:`multibus.readiness`) says when it counts as STARTED; ``stop_signal``
+        (then SIGKILL after ``stop_timeout``) ends it, ``graceful_signal`` is its reload.
+    user, group: run as that user (its groups) / group; only the root can, and only a
+        ``cmd`` program (a bus worker must reach the supervisor's private sockets).
+    umask: the workers' umask (None: the supervisor's). rlimits: ``{"nofile": 4096}``
+        (``resource.RLIMIT_*`` lower-case -> a limit for soft and hard, ``"unlimited"``, or
+        ``[soft, hard]``), set in the child before its code runs.
     """
 
     name: str
-    target: str
+    target: str | None = None
     count: int = 1
     channels: tuple[str, ...] = ()
     restart: str = "permanent"
@@ -90,6 +100,14 @@ class WorkerSpec:
     max_memory: int | None = None
     max_age: float | None = None
     max_age_jitter: float = 0.0
+    cmd: tuple[str, ...] = ()
+    ready: str | None = None
+    stop_signal: str = "SIGTERM"
+    graceful_signal: str = "SIGHUP"
+    user: str | None = None
+    group: str | None = None
+    umask: int | None = None
+    rlimits: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not valid_group(self.name):
@@ -97,7 +115,10 @@ class WorkerSpec:
                 f"worker spec name {self.name!r} is invalid: use 1-64 letters, digits, '_' or '-'"
             )
         where = f"worker spec {self.name!r}"
-        if not isinstance(self.target, str) or not _TARGET.match(self.target):
+        self._check_program(where)
+        if self.cmd:
+            pass
+        elif not isinstance(self.target, str) or not _TARGET.match(self.target):
             raise SpecError(
                 f"{where}: target {self.target!r} must look like 'package.module:callable'"
             )
@@ -159,10 +180,69 @@ class WorkerSpec:
                 f"worker spec {data.get('name', '?')!r}: unknown key(s) {', '.join(unknown)}; "
                 f"known keys: {', '.join(sorted(known))}"
             )
-        missing = [k for k in ("name", "target") if k not in data]
+        missing = [k for k in ("name",) if k not in data]
+        if "target" not in data and "cmd" not in data:
+            missing.append("target (or cmd)")
         if missing:
             raise SpecError(f"worker spec is missing {', '.join(missing)}")
         return cls(**dict(data))
+
+    def _check_program(self, where: str) -> None:
+        """The keys of a ``cmd`` program and of launch settings (user, umask, rlimits)."""
+        if isinstance(self.cmd, str):
+            raise SpecError(f"{where}: cmd must be a list: the program, then its arguments")
+        cmd = tuple(self.cmd or ())
+        if cmd and (not all(isinstance(a, str) for a in cmd) or not cmd[0]):
+            raise SpecError(f"{where}: cmd must be a list of strings, the program first")
+        object.__setattr__(self, "cmd", cmd)
+        if bool(cmd) == (self.target is not None):
+            raise SpecError(f"{where}: give exactly one of target (a Python callable) and cmd "
+                            "(a program)")
+        if cmd and self.channels:
+            raise SpecError(f"{where}: a cmd program has no bus: remove channels")
+        if self.ready is not None:
+            if not cmd:
+                raise SpecError(f"{where}: ready applies to cmd programs (a bus worker is "
+                                "STARTED when its bus says so)")
+            from multibus.readiness import parse
+
+            try:
+                parse(self.ready)
+            except ValueError as e:
+                raise SpecError(f"{where}: {e}") from None
+        for key in ("stop_signal", "graceful_signal"):
+            object.__setattr__(self, key, signal_name(getattr(self, key), f"{where}: {key}"))
+        if self.umask is not None and (not isinstance(self.umask, int) or isinstance(
+                self.umask, bool) or not 0 <= self.umask <= 0o777):
+            raise SpecError(f"{where}: umask {self.umask!r} must be an integer 0-0o777 "
+                            "(e.g. 0o022)")
+        object.__setattr__(self, "rlimits", check_rlimits(self.rlimits, where))
+        resolve_ids(self.user, self.group, where, bus=not cmd)
+
+    def launch_settings(self) -> dict[str, Any]:
+        """user, group, umask (octal text), rlimits (name -> [soft, hard], 'unlimited'): the
+        ``limits`` of ``multibus status --json``."""
+        def v(x: int) -> int | str:
+            return "unlimited" if x == RLIM_INFINITY else x
+
+        return {"user": self.user, "group": self.group,
+                "umask": None if self.umask is None else f"{self.umask:04o}",
+                "rlimits": {k: [v(s), v(h)] for k, (s, h) in self.rlimits.items()}}
+
+    def status_fields(self) -> dict[str, Any]:
+        """What ``status --json`` adds to this group's entry, only where set (a bus group
+        without launch settings adds nothing): ``cmd`` and ``ready`` for a program,
+        ``limits`` (:meth:`launch_settings`) when any is set, and ``max_memory``, ``max_age``
+        and ``max_age_jitter`` when either limit is set (bytes, seconds; null when not set)."""
+        out: dict[str, Any] = {}
+        if self.max_memory or self.max_age:
+            out.update(max_memory=self.max_memory, max_age=self.max_age,
+                       max_age_jitter=self.max_age_jitter)
+        if self.cmd:
+            out.update(cmd=list(self.cmd), ready=self.ready)
+        if (self.user, self.group, self.umask) != (None, None, None) or self.rlimits:
+            out["limits"] = self.launch_settings()
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -170,6 +250,105 @@ class WorkerSpec:
     def instance_names(self, count: int | None = None) -> list[str]:
         n = self.count if count is None else count
         return [str(WorkerName(self.name, i)) for i in range(n)]
+
+
+RLIM_INFINITY = -1  # resource.RLIM_INFINITY on Linux
+
+
+def signal_name(value: Any, what: str = "signal") -> str:
+    """'TERM' / 'sigterm' / 15 -> 'SIGTERM'; SpecError naming ``what`` otherwise."""
+    import signal
+
+    try:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return signal.Signals(value).name
+        if isinstance(value, str):
+            text = value.strip().upper()
+            return signal.Signals[text if text.startswith("SIG") else "SIG" + text].name
+    except (KeyError, ValueError):
+        pass
+    raise SpecError(f"{what}: {value!r} is not a signal; use a name like 'SIGTERM' or 'HUP'")
+
+
+def check_rlimits(value: Any, where: str) -> dict[str, tuple[int, int]]:
+    """``{"nofile": 4096, "core": 0, "stack": [8388608, "unlimited"]}`` -> name -> (soft,
+    hard), RLIM_INFINITY for 'unlimited'. Names are ``resource.RLIMIT_*`` lower-case; a limit
+    above this process's hard limit needs root (SpecError says so)."""
+    import os
+    import resource
+
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}: rlimits must be a table like {{ nofile = 4096 }}")
+    names = sorted(n[7:].lower() for n in dir(resource) if n.startswith("RLIMIT_"))
+    out: dict[str, tuple[int, int]] = {}
+
+    def one(key: str, x: Any) -> int:
+        if x in ("unlimited", "infinity"):
+            return RLIM_INFINITY
+        if isinstance(x, int) and not isinstance(x, bool) and x >= 0:
+            return x
+        raise SpecError(f"{where}: rlimits.{key}: {x!r} must be an integer >= 0, "
+                        "'unlimited', or [soft, hard]")
+
+    for key, x in value.items():
+        if key not in names:
+            raise SpecError(f"{where}: rlimits.{key}: unknown limit; expected one of "
+                            f"{', '.join(names)}")
+        soft, hard = ((one(key, x[0]), one(key, x[1])) if isinstance(x, list | tuple)
+                      and len(x) == 2 else (one(key, x),) * 2)
+
+        def num(v: int) -> float:
+            return float("inf") if v == RLIM_INFINITY else v
+
+        if num(soft) > num(hard):
+            raise SpecError(f"{where}: rlimits.{key}: soft {x[0]!r} is above hard {x[1]!r}")
+        now = resource.getrlimit(getattr(resource, "RLIMIT_" + key.upper()))[1]
+        if num(hard) > num(now) and os.geteuid() != 0:
+            raise SpecError(f"{where}: rlimits.{key}: {hard} is above the hard limit "
+                            f"{'unlimited' if now == RLIM_INFINITY else now}; only root can "
+                            "raise it (raise the supervisor's: ulimit -H, LimitXXX= in systemd)")
+        out[key] = (soft, hard)
+    return out
+
+
+def resolve_ids(user: Any, group: Any, where: str, *,
+                bus: bool = False) -> tuple[int | None, int | None, list[int] | None]:
+    """(uid, gid, supplementary groups) to switch to for ``user``/``group`` names (None:
+    keep ours); the user's own groups, as a login gives them. SpecError if one does not
+    exist, if we are not root, or for a bus worker (``bus``): it must reach the supervisor's
+    private sockets, which only the supervisor's user can."""
+    import grp
+    import os
+    import pwd
+
+    if user is None and group is None:
+        return None, None, None
+    for key, x in (("user", user), ("group", group)):
+        if x is not None and (not isinstance(x, str) or not x):
+            raise SpecError(f"{where}: {key} must be a user/group name")
+    try:
+        pw = pwd.getpwnam(user) if user is not None else None
+    except KeyError:
+        raise SpecError(f"{where}: user: no user {user!r} on this system") from None
+    try:
+        gr = grp.getgrnam(group) if group is not None else None
+    except KeyError:
+        raise SpecError(f"{where}: group: no group {group!r} on this system") from None
+    uid = pw.pw_uid if pw else None
+    gid = gr.gr_gid if gr else (pw.pw_gid if pw else None)
+    if uid == os.geteuid() and gid in (None, os.getegid()):
+        return None, None, None  # already so: nothing to switch
+    if os.geteuid() != 0:
+        me = pwd.getpwuid(os.geteuid()).pw_name
+        raise SpecError(f"{where}: user/group: the supervisor must be root to run a group as "
+                        f"another user or group (it runs as {me!r}); remove user/group or "
+                        "start it as root")
+    if bus:
+        raise SpecError(f"{where}: user/group: a bus worker (target) runs as the supervisor's "
+                        "user, since only it can reach the supervisor's private sockets; run "
+                        "the supervisor as that user, or make the group a cmd program")
+    groups = os.getgrouplist(pw.pw_name, gid) if pw else [gid]
+    return uid, gid, sorted(set(groups))
 
 
 @dataclass(frozen=True)

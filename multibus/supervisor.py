@@ -274,6 +274,7 @@ class Supervisor:
 
     def graceful(self) -> None:
         self.bridge.command("graceful")
+        self.keeper.programs.graceful(self.fleet.live())  # cmd groups: graceful_signal
 
     def kill_all(self) -> None:
         """SIGKILL every live worker's process group and record it as killed. Safe in a
@@ -302,6 +303,7 @@ class Supervisor:
             self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
         else:
             self.bridge.command("stop")
+        self.keeper.programs.stop(self.fleet.live())  # cmd groups: stop_signal, they end
         hurry = False
         try:
             self._wait_stopped(done)
@@ -356,6 +358,7 @@ class Supervisor:
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
         self.recycler.close()
         live = self.fleet.live()
+        self.keeper.programs.stop(live)  # cmd groups: stop_signal
         now = time.monotonic()
         self._close_zygote()
         deadlines = {w.child: now + w.spec.stop_timeout
@@ -428,15 +431,12 @@ class Supervisor:
         return None if w is None else w.pid
 
     def group_status(self, group: str) -> dict[str, Any]:
-        """What ``status --json`` adds to a group that sets max_memory or max_age: those
-        (bytes, seconds; null when not set), max_age_jitter and ``replaced`` (replacements
-        so far, by reason)."""
+        """What ``status --json`` adds to a group's entry at run time: ``replaced``
+        (replacements so far, by reason) where it sets max_memory or max_age."""
         spec = self.specs[group]
         if not (spec.max_memory or spec.max_age):
             return {}
-        return {"max_memory": spec.max_memory, "max_age": spec.max_age,
-                "max_age_jitter": spec.max_age_jitter,
-                "replaced": dict(self.recycler.replaced.get(group, {}))}
+        return {"replaced": dict(self.recycler.replaced.get(group, {}))}
 
     def scale(self, group: str, count: int, timeout: float | None = None) -> None:
         """Run ``count`` workers of ``group``: spawn new ones or stop the highest-numbered.
@@ -467,7 +467,10 @@ class Supervisor:
         """Have scaled-away workers exit (then escalate); forget them."""
         live = [w for w in removed if w.alive]
         if live:
-            self.bridge.command("exit", peers=[w.name for w in live])
+            buses, _ = self.keeper.programs.split(live)
+            if buses:
+                self.bridge.command("exit", peers=[w.name for w in buses])
+            self.keeper.programs.stop(live)  # cmd groups: stop_signal
             children = [w.child for w in live if w.child is not None]
             self._mark_killed(stop_children(
                 children, time.monotonic() + g.spec.stop_timeout,

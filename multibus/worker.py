@@ -28,7 +28,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Mapping
 
     from multibus.specs import WorkerSpec
 
@@ -120,6 +120,8 @@ def _parse(argv: list[str]) -> dict[str, object]:
             raise SystemExit(f"multibus.worker: {arg} needs a value") from None
         if key == "channel":
             opts["channels"].append(value)  # type: ignore[union-attr]
+        elif key == "rlimit":
+            opts.setdefault("rlimits", []).append(value)  # type: ignore[union-attr]
         elif key in ("parent_pid",):
             opts[key] = int(value)
         elif key == "heartbeat" and value.lower() in ("none", "off"):
@@ -135,7 +137,7 @@ def _parse(argv: list[str]) -> dict[str, object]:
             raise SystemExit(
                 "usage: python -m multibus.worker --name NAME --target pkg.mod:callable "
                 "[--parent-pid PID] [--endpoints E] [--channel C]... [--stop-timeout S] "
-                "[--heartbeat S] [--peer-timeout S] [--fleet NAME]"
+                "[--heartbeat S] [--peer-timeout S] [--fleet NAME] [--rlimit NAME=SOFT:HARD]..."
             )
     return opts
 
@@ -151,9 +153,11 @@ def worker_args(
     peer_timeout: float,
     channels: Iterable[str] = (),
     fleet: str | None = None,
+    rlimits: Mapping[str, tuple[int, int]] | None = None,
 ) -> list[str]:
     """The command line (after ``python -m multibus.worker``) that :func:`_parse` reads;
-    ``fleet``, the supervisor's name, goes into the process title."""
+    ``fleet``, the supervisor's name, goes into the process title; ``rlimits`` (name ->
+    (soft, hard)) are set before the target is loaded."""
     argv = [
         "--parent-pid", str(parent_pid),
         "--name", name,
@@ -167,6 +171,11 @@ def worker_args(
         argv += ["--channel", ch]
     if fleet:
         argv += ["--fleet", fleet]
+    if rlimits:
+        from multibus.launcher import format_rlimits
+
+        for arg in format_rlimits(dict(rlimits)):
+            argv += ["--rlimit", arg]
     return argv
 
 
@@ -244,6 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     import multibus.fastexit  # noqa: F401 - for run(); an import while exiting costs ~0.4 ms
     opts = _parse(args)
     name = str(opts["name"])
+    if opts.get("rlimits"):  # the group's, before any of its code runs
+        from multibus.launcher import apply_rlimits, parse_rlimit_arg
+
+        try:
+            apply_rlimits({n: (s, h) for n, s, h in map(parse_rlimit_arg, opts["rlimits"])})  # type: ignore[arg-type]
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"multibus.worker {name}: {e}\n")
+            return EXIT_BAD_TARGET
     set_title(name, opts.get("fleet"))  # type: ignore[arg-type]
     # the target (and anything it starts) can tell which worker it is, e.g. to pick a port
     os.environ["MULTIBUS_WORKER"] = name

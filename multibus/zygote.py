@@ -31,8 +31,11 @@ What a fork cannot give is decided by the supervisor before asking (:func:`exec_
   ``multibus status`` says why (``launch: "exec (PYTHONHASHSEED set)"``);
 - the supervisor's user/groups changed, or a hard rlimit was raised, since the zygote started.
 
-User and group: groups have no user/group settings; a forked worker has the supervisor's ids
-as an exec'd one would (checked per request, see above). Forked workers share the zygote's
+A group's ``umask`` replaces the supervisor's in its request; its ``rlimits`` come as the
+worker's ``--rlimit`` arguments, which ``multibus.worker`` applies first thing, forked or
+exec'd. User and group: a bus worker keeps the supervisor's ids (only they reach its private
+sockets; see :func:`multibus.specs.resolve_ids`); a forked worker has them as an exec'd one
+would (checked per request, see above). Forked workers share the zygote's
 ``__main__`` module (``multibus.zygote``), not ``multibus.worker``'s.
 :class:`ZygoteClient` is the supervisor's end; it is used from the ProcessManager thread only.
 """
@@ -550,15 +553,16 @@ class ZygoteClient:
         return json.loads(msg)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str],
-              cwd: str | None) -> Any:
+              cwd: str | None, umask: int | None = None) -> Any:
         """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it
-        (:attr:`failure` says why)."""
-        child, self.failure = self.spawn_many([(name, args, env, cwd)])[0]
+        (:attr:`failure` says why). ``umask``: its group's (None: the supervisor's)."""
+        child, self.failure = self.spawn_many([(name, args, env, cwd, umask)])[0]
         return child
 
-    def spawn_many(self, requests: list[tuple[str, list[str], dict[str, str], str | None]],
+    def spawn_many(self, requests: list[tuple[str, list[str], dict[str, str], str | None,
+                                              int | None]],
                    window: int = WINDOW) -> list[tuple[Any, str]]:
-        """Fork a worker for each ``(name, args, env, cwd)``, pipelined: up to ``window``
+        """Fork a worker for each ``(name, args, env, cwd, umask)``, pipelined: up to ``window``
         requests are in flight, so the zygote forks the next while we register the last.
         One ``(child, failure)`` per request, in order; child None: exec it, failure why."""
         out: list[tuple[Any, str]] = []
@@ -578,7 +582,7 @@ class ZygoteClient:
         return out
 
     def _request(self, name: str, args: list[str], env: dict[str, str],
-                 cwd: str | None) -> tuple[int, int, list[str]] | None:
+                 cwd: str | None, umask: int | None = None) -> tuple[int, int, list[str]] | None:
         """Send one fork request: (stdout fd, stderr fd, argv) to collect, or None (exec:
         :attr:`failure` says why)."""
         if self.dead or self.sock is None:
@@ -601,7 +605,8 @@ class ZygoteClient:
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         argv = [self.python, "-m", "multibus.worker", *args]
-        req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
+        req = {"args": args, "env": env, "cwd": cwd,
+               "umask": state["umask"] if umask is None else umask,
                "rlimits": state["rlimits"], "orig_argv": argv}
         try:
             self.sock.settimeout(REPLY_TIMEOUT)
