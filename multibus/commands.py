@@ -60,6 +60,50 @@ def is_source(v: Any) -> bool:
     return valid_group(v) or WorkerName.parse(v) is not None
 
 
+MAX_TARGETS = 64
+
+
+def is_targets(v: Any) -> bool:
+    """Op targets: at most MAX_TARGETS groups or workers (``group.index``)."""
+    return isinstance(v, list) and len(v) <= MAX_TARGETS and all(
+        isinstance(t, str) and is_source(t) for t in v)
+
+
+def check_targets(ctl: Any, targets: list[str]) -> list[str]:
+    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
+    ControlError, as `scale` says it, names an unknown group or worker."""
+    specs = ctl.sup.specs
+    workers = None
+    for t in targets:
+        wn = WorkerName.parse(t)
+        group = t if wn is None else wn.group
+        if group not in specs:
+            raise ControlError(f"no group {group!r}; groups: {', '.join(specs)}")
+        if wn is not None:
+            workers = workers or {r["name"] for r in ctl.sup.table()}
+            if t not in workers:
+                known = sorted((n for n in workers if n.startswith(group + ".")),
+                               key=WorkerName.parse)
+                raise ControlError(f"no worker {t!r}; workers of {group}: "
+                                   f"{', '.join(known) or 'none'}")
+    return sorted(set(targets))
+
+
+def parse_signal(text: str) -> int:
+    """'HUP', 'SIGHUP', 'hup' or '1' -> 1; ValueError naming the signal otherwise."""
+    import signal
+
+    if text.isdigit() and 0 < int(text) < signal.NSIG:
+        return int(text)
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {text!r}; use a name like HUP or TERM, or a "
+                         f"number from 1 to {signal.NSIG - 1}") from None
+
+
 U32 = (0, 2**32 - 1)
 
 
@@ -73,9 +117,24 @@ def state_of(bus: Any) -> str:
 Perform = Callable[[Any, str, dict[str, Any]], "str | None"]
 
 
+def _groups(ctl: Any) -> Any:
+    """The supervisor's per-group control (:class:`multibus.groupops.GroupOps`); None for a
+    supervisor without groups of its own (a stand-in that only runs the bus)."""
+    return getattr(ctl.sup, "groupops", None)
+
+
 def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    groups = _groups(ctl)
+    if args.get("targets"):
+        return groups.start(args["targets"], state_of(ctl.bus))
     if state_of(ctl.bus) == "STARTED":
-        return "already STARTED"
+        down = groups.down() if groups is not None else []
+        if not down:
+            return "already STARTED"
+        groups.start(down, "STARTED")  # every group: those stopped by a command too
+        return f"started {', '.join(down)}"
+    if groups is not None:
+        groups.release_all()  # every group, those stopped by a command or FATAL too
     ctl.bus.start()
     return None
 
@@ -92,6 +151,11 @@ def _stop_bus(ctl: Any) -> str | None:
 
 
 def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if args.get("targets"):
+        note = _groups(ctl).stop(args["targets"], state)
+        if note and "killed" in note:
+            raise ControlError(note)
+        return note
     if state == "STOPPED":
         return "already STOPPED"
     killed = _stop_bus(ctl)
@@ -101,12 +165,18 @@ def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
 
 
 def _restart(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if args.get("targets"):
+        killed = _groups(ctl).stop(args["targets"], state) if state == "STARTED" else None
+        note = _groups(ctl).start(args["targets"], state_of(ctl.bus))
+        return killed if killed else note
     killed = _stop_bus(ctl) if state != "STOPPED" else None
     note = _start(ctl, state, args)
     return killed if killed else note  # started again: the kills are a note, not a failure
 
 
 def _graceful(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if args.get("targets") and state == "STARTED":
+        return _groups(ctl).graceful(args["targets"])
     if state != "STARTED":
         return f"nothing to reload: the fleet is {state}"
     ctl.bus.graceful()
@@ -128,6 +198,10 @@ def _scale(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return f"{group}: {count} worker{'s' if count != 1 else ''}"
 
 
+def _signal(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    return _groups(ctl).signal(args["targets"], int(args["signal"]))
+
+
 @dataclass(frozen=True)
 class Action:
     """A transition: ``perform(control, bus state name, args)`` runs it on the supervisor's
@@ -141,12 +215,17 @@ class Action:
 
 
 TRANSITIONS: dict[str, Action] = {a.name: a for a in (
-    Action("start", "start every worker bus (spawning missing workers)", _start),
-    Action("stop", "stop every worker bus (processes stay; the supervisor stays)", _stop),
-    Action("restart", "stop, then start every worker bus", _restart),
-    Action("graceful", "reload every worker bus (bus 'graceful')", _graceful),
+    Action("start", "start every worker bus, or those of TARGETs (spawning missing workers)",
+           _start),
+    Action("stop", "stop every worker bus, or those of TARGETs (processes stay; the "
+           "supervisor stays)", _stop),
+    Action("restart", "stop, then start every worker bus, or those of TARGETs", _restart),
+    Action("graceful", "reload every worker bus, or those of TARGETs (bus 'graceful')",
+           _graceful),
     Action("exit", "stop every worker, then the supervisor exits", _exit),
     Action("scale", "run N workers of GROUP", _scale, op=False),
+    Action("signal", "send SIGNAL to the process group of each worker of TARGET", _signal,
+           op=False),
 )}
 ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 
@@ -154,11 +233,13 @@ ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 # --------------------------------------------------------------------------- commands
 
 class Command:
-    """One request type: ``name``, ``schema`` (key -> check, exactly these keys), ``answer``
-    (server side) and the CLI side (``add_parsers``, ``run``; none by default)."""
+    """One request type: ``name``, ``schema`` (key -> check: these keys, and any of
+    ``optional``), ``answer`` (server side) and the CLI side (``add_parsers``, ``run``;
+    none by default)."""
 
     name: ClassVar[str]
     schema: ClassVar[dict[str, Check]] = {}
+    optional: ClassVar[dict[str, Check]] = {}  # keys a request may add (newer clients)
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
         """The reply (``ok`` and the command's keys), or None when the Control will answer
@@ -194,10 +275,18 @@ class Status(Command):
         st = sub.add_parser("status", parents=[ctl], help="show every worker",
                             description=text + "; and the operations queued")
         st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
+        st.add_argument("targets", nargs="*", metavar="TARGET",
+                        help="only these groups (job) or workers (job.2)")
         st.set_defaults(control=self)
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         st = connect().status()
+        if args.targets:
+            try:
+                st = only(st, args.targets)
+            except ControlError as e:
+                say_error(str(e))
+                return EXIT_FAIL
         if args.json:
             print(json.dumps(st, indent=2, sort_keys=True))
         else:
@@ -205,14 +294,41 @@ class Status(Command):
         return EXIT_OK
 
 
+def only(st: dict[str, Any], targets: list[str]) -> dict[str, Any]:
+    """The status document ``st`` with only the groups and workers of ``targets``."""
+    groups = [g["name"] for g in st["groups"]]
+    names = {w["name"] for w in st["workers"]}
+    for t in targets:
+        wn = WorkerName.parse(t)
+        group = t if wn is None else wn.group
+        if group not in groups:
+            raise ControlError(f"no group {group!r}; groups: {', '.join(groups)}")
+        if wn is not None and t not in names:
+            known = sorted((n for n in names if n.startswith(group + ".")),
+                           key=WorkerName.parse)
+            raise ControlError(f"no worker {t!r}; workers of {group}: {', '.join(known) or 'none'}")
+    keep = set(targets)
+    workers = [w for w in st["workers"] if w["name"] in keep or w["group"] in keep]
+    shown = {w["group"] for w in workers} | (keep & set(groups))
+    return {**st, "groups": [g for g in st["groups"] if g["name"] in shown], "workers": workers}
+
+
 class OpCommand(Command):
-    """Queue one of ``ACTIONS``; an 'exit' while the fleet is starting interrupts the start."""
+    """Queue one of ``ACTIONS`` (on ``targets``, groups or workers; none: every group); an
+    'exit' while the fleet is starting interrupts the start."""
 
     name = "op"
     schema = {"action": lambda v: v in ACTIONS}
+    optional = {"targets": is_targets}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
-        op = ctl.queue(req["action"])
+        if req.get("targets"):
+            if req["action"] == "exit":
+                raise ControlError("exit takes no TARGET: it stops every group, then the "
+                                   "supervisor (stop TARGET stops only those)")
+            op = ctl.queue(req["action"], targets=check_targets(ctl, req["targets"]))
+        else:
+            op = ctl.queue(req["action"])
         if op.action == "exit" and ctl.interrupt_start and state_of(ctl.bus) == "STARTING":
             ctl.interrupt_start()
         return _queued(ctl, op)
@@ -222,11 +338,48 @@ class OpCommand(Command):
         for action in ACTIONS:
             text = TRANSITIONS[action].help
             p = sub.add_parser(action, parents=[ctl, waiting], help=text, description=text)
+            if action != "exit":
+                p.add_argument("targets", nargs="*", metavar="TARGET",
+                               help="a group (job) or a worker (job.2); none: every group")
             p.set_defaults(control=self)
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         client = connect()
-        return _finish(client, client.op(args.command), args.command, args)
+        targets = getattr(args, "targets", None) or []
+        return _finish(client, client.op(args.command, targets),
+                       " ".join([args.command, *targets]), args)
+
+
+class Signal(Command):
+    """Queue a signal to the process groups of the workers of ``targets``."""
+
+    name = "signal"
+    schema = {"targets": lambda v: is_targets(v) and bool(v),
+              "signal": lambda v: is_int(v, 1, 64)}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        targets = check_targets(ctl, req["targets"])
+        return _queued(ctl, ctl.queue("signal", targets=targets, signal=req["signal"]))
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        text = TRANSITIONS["signal"].help
+        sg = sub.add_parser("signal", parents=[ctl, waiting], help=text,
+                            description=f"{text} (a group: each of its workers)")
+        sg.add_argument("targets", nargs="+", metavar="TARGET",
+                        help="a group (job) or a worker (job.2)")
+        sg.add_argument("signal", metavar="SIGNAL", help="a name (HUP, SIGHUP) or a number")
+        sg.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        try:
+            signum = parse_signal(args.signal)
+        except ValueError as e:
+            say_error(str(e))
+            return EXIT_USAGE
+        client = connect()
+        reply = client.request("signal", targets=list(args.targets), signal=signum)
+        return _finish(client, reply, f"signal {' '.join(args.targets)} {args.signal}", args)
 
 
 class Scale(Command):
@@ -352,7 +505,7 @@ class Logs(Command):
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), OpCommand(), Scale(), OpStatus(),
-                                                     Logs())}
+                                                     Logs(), Signal())}
 
 
 # --------------------------------------------------------------------------- CLI helpers
@@ -441,6 +594,11 @@ def format_status(st: dict[str, Any]) -> str:
     for op in st["queue"]:
         lines.append(f"  {op['state']}: {op['action']}"
                      + (f" {op['args']}" if op["args"] else ""))
+    for g in st.get("groups", ()):  # a group not as the fleet is: FATAL, or stopped alone
+        gstate = g.get("state")
+        if gstate and (gstate != st["state"] or g.get("error")):
+            lines.append(f"  group {g['name']}: {gstate}"
+                         + (f": {g['error']}" if g.get("error") else ""))
     # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
     launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
     rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")

@@ -14,8 +14,8 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     pidfile = "fleet.pid"     # default: <runtime dir>/<name>.pid; false: no PID file
     stop_timeout = 5.0        # default stop_timeout of every group
     term_timeout = 2.0        # SIGTERM -> SIGKILL grace
-    max_restarts = 5          # restart intensity: more than max_restarts restarts ...
-    restart_period = 10.0     # ... within restart_period seconds stops the fleet
+    max_restarts = 5          # restart intensity of every group: more than max_restarts ...
+    restart_period = 10.0     # ... restarts of one group within restart_period s: FATAL
     log_level = "info"        # debug | info | warning | error | critical
     log_format = "text"       # text | json
     pythonpath = ["."]        # prepended to every worker's PYTHONPATH
@@ -34,6 +34,10 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     cwd = "."
     pythonpath = []
     slow_peer = "drop"        # a worker not reading its mirrored channels: drop | restart
+    after = ["db"]            # spawned once these groups are STARTED; stopped before them
+    max_restarts = 5          # this group's intensity (default: [supervisor]'s) ...
+    restart_period = 10.0
+    on_fatal = "stop-group"   # at it: this group goes FATAL | "stop-fleet" (exit 1)
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multibus import order
 from multibus.names import check_name
-from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
+from multibus.specs import ON_FATAL, SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
 from multibus.worker import worker_env
 
 __all__ = [
@@ -210,7 +215,8 @@ SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_resta
                    "restart_period", "log_level", "log_format", "pythonpath", "zygote",
                    "zygote_preload")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
-              "cwd", "pythonpath", "slow_peer")
+              "cwd", "pythonpath", "slow_peer",
+              "after", "max_restarts", "restart_period", "on_fatal")  # issue 16
 
 
 def load(path: str | os.PathLike[str]) -> FleetConfig:
@@ -323,12 +329,30 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
             extra = [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []
             env["PYTHONPATH"] = os.pathsep.join(paths + extra)
         fields["env"] = env
+        fields.update(_group_keys(c, key, group, intensity))
         try:
             specs.append(WorkerSpec.from_dict(fields))
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
+    try:
+        order.check({s.name: s.after for s in specs})
+    except order.OrderError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
                        source, zygote, preload)
+
+
+def _group_keys(c: _Checker, key: str, group: Mapping[str, Any],
+                intensity: Intensity) -> dict[str, Any]:
+    """A group's after, max_restarts, restart_period (default: [supervisor]'s) and on_fatal."""
+    return {
+        "after": tuple(c.strings(f"{key}.after", group.get("after", []))),
+        "max_restarts": c.integer(f"{key}.max_restarts",
+                                  group.get("max_restarts", intensity.max_restarts)),
+        "restart_period": c.seconds(f"{key}.restart_period",
+                                    group.get("restart_period", intensity.period)),
+        "on_fatal": c.choice(f"{key}.on_fatal", group.get("on_fatal", "stop-group"), ON_FATAL),
+    }
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,

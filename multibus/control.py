@@ -16,7 +16,8 @@ Client: :class:`ControlClient` (one DEALER per request, bounded waits); :func:`r
 and :func:`running_supervisors` find supervisors by name in the runtime dir.
 
 Protocol (version 1). Request: ``{"v": 1, "id": u32, "cmd": str, ...}`` with exactly the
-extra keys of that command's schema; every command (status, op, scale, op_status, logs), its
+extra keys of that command's schema; every command (status, op, scale, op_status, logs,
+signal), its
 schema, its answer and its CLI side are declared once in :mod:`multibus.commands`.
 Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
 "error": str}``. See :meth:`Control.status` for the status document.
@@ -125,12 +126,14 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     if command is None:
         raise ValueError(f"unknown command {str(req.get('cmd'))[:40]!r}; "
                          f"known: {', '.join(COMMANDS)}")
-    schema = command.schema
+    schema, optional = command.schema, command.optional
     keys = set(req) - {"v", "id", "cmd"}
-    if keys != set(schema):
-        raise ValueError(f"{req['cmd']}: expected keys {sorted(schema)}, got {sorted(keys)}")
-    for key, ok in schema.items():
-        if not ok(req[key]):
+    if not set(schema) <= keys <= set(schema) | set(optional):
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        raise ValueError(f"{req['cmd']}: expected keys {sorted(schema)}{extra}, "
+                         f"got {sorted(keys)}")
+    for key in keys:
+        if not (schema.get(key) or optional[key])(req[key]):
             raise ValueError(f"{req['cmd']}: bad value for {key!r}")
     return req
 
@@ -300,7 +303,8 @@ class Control:
         """The status document (stable keys; new keys may be added, none removed)::
 
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
-             "groups": [{"name", "target", "count" (desired), "running"}],
+             "groups": [{"name", "target", "count" (desired), "running",
+                         "state" (STARTED, STOPPED, FATAL...), "error" (why FATAL), "after"}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],
@@ -333,6 +337,9 @@ class Control:
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
             })
+        ops = getattr(self.sup, "groupops", None)  # issue 16: state, error, after per group
+        for g, more in zip(groups, ops.group_rows() if ops is not None else (), strict=False):
+            g.update((k, v) for k, v in more.items() if k != "name")
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
@@ -570,8 +577,12 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         return self.request("status")["status"]
 
-    def op(self, action: str) -> dict[str, Any]:
-        return self.request("op", action=action)
+    def op(self, action: str, targets: Iterable[str] = ()) -> dict[str, Any]:
+        """Queue ``action`` on ``targets`` (groups or workers; none: every group)."""
+        targets = list(targets)
+        if not targets:  # the request of every version
+            return self.request("op", action=action)
+        return self.request("op", action=action, targets=targets)
 
     def scale(self, group: str, count: int) -> dict[str, Any]:
         return self.request("scale", group=group, count=count)

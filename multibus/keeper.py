@@ -79,6 +79,9 @@ class Keeper:
         self.term_timeout = term_timeout
         self.cond = threading.Condition(threading.RLock())
         self.running = False  # spawns and restarts allowed (between start and stop)
+        # once groups start or stop on their own (after, holds), each spawn is told 'start'
+        # itself: the hub's default desired state no longer fits every worker
+        self.per_peer = False
         self.fatal: str | None = None  # why the fleet had to be stopped
         self.failed = False
         self.spawner: Spawner | None = None
@@ -148,7 +151,8 @@ class Keeper:
         todo = []
         for w in slots:
             w.pending = None
-            if w.wanted and self.fleet.get(w.name) is w and self.running and not w.alive:
+            if (w.wanted and self.fleet.get(w.name) is w and self.running and not w.alive
+                    and not self.fleet.down(w)):
                 todo.append(w)
         if not todo:
             return
@@ -159,6 +163,8 @@ class Keeper:
                 self._joined.discard(w.name)
             if known:  # a previous process's record (and desired state) at the hub
                 self.bridge.forget(w.name)
+        if self.per_peer:
+            self.bridge.command("start", peers=[w.name for w in todo])
         children = self.spawner.spawn_many([(w.name, w.spec) for w in todo],
                                            self.bridge.endpoints.to_string())
         for w, child in zip(todo, children, strict=True):
@@ -183,11 +189,15 @@ class Keeper:
                     w.state = WorkerState.of_bus(early[1]) or S.JOINED
         self.changed(*todo)
 
-    def spawn_missing(self) -> None:
-        """Spawn every wanted worker that has no live process (from any thread), in chunks
-        of :data:`SPAWN_CHUNK` so the manager thread handles exits and output in between."""
+    def spawn_missing(self, slots: Iterable[WorkerSlot] | None = None) -> None:
+        """Spawn every wanted worker (of ``slots``; None: of the fleet) that has no live
+        process and is not down (from any thread), in chunks of :data:`SPAWN_CHUNK` so the
+        manager thread handles exits and output in between."""
         done = threading.Event()
-        todo = [w for w in self.fleet.slots() if w.wanted and not w.alive]
+        todo = [w for w in (self.fleet.slots() if slots is None else slots)
+                if w.wanted and not w.alive and not self.fleet.down(w)]
+        if not todo:
+            return
 
         def run() -> None:
             try:
@@ -239,13 +249,16 @@ class Keeper:
                 full = None in touched or now >= check
                 if full:  # O(N): at the start, on 'anything changed', at a deadline
                     every = self.fleet.slots() if slots is None else slots
-                    pending = {w for w in every if w.wanted and w.state is not S.STARTED}
+                    pending = {w for w in every if self._awaited(w)}
                     touched = set(pending)
                     check = float("inf")
                 for w in touched:
                     if w is None or (among is not None and w not in among):
                         continue
-                    if w.wanted and w.state is not S.STARTED:
+                    if self._awaited(w):
+                        group = self.fleet.groups.get(w.wn.group)
+                        if group is not None and group.fatal is not None:
+                            raise FleetError(f"group {group.name} is FATAL: {group.fatal}")
                         pending.add(w)
                         check = min(check, deadline(w))
                         if w.start_error is not None:
@@ -258,6 +271,13 @@ class Keeper:
                 if full:
                     self._raise_late([w for w in every if w in pending], deadline, now, t0)
                 self.cond.wait(max(0.0, check - now))
+
+    def _awaited(self, w: WorkerSlot) -> bool:
+        """A start waits for ``w``: wanted, not STARTED, not stopped by a command (a FATAL
+        group's are, to fail the wait)."""
+        group = self.fleet.groups.get(w.wn.group)
+        return (w.wanted and w.state is not S.STARTED and not w.held
+                and not (group is not None and group.held))
 
     def _raise_late(self, waiting: list[WorkerSlot], deadline: Callable[[WorkerSlot], float],
                     now: float, t0: float) -> None:
@@ -308,7 +328,7 @@ class Keeper:
             w.exit_code = child.returncode
             w.state = S.EXITED
             w.last_lines = child.last_lines
-            running, wanted = self.running, w.wanted
+            running, wanted = self.running and not self.fleet.down(w), w.wanted
         level = 20 if (child.returncode == 0 or not running) else 30
         self.log(f"worker {w.name} (pid {child.pid}) exited: {child.describe_exit()} "
                  f"after {uptime:.2f}s", level)
@@ -321,11 +341,16 @@ class Keeper:
         self.changed(w)
 
     def _schedule_restart(self, w: WorkerSlot, child: Child, uptime: float) -> None:
-        delay = self.policy.decide(w.name, uptime)
+        delay = self.policy.decide(w.name, uptime, w.wn.group,
+                                   w.spec.intensity(self.policy.intensity))
         if isinstance(delay, GiveUp):
             tail = w.tail()
-            self.fatal_error(f"{delay}; last: worker {w.name} {child.describe_exit()}"
-                             + (f": {tail}" if tail else ""))
+            why = (f"{delay}; last: worker {w.name} {child.describe_exit()}"
+                   + (f": {tail}" if tail else ""))
+            if w.spec.on_fatal == "stop-fleet" or self.bus.state is self.bus.states.STARTING:
+                self.fatal_error(why)  # a fleet that cannot start fails as a whole
+            else:
+                self.group_fatal(w.wn.group, why)
             return
         with self.cond:
             w.restarts += 1
@@ -339,6 +364,40 @@ class Keeper:
             if not self.running:
                 return
         self._spawn(w)
+
+    def group_fatal(self, name: str, msg: str) -> None:
+        """Group ``name`` reached its restart intensity: FATAL (its workers are told to exit,
+        then SIGTERM, SIGKILL; none is restarted) while the other groups run on. The fleet
+        stops only when no group is left that is not FATAL."""
+        with self.cond:
+            group = self.fleet.groups[name]
+            if group.fatal is not None:
+                return
+            group.fatal = msg
+            slots = list(group.slots.values())
+            for w in slots:
+                w.cancel_restart()
+            live = [w for w in slots if w.alive and w.child is not None]
+            every = all(g.fatal is not None for g in self.fleet.groups.values())
+        self.log(f"group {name} is FATAL: {msg}; the other groups keep running "
+                 f"(`multibus start {name}` starts it again)", 40)
+        self.changed(*slots)
+        if every:
+            self.fatal_error(f"every group is FATAL; last: {msg}")
+            return
+        if live:
+            self.bridge.command("exit", peers=[w.name for w in live])
+        for w in live:
+            child = w.child
+            assert child is not None
+
+            def term(child: Child = child) -> None:
+                if child.returncode is None:
+                    signal_group(child.pgid, 15)
+                    self.procs.call_later(self.term_timeout, lambda: child.returncode is None
+                                          and signal_group(child.pgid, 9))
+
+            self.procs.call_later(w.spec.stop_timeout, term)
 
     def fatal_error(self, msg: str) -> None:
         """Stop the fleet: the bus exits (from its own thread) and start() raises."""

@@ -30,6 +30,7 @@ from typing import Any
 
 from multibus import fdbudget
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
+from multibus.groupops import GroupOps
 from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
 from multibus.restart import RestartPolicy
@@ -109,6 +110,7 @@ class Supervisor:
         self.keeper = Keeper(bus, name, self.fleet, self.restart_policy, log=self.log,
                              log_output=log_output, term_timeout=term_timeout)
         self._cond = self.keeper.cond  # guards the fleet; notified at every change
+        self.groupops = GroupOps(self)  # one group or worker at a time, 'after' order
         self.killed: set[str] = set()  # workers that had to be signalled
         # (worker, why) for each kill, in order: what a 'stop' op reports (append-only)
         self.kills: list[tuple[str, str]] = []
@@ -219,7 +221,8 @@ class Supervisor:
     @property
     def exit_code(self) -> int:
         """0 after a clean stop; 1 if a worker had to be killed or the fleet failed."""
-        return 1 if (self.killed or self.failed or self.keeper.fatal) else 0
+        fatal = any(g.fatal is not None for g in self.fleet.groups.values())
+        return 1 if (self.killed or self.failed or self.keeper.fatal or fatal) else 0
 
     @property
     def failed(self) -> bool:
@@ -243,19 +246,25 @@ class Supervisor:
             self.restart_policy.reset()
             for w in self.fleet.slots():
                 w.start_error = None
-        self.bridge.command("start")
+            for g in self.fleet.groups.values():
+                if not g.held:  # a fleet start starts every group not stopped by a command
+                    g.fatal = None
         t0 = time.monotonic()
-        k.spawn_missing()
-        n = sum(1 for w in self.fleet.slots() if w.wanted)
+        n = sum(1 for w in self.fleet.slots() if w.wanted and not self.fleet.down(w))
         try:
-            k.wait_started(None, t0)  # each worker's start_timeout from its own spawn
+            self.groupops.start_fleet(t0)  # in 'after' order
         except FleetError:
             k.failed = True
             raise
         self.log(f"{n} worker{'s' if n != 1 else ''} STARTED in {time.monotonic() - t0:.3f}s")
 
     def graceful(self) -> None:
-        self.bridge.command("graceful")
+        down = self.groupops.down()
+        if not down:
+            self.bridge.command("graceful")
+            return
+        self.bridge.command("graceful", peers=[w.name for w in self.fleet.live()
+                                               if not self.fleet.down(w)])
 
     def kill_all(self) -> None:
         """SIGKILL every live worker's process group and record it as killed. Safe in a
@@ -276,42 +285,63 @@ class Supervisor:
         # When this stop opens the bus's exit, workers exit at once: one round instead of
         # 'stop' then 'exit' (a worker's exit() stops its bus first, so its stop listeners
         # still run before we go on; a stopped worker passes STOPPED or goes to EXITING).
-        done = STOP_DONE
+        done, action = STOP_DONE, "stop"
         if getattr(self.bus, "exiting", False):
-            done = EXIT_DONE
+            done, action = EXIT_DONE, "exit"
             self._exit_sent = True
-            self.bridge.command("exit")
-            self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
-        else:
-            self.bridge.command("stop")
+        waves = self.groupops.stop_waves()  # None: all at once (no 'after')
+        if waves is None:
+            self.bridge.command(action)
+            if action == "exit":
+                self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
+            self.stop_slots(None, done)
+            return
+        if action == "exit":
+            self._close_zygote()
+        for wave in waves:  # reverse 'after' order: each wave once the one after it stopped
+            slots = [w for g in wave for w in self.fleet.groups[g].slots.values() if w.alive]
+            if slots:
+                self.bridge.command(action, peers=[w.name for w in slots])
+                if not self.stop_slots(slots, done):
+                    return
+        self.bridge.command(action)  # the default desired state for later workers
+
+    def stop_slots(self, slots: list[WorkerSlot] | None,
+                   done: frozenset[WorkerState] = STOP_DONE) -> bool:
+        """Wait until ``slots`` (None: every live worker) are in a ``done`` state, escalating
+        on those late; False when interrupted (every live worker was killed at once)."""
         hurry = False
         try:
-            self._wait_stopped(done)
+            self._wait_stopped(done, slots)
         except KeyboardInterrupt:
             hurry = True
         if hurry:
             self._escalate(self.fleet.live(), hurry=True)
-            return
-        late = [w for w in self.fleet.live() if w.state not in done]
+            return False
+        every = self.fleet.live() if slots is None else [w for w in slots if w.alive]
+        late = [w for w in every if w.state not in done]
         if late:
             self._escalate(late, hurry=False)
+        return True
 
-    def _wait_stopped(self, done: frozenset[WorkerState]) -> None:
+    def _wait_stopped(self, done: frozenset[WorkerState],
+                      among: list[WorkerSlot] | None = None) -> None:
         """Until every live worker is in a ``done`` state or past its stop_timeout (counted
         from when it is first seen here). O(1) per change: only the workers it touched are
         looked at again (:meth:`Keeper.watch`); every live one on 'anything changed'."""
         deadline: dict[WorkerSlot, float] = {}
         waiting: set[WorkerSlot] = set()
+        only = None if among is None else set(among)
         check = float("-inf")  # when deadlines must be looked at again (all of them)
         with self._cond, self.keeper.watch() as watch:
             while True:
                 now = time.monotonic()
                 touched = self.keeper.touched(watch)
                 if None in touched or now >= check:  # re-read: a spawn may have been in flight
-                    touched = set(self.fleet.live()) | waiting
+                    touched = set(self.fleet.live() if only is None else only) | waiting
                     check = float("inf")
                 for w in touched:
-                    if w is None:
+                    if w is None or (only is not None and w not in only):
                         continue
                     limit = deadline.setdefault(w, now + w.spec.stop_timeout)
                     if w.alive and w.state not in done and limit > now:
@@ -331,19 +361,19 @@ class Supervisor:
         with self._cond:
             self.keeper.running = False
             self.keeper.cancel_restarts()
-        if self.bridge is not None and not self._exit_sent:
+        waves = self.groupops.stop_waves()
+        if waves is not None and self.bridge is not None and not self._exit_sent:
+            self._close_zygote()
+            for wave in waves:  # reverse 'after' order, each wave gone before the next
+                live = [w for g in wave for w in self.fleet.groups[g].slots.values() if w.alive]
+                self._exit_slots(live, peers=True)
+        elif self.bridge is not None and not self._exit_sent:
             try:
                 self.bridge.command("exit")
             except Exception as e:  # noqa: BLE001 - still escalate below
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
-        live = self.fleet.live()
-        now = time.monotonic()
         self._close_zygote()
-        deadlines = {w.child: now + w.spec.stop_timeout
-                     for w in live if w.child}
-        self._mark_killed(stop_children(list(deadlines), deadlines,
-                                        term_timeout=self.term_timeout, log=self.log),
-                          "did not exit")
+        self._exit_slots(self.fleet.live(), peers=False)
         if self.procs is not None:
             self.procs.close()
         self.keeper.changed()
@@ -352,6 +382,21 @@ class Supervisor:
             self.log(f"fleet stopped with errors: {n} worker{'s' if n != 1 else ''} had to be "
                      f"killed ({', '.join(sorted(self.killed))})", 30)
         self.unsubscribe()
+
+    def _exit_slots(self, live: list[WorkerSlot], peers: bool) -> None:
+        """Have ``live`` exit within their stop_timeout (told so first if ``peers``), then
+        SIGTERM, SIGKILL."""
+        if peers and live:
+            try:
+                self.bridge.command("exit", peers=[w.name for w in live])
+            except Exception as e:  # noqa: BLE001 - still escalate below
+                self.log(f"cannot send 'exit' to workers: {e}", 30)
+        now = time.monotonic()
+        deadlines = {w.child: now + w.spec.stop_timeout
+                     for w in live if w.child}
+        self._mark_killed(stop_children(list(deadlines), deadlines,
+                                        term_timeout=self.term_timeout, log=self.log),
+                          "did not exit")
 
     # -- helpers --------------------------------------------------------------------------
 

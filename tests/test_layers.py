@@ -19,8 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
-    ("specs", "restart", "procs", "zygote", "worker"),
-    ("fleet", "spawner", "keeper", "config", "supervisor"),
+    ("order", "specs", "restart", "procs", "zygote", "worker"),
+    ("fleet", "spawner", "keeper", "groupops", "config", "supervisor"),
     ("commands", "opqueue", "control"),
     ("runner", "cli", "__main__"),
 ]
