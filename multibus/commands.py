@@ -69,23 +69,30 @@ def is_targets(v: Any) -> bool:
         isinstance(t, str) and is_source(t) for t in v)
 
 
-def check_targets(ctl: Any, targets: list[str]) -> list[str]:
-    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
-    ControlError, as `scale` says it, names an unknown group or worker."""
-    specs = ctl.sup.specs
-    workers = None
+def known_targets(targets: Iterable[str], groups: Iterable[str],
+                  workers: Callable[[], set[str]]) -> None:
+    """ControlError, as `scale` says it, naming the first of ``targets`` that is not one of
+    ``groups`` nor of ``workers()`` (asked only for a worker name)."""
+    groups = list(groups)
+    names: set[str] | None = None
     for t in targets:
         wn = WorkerName.parse(t)
         group = t if wn is None else wn.group
-        if group not in specs:
-            raise ControlError(f"no group {group!r}; groups: {', '.join(specs)}")
+        if group not in groups:
+            raise ControlError(f"no group {group!r}; groups: {', '.join(groups)}")
         if wn is not None:
-            workers = workers or {r["name"] for r in ctl.sup.table()}
-            if t not in workers:
-                known = sorted((n for n in workers if n.startswith(group + ".")),
+            names = workers() if names is None else names
+            if t not in names:
+                known = sorted((n for n in names if n.startswith(group + ".")),
                                key=WorkerName.parse)
                 raise ControlError(f"no worker {t!r}; workers of {group}: "
                                    f"{', '.join(known) or 'none'}")
+
+
+def check_targets(ctl: Any, targets: list[str]) -> list[str]:
+    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
+    ControlError names an unknown group or worker (:func:`known_targets`)."""
+    known_targets(targets, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
     return sorted(set(targets))
 
 
@@ -297,16 +304,7 @@ class Status(Command):
 def only(st: dict[str, Any], targets: list[str]) -> dict[str, Any]:
     """The status document ``st`` with only the groups and workers of ``targets``."""
     groups = [g["name"] for g in st["groups"]]
-    names = {w["name"] for w in st["workers"]}
-    for t in targets:
-        wn = WorkerName.parse(t)
-        group = t if wn is None else wn.group
-        if group not in groups:
-            raise ControlError(f"no group {group!r}; groups: {', '.join(groups)}")
-        if wn is not None and t not in names:
-            known = sorted((n for n in names if n.startswith(group + ".")),
-                           key=WorkerName.parse)
-            raise ControlError(f"no worker {t!r}; workers of {group}: {', '.join(known) or 'none'}")
+    known_targets(targets, groups, lambda: {w["name"] for w in st["workers"]})
     keep = set(targets)
     workers = [w for w in st["workers"] if w["name"] in keep or w["group"] in keep]
     shown = {w["group"] for w in workers} | (keep & set(groups))
