@@ -125,9 +125,8 @@ Perform = Callable[[Any, str, dict[str, Any]], "str | None"]
 
 
 def _groups(ctl: Any) -> Any:
-    """The supervisor's per-group control (:class:`multibus.groupops.GroupOps`); None for a
-    supervisor without groups of its own (a stand-in that only runs the bus)."""
-    return getattr(ctl.sup, "groupops", None)
+    """The supervisor's per-group control (:class:`multibus.groupops.GroupOps`)."""
+    return ctl.sup.groupops
 
 
 def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
@@ -135,13 +134,12 @@ def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     if args.get("targets"):
         return groups.start(args["targets"], state_of(ctl.bus))
     if state_of(ctl.bus) == "STARTED":
-        down = groups.down() if groups is not None else []
+        down = groups.down()
         if not down:
             return "already STARTED"
         groups.start(down, "STARTED")  # every group: those stopped by a command too
         return f"started {', '.join(down)}"
-    if groups is not None:
-        groups.release_all()  # every group, those stopped by a command or FATAL too
+    groups.release_all()  # every group, those stopped by a command or FATAL too
     ctl.bus.start()
     return None
 

@@ -337,8 +337,7 @@ class Control:
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
             })
-        ops = getattr(self.sup, "groupops", None)  # issue 16: state, error, after per group
-        for g, more in zip(groups, ops.group_rows() if ops is not None else (), strict=False):
+        for g, more in zip(groups, self.sup.groupops.group_rows(), strict=False):  # issue 16
             g.update((k, v) for k, v in more.items() if k != "name")
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
