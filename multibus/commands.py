@@ -203,6 +203,23 @@ def _scale(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return f"{group}: {count} worker{'s' if count != 1 else ''}"
 
 
+def _apply(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    """Re-read the fleet file ``args['file']``; change only what differs (see reconcile)."""
+    from multibus.config import ConfigError, load
+    from multibus.reconcile import apply_plan, plan
+
+    try:
+        specs = load(args["file"]).specs
+    except ConfigError as e:
+        raise ControlError(str(e)) from None
+    p = plan(ctl.sup.specs, ctl.counts, specs)
+    if p:
+        apply_plan(ctl.sup, p, specs, state == "STARTED")
+        ctl.counts.clear()
+        ctl.counts.update((s.name, s.count) for s in specs)
+    return p.describe()
+
+
 def _signal(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return _groups(ctl).signal(args["targets"], int(args["signal"]))
 
@@ -231,6 +248,8 @@ TRANSITIONS: dict[str, Action] = {a.name: a for a in (
     Action("scale", "run N workers of GROUP", _scale, op=False),
     Action("signal", "send SIGNAL to the process group of each worker of TARGET", _signal,
            op=False),
+    Action("apply", "re-read the fleet file; start, stop, scale and restart what changed",
+           _apply, op=False),
 )}
 ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 
@@ -378,6 +397,37 @@ class Signal(Command):
         return _finish(client, reply, f"signal {' '.join(args.targets)} {args.signal}", args)
 
 
+class Apply(Command):
+    """Queue the re-reading of a fleet file (validated by the CLI first, read again here)."""
+
+    name = "apply"
+    schema = {"file": lambda v: isinstance(v, str) and 0 < len(v) <= 4096 and v[0] == "/"}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        return _queued(ctl, ctl.queue("apply", file=req["file"]))
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        text = TRANSITIONS["apply"].help
+        ap = sub.add_parser("apply", parents=[ctl, waiting], help=text,
+                            description=f"{text}, without stopping the rest. FILE: the file "
+                            "`run` was given by default. A bad file changes nothing (exit 2).")
+        ap.add_argument("file", nargs="?", metavar="FILE")
+        ap.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        from multibus.config import check_targets, load
+
+        client = connect()
+        path = os.path.abspath(args.file) if args.file else client.status().get("config")
+        if not path:
+            say_error(f"apply: supervisor {client.name!r} was not run from a fleet file; name "
+                      "one: multibus apply FILE")
+            return EXIT_USAGE
+        check_targets(load(path))  # ConfigError: one line, exit 2, nothing changed
+        return _finish(client, client.request("apply", file=path), f"apply {path}", args)
+
+
 class Scale(Command):
     name = "scale"
     schema = {"group": valid_group, "count": lambda v: is_int(v, 0, 10_000)}
@@ -501,7 +551,7 @@ class Logs(Command):
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), OpCommand(), Scale(), OpStatus(),
-                                                     Logs(), Signal())}
+                                                     Logs(), Signal(), Apply())}
 
 
 # --------------------------------------------------------------------------- CLI helpers

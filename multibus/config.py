@@ -91,6 +91,7 @@ class FleetConfig:
     source: str | None = None  # the file it came from (for messages)
     zygote: bool = True  # fork workers from a preloaded zygote (Supervisor(zygote=...))
     zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
+    path: str | None = None  # the file's absolute path (`multibus apply` re-reads it)
 
     @property
     def default_group(self) -> str | None:
@@ -231,7 +232,8 @@ def load(path: str | os.PathLike[str]) -> FleetConfig:
         raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
-    return from_mapping(data, source=source, base=Path(path).resolve().parent)
+    cfg = from_mapping(data, source=source, base=Path(path).resolve().parent)
+    return replace(cfg, path=str(Path(path).resolve()))
 
 
 def valid_module(name: str) -> bool:

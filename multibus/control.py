@@ -309,6 +309,7 @@ class Control:
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)'; None before its first spawn)}],
              "queue": [{"op", "action", "args", "state", "error", "note"}],
+             "config": the fleet file it runs (absolute path) or None,
              "counters": {"control": {"invalid", "refused", "followers", "listening",
                                       "paused" (times it stopped listening: fd limit)},
                           "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}}}
@@ -343,6 +344,7 @@ class Control:
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
+            "config": self.sup.config,  # the fleet file (`multibus apply`), or None
             "counters": self.counters(),
         }
 

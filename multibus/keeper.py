@@ -334,7 +334,9 @@ class Keeper:
                  f"after {uptime:.2f}s", level)
         if not wanted:
             with self.cond:
-                self.fleet.group_of(w).discard(w)
+                group = self.fleet.groups.get(w.wn.group)  # None: removed by `apply`
+                if group is not None:
+                    group.discard(w)
         elif running and (w.spec.restart == "permanent"
                           or (w.spec.restart == "transient" and child.returncode != 0)):
             self._schedule_restart(w, child, uptime)

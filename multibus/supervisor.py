@@ -83,6 +83,7 @@ class Supervisor:
         peer_timeout: float = 20.0,
         zygote: bool = True,
         zygote_preload: Iterable[str] = (),
+        config: str | None = None,
     ) -> None:
         self.bus = bus
         self.name = name
@@ -99,6 +100,8 @@ class Supervisor:
         self.zygote_requested = bool(zygote)
         self.use_zygote = bool(zygote) and subreaper
         self.zygote_preload = tuple(zygote_preload)
+        self.config = config  # the fleet file it runs (absolute), for `multibus apply`
+        self.hub_channels: list[str] = []  # what the hub mirrors (fixed once bound)
         self.spawner: Spawner | None = None
         self._endpoints_arg = endpoints
         self._pidfile_arg = pidfile
@@ -184,6 +187,7 @@ class Supervisor:
 
     def _make_bridge(self) -> HubBridge:
         channels = sorted({ch for s in self.specs.values() for ch in s.channels})
+        self.hub_channels = channels
         factory = self._bridge_factory
         if factory is None:
             from multibus.transport.bridge import Bridge

@@ -59,6 +59,7 @@ class FakeSupervisor:
         self.kills: list[tuple[str, str]] = []  # (worker, why) per kill, as the Supervisor's
         self.bridge = None  # no hub: no bridge counters
         self.groupops = FakeGroups()  # every group runs with the fleet (issue 16)
+        self.config = None  # not run from a fleet file
         bus.subscribe("stop", self.stop)
 
     def stop(self) -> None:

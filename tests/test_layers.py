@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("plugins",),
     ("transport",),
     ("order", "specs", "restart", "procs", "zygote", "worker"),
-    ("fleet", "spawner", "keeper", "groupops", "config", "supervisor"),
+    ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor"),
     ("commands", "opqueue", "control"),
     ("runner", "cli", "__main__"),
 ]
