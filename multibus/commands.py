@@ -148,7 +148,11 @@ def _stop_bus(ctl: Any) -> str | None:
     """Stop the bus; say which workers had to be killed meanwhile, and why (None: none)."""
     before = len(ctl.sup.kills)
     ctl.bus.stop()
-    kills = ctl.sup.kills[before:]
+    return _killed(ctl.sup.kills[before:])
+
+
+def _killed(kills: list[tuple[str, str]]) -> str | None:
+    """Which workers had to be killed, and why (None: none)."""
     if not kills:
         return None
     return (f"{len(kills)} worker{'s' if len(kills) != 1 else ''} had to be killed, their "
@@ -157,10 +161,10 @@ def _stop_bus(ctl: Any) -> str | None:
 
 def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     if args.get("targets"):
-        note = _groups(ctl).stop(args["targets"], state)
-        if note and "killed" in note:
-            raise ControlError(note)
-        return note
+        killed = _killed(_groups(ctl).stop(args["targets"]))
+        if killed:
+            raise ControlError(killed)  # as `stop` of every group: the op fails
+        return None if state == "STARTED" else f"the fleet is {state}"
     if state == "STOPPED":
         return "already STOPPED"
     killed = _stop_bus(ctl)
@@ -171,7 +175,7 @@ def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
 
 def _restart(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     if args.get("targets"):
-        killed = _groups(ctl).stop(args["targets"], state) if state == "STARTED" else None
+        killed = _killed(_groups(ctl).stop(args["targets"])) if state == "STARTED" else None
         note = _groups(ctl).start(args["targets"], state_of(ctl.bus))
         return killed if killed else note
     killed = _stop_bus(ctl) if state != "STOPPED" else None

@@ -177,10 +177,10 @@ class GroupOps:
         self.keeper.spawn_missing(slots)
         self.keeper.wait_started(slots, t0)
 
-    def stop(self, targets: Iterable[str], bus_state: str) -> str | None:
+    def stop(self, targets: Iterable[str]) -> list[tuple[str, str]]:
         """Hold ``targets`` and stop their worker buses (processes stay), in reverse
         ``after`` order; late ones are escalated (SIGTERM, SIGKILL) as a fleet stop does.
-        Returns what had to be killed (None: nothing)."""
+        Returns the (worker, why) of each that had to be killed."""
         sel = self.select(targets)
         with self.keeper.cond:
             for name, chosen in sel.items():
@@ -197,11 +197,7 @@ class GroupOps:
                 self.sup.bridge.command("stop", peers=[w.name for w in slots])
                 self.sup.stop_slots(slots)
         self.keeper.changed()
-        kills = self.sup.kills[before:]
-        if not kills:
-            return None if bus_state == "STARTED" else f"the fleet is {bus_state}"
-        return (f"{len(kills)} worker{'s' if len(kills) != 1 else ''} had to be killed, their "
-                "processes are gone: " + "; ".join(f"{n} ({why})" for n, why in kills))
+        return self.sup.kills[before:]
 
     def graceful(self, targets: Iterable[str]) -> str | None:
         """Bus 'graceful' on the STARTED workers of ``targets``."""
