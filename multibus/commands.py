@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from multibus import fdbudget
 from multibus.bus import state_name
 from multibus.names import WorkerName, valid_group
+from multibus.targets import is_targets, only, parse_signal, unknown
 
 __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
            "TRANSITIONS", "format_status", "say_error", "state_of"]
@@ -60,63 +61,21 @@ def is_source(v: Any) -> bool:
     return valid_group(v) or WorkerName.parse(v) is not None
 
 
-MAX_TARGETS = 64
-
-
-def is_targets(v: Any) -> bool:
-    """Op targets: at most MAX_TARGETS groups or workers (``group.index``)."""
-    return isinstance(v, list) and len(v) <= MAX_TARGETS and all(
-        isinstance(t, str) and is_source(t) for t in v)
-
-
-def known_targets(targets: Iterable[str], groups: Iterable[str],
-                  workers: Callable[[], set[str]]) -> None:
-    """ControlError, as `scale` says it, naming the first of ``targets`` that is not one of
-    ``groups`` nor of ``workers()`` (asked only for a worker name)."""
-    groups = list(groups)
-    names: set[str] | None = None
-    for t in targets:
-        wn = WorkerName.parse(t)
-        group = t if wn is None else wn.group
-        if group not in groups:
-            raise ControlError(f"no group {group!r}; groups: {', '.join(groups)}")
-        if wn is not None:
-            names = workers() if names is None else names
-            if t not in names:
-                known = sorted((n for n in names if n.startswith(group + ".")),
-                               key=WorkerName.parse)
-                raise ControlError(f"no worker {t!r}; workers of {group}: "
-                                   f"{', '.join(known) or 'none'}")
-
-
-def check_targets(ctl: Any, targets: list[str]) -> list[str]:
-    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
-    ControlError names an unknown group or worker (:func:`known_targets`)."""
-    known_targets(targets, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
-    return sorted(set(targets))
-
-
-def parse_signal(text: str) -> int:
-    """'HUP', 'SIGHUP', 'hup' or '1' -> 1; ValueError naming the signal otherwise."""
-    import signal
-
-    if text.isdigit() and 0 < int(text) < signal.NSIG:
-        return int(text)
-    name = text.upper()
-    name = name if name.startswith("SIG") else "SIG" + name
-    try:
-        return int(signal.Signals[name])
-    except KeyError:
-        raise ValueError(f"unknown signal {text!r}; use a name like HUP or TERM, or a "
-                         f"number from 1 to {signal.NSIG - 1}") from None
-
-
 U32 = (0, 2**32 - 1)
 
 
 def state_of(bus: Any) -> str:
     """The bus state's name ('STARTED'), for a multibus Bus or cherrypy.engine."""
     return state_name(bus.state) or str(bus.state)
+
+
+def _targets(ctl: Any, targets: list[str]) -> list[str]:
+    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
+    ControlError names an unknown group or worker, as `scale` does."""
+    why = unknown(targets, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
+    if why:
+        raise ControlError(why)
+    return sorted(set(targets))
 
 
 # --------------------------------------------------------------------------- transitions
@@ -310,26 +269,17 @@ class Status(Command):
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         st = connect().status()
         if args.targets:
-            try:
-                st = only(st, args.targets)
-            except ControlError as e:
-                say_error(str(e))
+            why = unknown(args.targets, [g["name"] for g in st["groups"]],
+                          lambda: {w["name"] for w in st["workers"]})
+            if why:
+                say_error(why)
                 return EXIT_FAIL
+            st = only(st, args.targets)
         if args.json:
             print(json.dumps(st, indent=2, sort_keys=True))
         else:
             print(format_status(st))
         return EXIT_OK
-
-
-def only(st: dict[str, Any], targets: list[str]) -> dict[str, Any]:
-    """The status document ``st`` with only the groups and workers of ``targets``."""
-    groups = [g["name"] for g in st["groups"]]
-    known_targets(targets, groups, lambda: {w["name"] for w in st["workers"]})
-    keep = set(targets)
-    workers = [w for w in st["workers"] if w["name"] in keep or w["group"] in keep]
-    shown = {w["group"] for w in workers} | (keep & set(groups))
-    return {**st, "groups": [g for g in st["groups"] if g["name"] in shown], "workers": workers}
 
 
 class OpCommand(Command):
@@ -345,7 +295,7 @@ class OpCommand(Command):
             if req["action"] == "exit":
                 raise ControlError("exit takes no TARGET: it stops every group, then the "
                                    "supervisor (stop TARGET stops only those)")
-            op = ctl.queue(req["action"], targets=check_targets(ctl, req["targets"]))
+            op = ctl.queue(req["action"], targets=_targets(ctl, req["targets"]))
         else:
             op = ctl.queue(req["action"])
         if op.action == "exit" and ctl.interrupt_start and state_of(ctl.bus) == "STARTING":
@@ -377,7 +327,7 @@ class Signal(Command):
               "signal": lambda v: is_int(v, 1, 64)}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
-        targets = check_targets(ctl, req["targets"])
+        targets = _targets(ctl, req["targets"])
         return _queued(ctl, ctl.queue("signal", targets=targets, signal=req["signal"]))
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,

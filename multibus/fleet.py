@@ -242,6 +242,13 @@ class Fleet(Mapping[str, WorkerSlot]):
         group = self.groups.get(slot.wn.group)
         return slot.held or group is None or group.down
 
+    def awaited(self, slot: WorkerSlot) -> bool:
+        """A start waits for ``slot``: wanted, not STARTED, not stopped by a command (a
+        FATAL group's are awaited: the wait fails)."""
+        group = self.groups.get(slot.wn.group)
+        return (slot.wanted and slot.state is not WorkerState.STARTED and not slot.held
+                and not (group is not None and group.held))
+
     def live(self) -> list[WorkerSlot]:
         return [s for s in self.slots() if s.alive]
 

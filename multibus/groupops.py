@@ -22,6 +22,7 @@ from multibus import order
 from multibus.fleet import WorkerSlot, WorkerState
 from multibus.keeper import FleetError
 from multibus.names import WorkerName
+from multibus.procs import Child, signal_group
 from multibus.specs import SpecError
 
 if TYPE_CHECKING:
@@ -98,6 +99,64 @@ class GroupOps:
         once, as the hub's default desired state)."""
         waves = self.waves()
         return None if len(waves) <= 1 else list(reversed(waves))
+
+    def graceful_fleet(self) -> None:
+        """Bus 'graceful' on every worker; only on those not stopped when some are."""
+        if not self.down():
+            self.sup.bridge.command("graceful")
+            return
+        self.sup.bridge.command("graceful", peers=[w.name for w in self.fleet.live()
+                                                   if not self.fleet.down(w)])
+
+    def fatal(self, name: str, msg: str) -> None:
+        """(process thread) Group ``name`` reached its restart intensity: FATAL. Its workers
+        are told to exit, then SIGTERM, SIGKILL; none is restarted; the other groups run
+        on. The fleet stops only when every group is FATAL."""
+        k = self.keeper
+        with k.cond:
+            group = self.fleet.groups[name]
+            if group.fatal is not None:
+                return
+            group.fatal = msg
+            slots = list(group.slots.values())
+            for w in slots:
+                w.cancel_restart()
+            live = [w.child for w in slots if w.alive and w.child is not None]
+            every = all(g.fatal is not None for g in self.fleet.groups.values())
+        self.sup.log(f"group {name} is FATAL: {msg}; the other groups keep running "
+                     f"(`multibus start {name}` starts it again)", 40)
+        k.changed(*slots)
+        if every:
+            k.fatal_error(f"every group is FATAL; last: {msg}")
+            return
+        if live:
+            self.sup.bridge.command("exit", peers=[c.name for c in live])
+        for child in live:
+            k.procs.call_later(group.spec.stop_timeout, lambda c=child: self._term(c))
+
+    def _term(self, child: Child) -> None:
+        """SIGTERM ``child``'s process group if it still runs; SIGKILL after term_timeout."""
+        if child.returncode is None:
+            signal_group(child.pgid, 15)
+            self.keeper.procs.call_later(self.sup.term_timeout, lambda: child.returncode is None
+                                         and signal_group(child.pgid, 9))
+
+    def stop_fleet(self, action: str, done: frozenset[WorkerState]) -> None:
+        """Stop (or exit: ``action``) every group in reverse ``after`` order, each wave once
+        the one after it is ``done``; then make ``action`` the default for later workers."""
+        for wave in self.stop_waves() or ():
+            slots = [w for g in wave for w in self.fleet.groups[g].slots.values() if w.alive]
+            if slots:
+                self.sup.bridge.command(action, peers=[w.name for w in slots])
+                if not self.sup.stop_slots(slots, done):
+                    return  # interrupted: every worker was killed
+        self.sup.bridge.command(action)
+
+    def exit_fleet(self) -> None:
+        """Have every worker exit in reverse ``after`` order, each wave gone before the next."""
+        for wave in self.stop_waves() or ():
+            live = [w for g in wave for w in self.fleet.groups[g].slots.values() if w.alive]
+            self.sup.exit_slots(live, peers=True)
 
     def hold_all_but(self, sel: Selection) -> None:
         """Before a fleet start that should start only ``sel``: hold everything else."""

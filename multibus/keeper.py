@@ -82,6 +82,7 @@ class Keeper:
         # once groups start or stop on their own (after, holds), each spawn is told 'start'
         # itself: the hub's default desired state no longer fits every worker
         self.per_peer = False
+        self.on_group_fatal: Callable[[str, str], None] = lambda group, why: self.fatal_error(why)
         self.fatal: str | None = None  # why the fleet had to be stopped
         self.failed = False
         self.spawner: Spawner | None = None
@@ -249,13 +250,13 @@ class Keeper:
                 full = None in touched or now >= check
                 if full:  # O(N): at the start, on 'anything changed', at a deadline
                     every = self.fleet.slots() if slots is None else slots
-                    pending = {w for w in every if self._awaited(w)}
+                    pending = {w for w in every if self.fleet.awaited(w)}
                     touched = set(pending)
                     check = float("inf")
                 for w in touched:
                     if w is None or (among is not None and w not in among):
                         continue
-                    if self._awaited(w):
+                    if self.fleet.awaited(w):
                         group = self.fleet.groups.get(w.wn.group)
                         if group is not None and group.fatal is not None:
                             raise FleetError(f"group {group.name} is FATAL: {group.fatal}")
@@ -271,13 +272,6 @@ class Keeper:
                 if full:
                     self._raise_late([w for w in every if w in pending], deadline, now, t0)
                 self.cond.wait(max(0.0, check - now))
-
-    def _awaited(self, w: WorkerSlot) -> bool:
-        """A start waits for ``w``: wanted, not STARTED, not stopped by a command (a FATAL
-        group's are, to fail the wait)."""
-        group = self.fleet.groups.get(w.wn.group)
-        return (w.wanted and w.state is not S.STARTED and not w.held
-                and not (group is not None and group.held))
 
     def _raise_late(self, waiting: list[WorkerSlot], deadline: Callable[[WorkerSlot], float],
                     now: float, t0: float) -> None:
@@ -352,7 +346,7 @@ class Keeper:
             if w.spec.on_fatal == "stop-fleet" or self.bus.state is self.bus.states.STARTING:
                 self.fatal_error(why)  # a fleet that cannot start fails as a whole
             else:
-                self.group_fatal(w.wn.group, why)
+                self.on_group_fatal(w.wn.group, why)  # GroupOps.fatal
             return
         with self.cond:
             w.restarts += 1
@@ -366,40 +360,6 @@ class Keeper:
             if not self.running:
                 return
         self._spawn(w)
-
-    def group_fatal(self, name: str, msg: str) -> None:
-        """Group ``name`` reached its restart intensity: FATAL (its workers are told to exit,
-        then SIGTERM, SIGKILL; none is restarted) while the other groups run on. The fleet
-        stops only when no group is left that is not FATAL."""
-        with self.cond:
-            group = self.fleet.groups[name]
-            if group.fatal is not None:
-                return
-            group.fatal = msg
-            slots = list(group.slots.values())
-            for w in slots:
-                w.cancel_restart()
-            live = [w for w in slots if w.alive and w.child is not None]
-            every = all(g.fatal is not None for g in self.fleet.groups.values())
-        self.log(f"group {name} is FATAL: {msg}; the other groups keep running "
-                 f"(`multibus start {name}` starts it again)", 40)
-        self.changed(*slots)
-        if every:
-            self.fatal_error(f"every group is FATAL; last: {msg}")
-            return
-        if live:
-            self.bridge.command("exit", peers=[w.name for w in live])
-        for w in live:
-            child = w.child
-            assert child is not None
-
-            def term(child: Child = child) -> None:
-                if child.returncode is None:
-                    signal_group(child.pgid, 15)
-                    self.procs.call_later(self.term_timeout, lambda: child.returncode is None
-                                          and signal_group(child.pgid, 9))
-
-            self.procs.call_later(w.spec.stop_timeout, term)
 
     def fatal_error(self, msg: str) -> None:
         """Stop the fleet: the bus exits (from its own thread) and start() raises."""

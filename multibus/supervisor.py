@@ -114,6 +114,7 @@ class Supervisor:
                              log_output=log_output, term_timeout=term_timeout)
         self._cond = self.keeper.cond  # guards the fleet; notified at every change
         self.groupops = GroupOps(self)  # one group or worker at a time, 'after' order
+        self.keeper.on_group_fatal = self.groupops.fatal
         self.killed: set[str] = set()  # workers that had to be signalled
         # (worker, why) for each kill, in order: what a 'stop' op reports (append-only)
         self.kills: list[tuple[str, str]] = []
@@ -251,8 +252,7 @@ class Supervisor:
             for w in self.fleet.slots():
                 w.start_error = None
             for g in self.fleet.groups.values():
-                if not g.held:  # a fleet start starts every group not stopped by a command
-                    g.fatal = None
+                g.fatal = None if not g.held else g.fatal  # a start starts every group not held
         t0 = time.monotonic()
         n = sum(1 for w in self.fleet.slots() if w.wanted and not self.fleet.down(w))
         try:
@@ -263,12 +263,7 @@ class Supervisor:
         self.log(f"{n} worker{'s' if n != 1 else ''} STARTED in {time.monotonic() - t0:.3f}s")
 
     def graceful(self) -> None:
-        down = self.groupops.down()
-        if not down:
-            self.bridge.command("graceful")
-            return
-        self.bridge.command("graceful", peers=[w.name for w in self.fleet.live()
-                                               if not self.fleet.down(w)])
+        self.groupops.graceful_fleet()
 
     def kill_all(self) -> None:
         """SIGKILL every live worker's process group and record it as killed. Safe in a
@@ -293,8 +288,7 @@ class Supervisor:
         if getattr(self.bus, "exiting", False):
             done, action = EXIT_DONE, "exit"
             self._exit_sent = True
-        waves = self.groupops.stop_waves()  # None: all at once (no 'after')
-        if waves is None:
+        if self.groupops.stop_waves() is None:  # no 'after': all at once
             self.bridge.command(action)
             if action == "exit":
                 self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
@@ -302,13 +296,7 @@ class Supervisor:
             return
         if action == "exit":
             self._close_zygote()
-        for wave in waves:  # reverse 'after' order: each wave once the one after it stopped
-            slots = [w for g in wave for w in self.fleet.groups[g].slots.values() if w.alive]
-            if slots:
-                self.bridge.command(action, peers=[w.name for w in slots])
-                if not self.stop_slots(slots, done):
-                    return
-        self.bridge.command(action)  # the default desired state for later workers
+        self.groupops.stop_fleet(action, done)
 
     def stop_slots(self, slots: list[WorkerSlot] | None,
                    done: frozenset[WorkerState] = STOP_DONE) -> bool:
@@ -365,19 +353,17 @@ class Supervisor:
         with self._cond:
             self.keeper.running = False
             self.keeper.cancel_restarts()
-        waves = self.groupops.stop_waves()
-        if waves is not None and self.bridge is not None and not self._exit_sent:
+        if (self.groupops.stop_waves() is not None and self.bridge is not None
+                and not self._exit_sent):
             self._close_zygote()
-            for wave in waves:  # reverse 'after' order, each wave gone before the next
-                live = [w for g in wave for w in self.fleet.groups[g].slots.values() if w.alive]
-                self._exit_slots(live, peers=True)
+            self.groupops.exit_fleet()  # reverse 'after' order, each wave gone before the next
         elif self.bridge is not None and not self._exit_sent:
             try:
                 self.bridge.command("exit")
             except Exception as e:  # noqa: BLE001 - still escalate below
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
         self._close_zygote()
-        self._exit_slots(self.fleet.live(), peers=False)
+        self.exit_slots(self.fleet.live(), peers=False)
         if self.procs is not None:
             self.procs.close()
         self.keeper.changed()
@@ -387,9 +373,8 @@ class Supervisor:
                      f"killed ({', '.join(sorted(self.killed))})", 30)
         self.unsubscribe()
 
-    def _exit_slots(self, live: list[WorkerSlot], peers: bool) -> None:
-        """Have ``live`` exit within their stop_timeout (told so first if ``peers``), then
-        SIGTERM, SIGKILL."""
+    def exit_slots(self, live: list[WorkerSlot], peers: bool) -> None:
+        """``live`` exit (told so if ``peers``) within their stop_timeout, or are killed."""
         if peers and live:
             try:
                 self.bridge.command("exit", peers=[w.name for w in live])

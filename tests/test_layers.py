@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "multibus"
 # every module in it.
 LAYERS: list[tuple[str, ...]] = [
     ("wakeup", "names", "lockfile", "rundir", "fastexit", "systemd", "logview", "logring",
-     "logprinter", "fdbudget"),
+     "logprinter", "fdbudget", "targets"),
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
