@@ -2,9 +2,12 @@
 
     multibus run TARGET|FILE.toml [-n N] [--name NAME] [--mirror CH ...]
     multibus run [-n N] [--group G] -- PROGRAM ARGS...
-    multibus status [--json]
-    multibus start | stop | restart | graceful | exit
+    multibus status [--json] [TARGET...]
+    multibus start | stop | restart | graceful [TARGET...]   (a group, or a worker: job.2)
+    multibus exit
+    multibus signal TARGET... SIGNAL
     multibus scale GROUP N
+    multibus apply [FILE]
     multibus logs [-f] [GROUP]
     multibus --version
 

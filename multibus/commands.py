@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from multibus import fdbudget
 from multibus.bus import state_name
 from multibus.names import WorkerName, valid_group
+from multibus.targets import is_targets, only, parse_signal, unknown
 
 __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
            "TRANSITIONS", "format_status", "say_error", "state_of"]
@@ -68,14 +69,36 @@ def state_of(bus: Any) -> str:
     return state_name(bus.state) or str(bus.state)
 
 
+def _targets(ctl: Any, targets: list[str]) -> list[str]:
+    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
+    ControlError names an unknown group or worker, as `scale` does."""
+    why = unknown(targets, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
+    if why:
+        raise ControlError(why)
+    return sorted(set(targets))
+
+
 # --------------------------------------------------------------------------- transitions
 
 Perform = Callable[[Any, str, dict[str, Any]], "str | None"]
 
 
+def _groups(ctl: Any) -> Any:
+    """The supervisor's per-group control (:class:`multibus.groupops.GroupOps`)."""
+    return ctl.sup.groupops
+
+
 def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    groups = _groups(ctl)
+    if args.get("targets"):
+        return groups.start(args["targets"], state_of(ctl.bus))
     if state_of(ctl.bus) == "STARTED":
-        return "already STARTED"
+        down = groups.down()
+        if not down:
+            return "already STARTED"
+        groups.start(down, "STARTED")  # every group: those stopped by a command too
+        return f"started {', '.join(down)}"
+    groups.release_all()  # every group, those stopped by a command or FATAL too
     ctl.bus.start()
     return None
 
@@ -84,7 +107,11 @@ def _stop_bus(ctl: Any) -> str | None:
     """Stop the bus; say which workers had to be killed meanwhile, and why (None: none)."""
     before = len(ctl.sup.kills)
     ctl.bus.stop()
-    kills = ctl.sup.kills[before:]
+    return _killed(ctl.sup.kills[before:])
+
+
+def _killed(kills: list[tuple[str, str]]) -> str | None:
+    """Which workers had to be killed, and why (None: none)."""
     if not kills:
         return None
     return (f"{len(kills)} worker{'s' if len(kills) != 1 else ''} had to be killed, their "
@@ -92,6 +119,11 @@ def _stop_bus(ctl: Any) -> str | None:
 
 
 def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if args.get("targets"):
+        killed = _killed(_groups(ctl).stop(args["targets"]))
+        if killed:
+            raise ControlError(killed)  # as `stop` of every group: the op fails
+        return None if state == "STARTED" else f"the fleet is {state}"
     if state == "STOPPED":
         return "already STOPPED"
     killed = _stop_bus(ctl)
@@ -101,12 +133,18 @@ def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
 
 
 def _restart(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if args.get("targets"):
+        killed = _killed(_groups(ctl).stop(args["targets"])) if state == "STARTED" else None
+        note = _groups(ctl).start(args["targets"], state_of(ctl.bus))
+        return killed if killed else note
     killed = _stop_bus(ctl) if state != "STOPPED" else None
     note = _start(ctl, state, args)
     return killed if killed else note  # started again: the kills are a note, not a failure
 
 
 def _graceful(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if args.get("targets") and state == "STARTED":
+        return _groups(ctl).graceful(args["targets"])
     if state != "STARTED":
         return f"nothing to reload: the fleet is {state}"
     ctl.bus.graceful()
@@ -133,6 +171,27 @@ def _scale(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return f"{group}: {count} worker{'s' if count != 1 else ''}"
 
 
+def _apply(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    """Re-read the fleet file ``args['file']``; change only what differs (see reconcile)."""
+    from multibus.config import ConfigError, load
+    from multibus.reconcile import apply_plan, plan
+
+    try:
+        specs = load(args["file"]).specs
+    except ConfigError as e:
+        raise ControlError(str(e)) from None
+    p = plan(ctl.sup.specs, ctl.counts, specs)
+    if p:
+        apply_plan(ctl.sup, p, specs, state == "STARTED")
+        ctl.counts.clear()
+        ctl.counts.update((s.name, s.count) for s in specs)
+    return p.describe()
+
+
+def _signal(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    return _groups(ctl).signal(args["targets"], int(args["signal"]))
+
+
 @dataclass(frozen=True)
 class Action:
     """A transition: ``perform(control, bus state name, args)`` runs it on the supervisor's
@@ -146,13 +205,20 @@ class Action:
 
 
 TRANSITIONS: dict[str, Action] = {a.name: a for a in (
-    Action("start", "start every worker bus (spawning missing workers)", _start),
-    Action("stop", "stop every worker bus (processes stay; the supervisor stays)", _stop),
-    Action("restart", "stop, then start every worker bus", _restart),
-    Action("graceful", "reload every worker bus (bus 'graceful')", _graceful),
+    Action("start", "start every worker bus, or those of TARGETs (spawning missing workers)",
+           _start),
+    Action("stop", "stop every worker bus, or those of TARGETs (processes stay; the "
+           "supervisor stays)", _stop),
+    Action("restart", "stop, then start every worker bus, or those of TARGETs", _restart),
+    Action("graceful", "reload every worker bus, or those of TARGETs (bus 'graceful')",
+           _graceful),
     Action("exit", "stop every worker, then the supervisor exits", _exit),
     Action("scale", "run N workers of GROUP", _scale, op=False),
     Action("replace", "replace a worker gracefully (max_memory, max_age)", _replace, op=False),
+    Action("signal", "send SIGNAL to the process group of each worker of TARGET", _signal,
+           op=False),
+    Action("apply", "re-read the fleet file; start, stop, scale and restart what changed",
+           _apply, op=False),
 )}
 ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 
@@ -160,11 +226,13 @@ ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 # --------------------------------------------------------------------------- commands
 
 class Command:
-    """One request type: ``name``, ``schema`` (key -> check, exactly these keys), ``answer``
-    (server side) and the CLI side (``add_parsers``, ``run``; none by default)."""
+    """One request type: ``name``, ``schema`` (key -> check: these keys, and any of
+    ``optional``), ``answer`` (server side) and the CLI side (``add_parsers``, ``run``;
+    none by default)."""
 
     name: ClassVar[str]
     schema: ClassVar[dict[str, Check]] = {}
+    optional: ClassVar[dict[str, Check]] = {}  # keys a request may add (newer clients)
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
         """The reply (``ok`` and the command's keys), or None when the Control will answer
@@ -200,10 +268,19 @@ class Status(Command):
         st = sub.add_parser("status", parents=[ctl], help="show every worker",
                             description=text + "; and the operations queued")
         st.add_argument("--json", action="store_true", help="machine-readable (stable keys)")
+        st.add_argument("targets", nargs="*", metavar="TARGET",
+                        help="only these groups (job) or workers (job.2)")
         st.set_defaults(control=self)
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         st = connect().status()
+        if args.targets:
+            why = unknown(args.targets, [g["name"] for g in st["groups"]],
+                          lambda: {w["name"] for w in st["workers"]})
+            if why:
+                say_error(why)
+                return EXIT_FAIL
+            st = only(st, args.targets)
         if args.json:
             print(json.dumps(st, indent=2, sort_keys=True))
         else:
@@ -212,13 +289,21 @@ class Status(Command):
 
 
 class OpCommand(Command):
-    """Queue one of ``ACTIONS``; an 'exit' while the fleet is starting interrupts the start."""
+    """Queue one of ``ACTIONS`` (on ``targets``, groups or workers; none: every group); an
+    'exit' while the fleet is starting interrupts the start."""
 
     name = "op"
     schema = {"action": lambda v: v in ACTIONS}
+    optional = {"targets": is_targets}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
-        op = ctl.queue(req["action"])
+        if req.get("targets"):
+            if req["action"] == "exit":
+                raise ControlError("exit takes no TARGET: it stops every group, then the "
+                                   "supervisor (stop TARGET stops only those)")
+            op = ctl.queue(req["action"], targets=_targets(ctl, req["targets"]))
+        else:
+            op = ctl.queue(req["action"])
         if op.action == "exit" and ctl.interrupt_start and state_of(ctl.bus) == "STARTING":
             ctl.interrupt_start()
         return _queued(ctl, op)
@@ -228,11 +313,79 @@ class OpCommand(Command):
         for action in ACTIONS:
             text = TRANSITIONS[action].help
             p = sub.add_parser(action, parents=[ctl, waiting], help=text, description=text)
+            if action != "exit":
+                p.add_argument("targets", nargs="*", metavar="TARGET",
+                               help="a group (job) or a worker (job.2); none: every group")
             p.set_defaults(control=self)
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         client = connect()
-        return _finish(client, client.op(args.command), args.command, args)
+        targets = getattr(args, "targets", None) or []
+        return _finish(client, client.op(args.command, targets),
+                       " ".join([args.command, *targets]), args)
+
+
+class Signal(Command):
+    """Queue a signal to the process groups of the workers of ``targets``."""
+
+    name = "signal"
+    schema = {"targets": lambda v: is_targets(v) and bool(v),
+              "signal": lambda v: is_int(v, 1, 64)}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        targets = _targets(ctl, req["targets"])
+        return _queued(ctl, ctl.queue("signal", targets=targets, signal=req["signal"]))
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        text = TRANSITIONS["signal"].help
+        sg = sub.add_parser("signal", parents=[ctl, waiting], help=text,
+                            description=f"{text} (a group: each of its workers)")
+        sg.add_argument("targets", nargs="+", metavar="TARGET",
+                        help="a group (job) or a worker (job.2)")
+        sg.add_argument("signal", metavar="SIGNAL", help="a name (HUP, SIGHUP) or a number")
+        sg.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        try:
+            signum = parse_signal(args.signal)
+        except ValueError as e:
+            say_error(str(e))
+            return EXIT_USAGE
+        client = connect()
+        reply = client.request("signal", targets=list(args.targets), signal=signum)
+        return _finish(client, reply, f"signal {' '.join(args.targets)} {args.signal}", args)
+
+
+class Apply(Command):
+    """Queue the re-reading of a fleet file (validated by the CLI first, read again here)."""
+
+    name = "apply"
+    schema = {"file": lambda v: isinstance(v, str) and 0 < len(v) <= 4096 and v[0] == "/"}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        return _queued(ctl, ctl.queue("apply", file=req["file"]))
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        text = TRANSITIONS["apply"].help
+        ap = sub.add_parser("apply", parents=[ctl, waiting], help=text,
+                            description=f"{text}, without stopping the rest. FILE: the file "
+                            "`run` was given by default. A bad file changes nothing (exit 2).")
+        ap.add_argument("file", nargs="?", metavar="FILE")
+        ap.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        from multibus.config import check_targets, load
+
+        client = connect()
+        path = os.path.abspath(args.file) if args.file else client.status().get("config")
+        if not path:
+            say_error(f"apply: supervisor {client.name!r} was not run from a fleet file; name "
+                      "one: multibus apply FILE")
+            return EXIT_USAGE
+        check_targets(load(path))  # ConfigError: one line, exit 2, nothing changed
+        return _finish(client, client.request("apply", file=path), f"apply {path}", args)
 
 
 class Scale(Command):
@@ -358,7 +511,7 @@ class Logs(Command):
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), OpCommand(), Scale(), OpStatus(),
-                                                     Logs())}
+                                                     Logs(), Signal(), Apply())}
 
 
 # --------------------------------------------------------------------------- CLI helpers
@@ -449,6 +602,11 @@ def format_status(st: dict[str, Any]) -> str:
     for op in st["queue"]:
         lines.append(f"  {op['state']}: {op['action']}"
                      + (f" {op['args']}" if op["args"] else ""))
+    for g in st.get("groups", ()):  # a group not as the fleet is: FATAL, or stopped alone
+        gstate = g.get("state")
+        if gstate and (gstate != st["state"] or g.get("error")):
+            lines.append(f"  group {g['name']}: {gstate}"
+                         + (f": {g['error']}" if g.get("error") else ""))
     # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
     launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
     rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")

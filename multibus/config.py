@@ -15,8 +15,8 @@ that is not Python: see the README; paths are relative to the file)::
     pidfile = "fleet.pid"     # default: <runtime dir>/<name>.pid; false: no PID file
     stop_timeout = 5.0        # default stop_timeout of every group
     term_timeout = 2.0        # SIGTERM -> SIGKILL grace
-    max_restarts = 5          # restart intensity: more than max_restarts restarts ...
-    restart_period = 10.0     # ... within restart_period seconds stops the fleet
+    max_restarts = 5          # restart intensity of every group: more than max_restarts ...
+    restart_period = 10.0     # ... restarts of one group within restart_period s: FATAL
     log_level = "info"        # debug | info | warning | error | critical
     log_format = "text"       # text | json
     pythonpath = ["."]        # prepended to every worker's PYTHONPATH
@@ -44,6 +44,10 @@ that is not Python: see the README; paths are relative to the file)::
     max_memory = "512MB"      # RSS past which a worker is gracefully replaced
     max_age = 3600            # seconds after which a worker is gracefully replaced ...
     max_age_jitter = 300      # ... plus uniform(0, 300) s of its own
+    after = ["db"]            # spawned once these groups are STARTED; stopped before them
+    max_restarts = 5          # this group's intensity (default: [supervisor]'s) ...
+    restart_period = 10.0
+    on_fatal = "stop-group"   # at it: this group goes FATAL | "stop-fleet" (exit 1)
 """
 
 from __future__ import annotations
@@ -57,10 +61,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from multibus import order
 from multibus.containment import MODES
 from multibus.logfiles import LogFile
 from multibus.names import check_name
-from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec, parse_size
+from multibus.specs import (
+    ON_FATAL,
+    SLOW_PEER_POLICIES,
+    Intensity,
+    SpecError,
+    WorkerSpec,
+    parse_size,
+)
 from multibus.worker import worker_env
 
 __all__ = [
@@ -103,6 +115,7 @@ class FleetConfig:
     log_file: LogFile | None = None  # every record also goes there ([supervisor] log_file)
     group_log_files: Mapping[str, LogFile] = field(default_factory=dict)  # group -> its file
     containment: str = "auto"  # auto | cgroup | scan | none (multibus.containment)
+    path: str | None = None  # the file's absolute path (`multibus apply` re-reads it)
 
     @property
     def default_group(self) -> str | None:
@@ -227,7 +240,8 @@ SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_resta
                    "restart_period", "log_level", "log_format", "pythonpath", "zygote",
                    "zygote_preload", "containment")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
-              "cwd", "pythonpath", "slow_peer")
+              "cwd", "pythonpath", "slow_peer",
+              "after", "max_restarts", "restart_period", "on_fatal")  # issue 16
 LOG_FILE_KEYS = ("log_file", "log_max_bytes", "log_backups")  # [supervisor] and groups
 RECYCLE_KEYS = ("max_memory", "max_age", "max_age_jitter")  # groups
 # programs (cmd groups) and launch settings (every group): see _program_fields
@@ -247,7 +261,8 @@ def load(path: str | os.PathLike[str]) -> FleetConfig:
         raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
-    return from_mapping(data, source=source, base=Path(path).resolve().parent)
+    cfg = from_mapping(data, source=source, base=Path(path).resolve().parent)
+    return replace(cfg, path=str(Path(path).resolve()))
 
 
 def valid_module(name: str) -> bool:
@@ -349,10 +364,15 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         group_log = _log_file(c, key, group, base, log_default)
         if group_log.path:
             group_logs[gname] = group_log
+        fields.update(_group_keys(c, key, group, intensity))
         try:
             specs.append(WorkerSpec.from_dict(fields))
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
+    try:
+        order.check({s.name: s.after for s in specs})
+    except order.OrderError as e:
+        raise ConfigError(f"{source}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
                        source, zygote, preload,
                        log_file=log_default if log_default.path else None,
@@ -462,6 +482,19 @@ def _program_fields(c: _Checker, key: str, group: Mapping[str, Any],
     if "rlimits" in group:
         fields["rlimits"] = c.table(f"{key}.rlimits", group["rlimits"])
     return fields
+
+
+def _group_keys(c: _Checker, key: str, group: Mapping[str, Any],
+                intensity: Intensity) -> dict[str, Any]:
+    """A group's after, max_restarts, restart_period (default: [supervisor]'s) and on_fatal."""
+    return {
+        "after": tuple(c.strings(f"{key}.after", group.get("after", []))),
+        "max_restarts": c.integer(f"{key}.max_restarts",
+                                  group.get("max_restarts", intensity.max_restarts)),
+        "restart_period": c.seconds(f"{key}.restart_period",
+                                    group.get("restart_period", intensity.period)),
+        "on_fatal": c.choice(f"{key}.on_fatal", group.get("on_fatal", "stop-group"), ON_FATAL),
+    }
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,

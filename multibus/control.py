@@ -16,7 +16,8 @@ Client: :class:`ControlClient` (one DEALER per request, bounded waits); :func:`r
 and :func:`running_supervisors` find supervisors by name in the runtime dir.
 
 Protocol (version 1). Request: ``{"v": 1, "id": u32, "cmd": str, ...}`` with exactly the
-extra keys of that command's schema; every command (status, op, scale, op_status, logs), its
+extra keys of that command's schema; every command (status, op, scale, op_status, logs,
+signal), its
 schema, its answer and its CLI side are declared once in :mod:`multibus.commands`.
 Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
 "error": str}``. See :meth:`Control.status` for the status document.
@@ -126,12 +127,14 @@ def decode_request(frame: bytes) -> dict[str, Any]:
     if command is None:
         raise ValueError(f"unknown command {str(req.get('cmd'))[:40]!r}; "
                          f"known: {', '.join(COMMANDS)}")
-    schema = command.schema
+    schema, optional = command.schema, command.optional
     keys = set(req) - {"v", "id", "cmd"}
-    if keys != set(schema):
-        raise ValueError(f"{req['cmd']}: expected keys {sorted(schema)}, got {sorted(keys)}")
-    for key, ok in schema.items():
-        if not ok(req[key]):
+    if not set(schema) <= keys <= set(schema) | set(optional):
+        extra = f" (optional: {sorted(optional)})" if optional else ""
+        raise ValueError(f"{req['cmd']}: expected keys {sorted(schema)}{extra}, "
+                         f"got {sorted(keys)}")
+    for key in keys:
+        if not (schema.get(key) or optional[key])(req[key]):
             raise ValueError(f"{req['cmd']}: bad value for {key!r}")
     return req
 
@@ -303,13 +306,15 @@ class Control:
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",
              "groups": [{"name", "target", "count" (desired), "running",
                          and with max_memory or max_age set: "max_memory", "max_age",
-                         "max_age_jitter", "replaced": {"max_memory": n, "max_age": n}}],
+                         "max_age_jitter", "replaced": {"max_memory": n, "max_age": n},
                          and, only where set: "cmd" + "ready" (a program's),
-                         "limits": {"user", "group", "umask", "rlimits"}}],
+                         "limits": {"user", "group", "umask", "rlimits"},
+                         "state" (STARTED, STOPPED, FATAL...), "error" (why FATAL), "after"}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)', 'cmd'; None before its first spawn)}],
              "queue": [{"op", "action", "args", "state", "error", "note"}],
+             "config": the fleet file it runs (absolute path) or None,
              "counters": {"control": {"invalid", "refused", "followers", "listening",
                                       "paused" (times it stopped listening: fd limit)},
                           "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}},
@@ -341,10 +346,13 @@ class Control:
                 **spec.status_fields(),
                 **self.sup.group_status(gname),
             })
+        for g, more in zip(groups, self.sup.groupops.group_rows(), strict=False):  # issue 16
+            g.update((k, v) for k, v in more.items() if k != "name")
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
+            "config": self.sup.config,  # the fleet file (`multibus apply`), or None
             "counters": self.counters(),
             "containment": Containment.describe_active(),
         }
@@ -579,8 +587,12 @@ class ControlClient:
     def status(self) -> dict[str, Any]:
         return self.request("status")["status"]
 
-    def op(self, action: str) -> dict[str, Any]:
-        return self.request("op", action=action)
+    def op(self, action: str, targets: Iterable[str] = ()) -> dict[str, Any]:
+        """Queue ``action`` on ``targets`` (groups or workers; none: every group)."""
+        targets = list(targets)
+        if not targets:  # the request of every version
+            return self.request("op", action=action)
+        return self.request("op", action=action, targets=targets)
 
     def scale(self, group: str, count: int) -> dict[str, Any]:
         return self.request("scale", group=group, count=count)

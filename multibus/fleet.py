@@ -65,6 +65,7 @@ class WorkerSlot:
     launch: str | None = None  # how its process was started: 'fork' or 'exec (why)'
     stuck: str | None = None  # why its process looks stuck (the hub's 'peer.slow'), or None
     replacing: str | None = None  # why it is being replaced (multibus.recycle), or None
+    held: bool = False  # stopped by `multibus stop group.i`: not spawned or restarted
     last_lines: list[str] = field(default_factory=list)
 
     @property
@@ -120,7 +121,29 @@ class Group:
         self.spec = spec
         self.count = 0
         self.slots: dict[int, WorkerSlot] = {}
+        self.held = False  # stopped by `multibus stop GROUP`: not spawned or restarted
+        self.fatal: str | None = None  # why it went FATAL (its restart intensity): down too
         self.resize(spec.count)
+
+    @property
+    def down(self) -> bool:
+        """Stopped by a command or FATAL: none of its workers is spawned or restarted."""
+        return self.held or self.fatal is not None
+
+    def state(self) -> str:
+        """FATAL; STOPPED (held, or all its workers stopped); STARTED (every wanted worker
+        not stopped by a command is); else STARTING or STOPPING, as its workers move."""
+        if self.fatal is not None:
+            return "FATAL"
+        states = {s.state for s in self.wanted() if not s.held}
+        if not states:
+            return "STOPPED" if self.held else "STARTED"
+        if states == {WorkerState.STARTED} and not self.held:
+            return "STARTED"
+        if states <= {WorkerState.STOPPED, WorkerState.EXITED}:
+            return "STOPPED"
+        moving = {WorkerState.STOPPING, WorkerState.EXITING}
+        return "STOPPING" if (self.held or states & moving) else "STARTING"
 
     @property
     def name(self) -> str:
@@ -214,6 +237,18 @@ class Fleet(Mapping[str, WorkerSlot]):
 
     def group_of(self, slot: WorkerSlot) -> Group:
         return self.groups[slot.wn.group]
+
+    def down(self, slot: WorkerSlot) -> bool:
+        """``slot`` or its group was stopped by a command, or its group is FATAL."""
+        group = self.groups.get(slot.wn.group)
+        return slot.held or group is None or group.down
+
+    def awaited(self, slot: WorkerSlot) -> bool:
+        """A start waits for ``slot``: wanted, not STARTED, not stopped by a command (a
+        FATAL group's are awaited: the wait fails)."""
+        group = self.groups.get(slot.wn.group)
+        return (slot.wanted and slot.state is not WorkerState.STARTED and not slot.held
+                and not (group is not None and group.held))
 
     def live(self) -> list[WorkerSlot]:
         return [s for s in self.slots() if s.alive]

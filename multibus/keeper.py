@@ -80,6 +80,10 @@ class Keeper:
         self.term_timeout = term_timeout
         self.cond = threading.Condition(threading.RLock())
         self.running = False  # spawns and restarts allowed (between start and stop)
+        # once groups start or stop on their own (after, holds), each spawn is told 'start'
+        # itself: the hub's default desired state no longer fits every worker
+        self.per_peer = False
+        self.on_group_fatal: Callable[[str, str], None] = lambda group, why: self.fatal_error(why)
         self.fatal: str | None = None  # why the fleet had to be stopped
         self.failed = False
         self.spawner: Spawner | None = None
@@ -150,7 +154,8 @@ class Keeper:
         todo = []
         for w in slots:
             w.pending = None
-            if w.wanted and self.fleet.get(w.name) is w and self.running and not w.alive:
+            if (w.wanted and self.fleet.get(w.name) is w and self.running and not w.alive
+                    and not self.fleet.down(w)):
                 todo.append(w)
         if not todo:
             return
@@ -161,6 +166,8 @@ class Keeper:
                 self._joined.discard(w.name)
             if known:  # a previous process's record (and desired state) at the hub
                 self.bridge.forget(w.name)
+        if self.per_peer:
+            self.bridge.command("start", peers=[w.name for w in todo])
         children = self.spawner.spawn_many([(w.name, w.spec) for w in todo],
                                            self.bridge.endpoints.to_string())
         for w, child in zip(todo, children, strict=True):
@@ -187,11 +194,15 @@ class Keeper:
                 self.programs.spawned(w, child)
         self.changed(*todo)
 
-    def spawn_missing(self) -> None:
-        """Spawn every wanted worker that has no live process (from any thread), in chunks
-        of :data:`SPAWN_CHUNK` so the manager thread handles exits and output in between."""
+    def spawn_missing(self, slots: Iterable[WorkerSlot] | None = None) -> None:
+        """Spawn every wanted worker (of ``slots``; None: of the fleet) that has no live
+        process and is not down (from any thread), in chunks of :data:`SPAWN_CHUNK` so the
+        manager thread handles exits and output in between."""
         done = threading.Event()
-        todo = [w for w in self.fleet.slots() if w.wanted and not w.alive]
+        todo = [w for w in (self.fleet.slots() if slots is None else slots)
+                if w.wanted and not w.alive and not self.fleet.down(w)]
+        if not todo:
+            return
 
         def run() -> None:
             try:
@@ -243,13 +254,16 @@ class Keeper:
                 full = None in touched or now >= check
                 if full:  # O(N): at the start, on 'anything changed', at a deadline
                     every = self.fleet.slots() if slots is None else slots
-                    pending = {w for w in every if w.wanted and w.state is not S.STARTED}
+                    pending = {w for w in every if self.fleet.awaited(w)}
                     touched = set(pending)
                     check = float("inf")
                 for w in touched:
                     if w is None or (among is not None and w not in among):
                         continue
-                    if w.wanted and w.state is not S.STARTED:
+                    if self.fleet.awaited(w):
+                        group = self.fleet.groups.get(w.wn.group)
+                        if group is not None and group.fatal is not None:
+                            raise FleetError(f"group {group.name} is FATAL: {group.fatal}")
                         pending.add(w)
                         check = min(check, deadline(w))
                         if w.start_error is not None:
@@ -316,13 +330,15 @@ class Keeper:
             w.exit_code = child.returncode
             w.state = S.EXITED
             w.last_lines = child.last_lines
-            running, wanted = self.running, w.wanted
+            running, wanted = self.running and not self.fleet.down(w), w.wanted
         level = 20 if (child.returncode == 0 or not running) else 30
         self.log(f"worker {w.name} (pid {child.pid}) exited: {child.describe_exit()} "
                  f"after {uptime:.2f}s", level)
         if not wanted:
             with self.cond:
-                self.fleet.group_of(w).discard(w)
+                group = self.fleet.groups.get(w.wn.group)  # None: removed by `apply`
+                if group is not None:
+                    group.discard(w)
         elif running and w.replacing:  # recycle.replace: at once, not a crash (no restart)
             self._spawn(w)
         elif running and (w.spec.restart == "permanent"
@@ -331,11 +347,16 @@ class Keeper:
         self.changed(w)
 
     def _schedule_restart(self, w: WorkerSlot, child: Child, uptime: float) -> None:
-        delay = self.policy.decide(w.name, uptime)
+        delay = self.policy.decide(w.name, uptime, w.wn.group,
+                                   w.spec.intensity(self.policy.intensity))
         if isinstance(delay, GiveUp):
             tail = w.tail()
-            self.fatal_error(f"{delay}; last: worker {w.name} {child.describe_exit()}"
-                             + (f": {tail}" if tail else ""))
+            why = (f"{delay}; last: worker {w.name} {child.describe_exit()}"
+                   + (f": {tail}" if tail else ""))
+            if w.spec.on_fatal == "stop-fleet" or self.bus.state is self.bus.states.STARTING:
+                self.fatal_error(why)  # a fleet that cannot start fails as a whole
+            else:
+                self.on_group_fatal(w.wn.group, why)  # GroupOps.fatal
             return
         with self.cond:
             w.restarts += 1

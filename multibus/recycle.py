@@ -187,7 +187,7 @@ def replace(sup: Any, name: str, pid: int | None = None, reason: str = "max_age"
     sup.recycler.counted(w.wn.group, reason)
     t0 = time.monotonic()
     try:
-        sup.bridge.command("exit", peers=[name])
+        sup.tell("exit", [w])
         sup._mark_killed(stop_children([child], t0 + w.spec.stop_timeout,
                                        term_timeout=sup.term_timeout, log=sup.log),
                          "did not exit")

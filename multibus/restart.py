@@ -3,9 +3,9 @@
 Pure bookkeeping, no processes and no threads: the supervisor asks :meth:`RestartPolicy.decide`
 each time a worker it wants restarted has died, and gets either a delay or :class:`GiveUp`.
 
-- **intensity**: more than ``max_restarts`` restarts within ``period`` seconds, across the
-  fleet, means the fault will not go away by restarting: give up (the fleet stops with an
-  error) instead of crash-looping;
+- **intensity**: more than ``max_restarts`` restarts within ``period`` seconds, counted per
+  group (each group may have its own :class:`Intensity`), means the fault will not go away by
+  restarting: give up (that group goes FATAL, or the fleet stops) instead of crash-looping;
 - **backoff**, per worker: a worker that ran at least ``period`` seconds starts afresh; the
   first quick failure restarts at once, the next ones after ``first``, ``2*first``, ...
   capped at ``cap`` seconds.
@@ -37,7 +37,8 @@ class GiveUp:
 
 
 class RestartPolicy:
-    """Backoff per worker and intensity across the fleet; time comes from ``clock``."""
+    """Backoff per worker and intensity per group (``intensity`` is the default one); time
+    comes from ``clock``."""
 
     def __init__(
         self,
@@ -48,24 +49,31 @@ class RestartPolicy:
         self.intensity = intensity or Intensity()
         self.first, self.cap = backoff
         self._clock = clock
-        self._times: collections.deque[float] = collections.deque()  # restarts in the period
+        # group -> times of its restarts within its period
+        self._times: dict[Hashable, collections.deque[float]] = {}
         self._quick: dict[Hashable, int] = {}  # worker -> failures in a row, each too quick
 
-    def reset(self) -> None:
-        """Forget the restarts counted so far (a new start of the fleet)."""
-        self._times.clear()
+    def reset(self, group: Hashable | None = None) -> None:
+        """Forget the restarts counted so far: of ``group`` (it is started again), or of
+        every group (None: a new start of the fleet)."""
+        if group is None:
+            self._times.clear()
+        else:
+            self._times.pop(group, None)
 
     def forget(self, worker: Hashable) -> None:
         """``worker`` is gone for good: a new worker of that name starts afresh."""
         self._quick.pop(worker, None)
 
-    def decide(self, worker: Hashable, uptime: float) -> float | GiveUp:
-        """``worker`` died after ``uptime`` s: the delay before restarting it, or GiveUp.
-
-        A restart it returns a delay for is counted against the intensity."""
+    def decide(self, worker: Hashable, uptime: float, group: Hashable = None,
+               intensity: Intensity | None = None) -> float | GiveUp:
+        """``worker`` of ``group`` died after ``uptime`` s: the delay before restarting it, or
+        GiveUp. A restart it returns a delay for is counted against that group's
+        ``intensity`` (default: the policy's)."""
         now = self._clock()
-        period, most = self.intensity.period, self.intensity.max_restarts
-        times = self._times
+        limit = intensity or self.intensity
+        period, most = limit.period, limit.max_restarts
+        times = self._times.setdefault(group, collections.deque())
         while times and now - times[0] > period:
             times.popleft()
         if len(times) >= most:

@@ -148,7 +148,8 @@ def run_fleet(
         bus.subscribe("log", files, 1)
     options: dict[str, Any] = {
         "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
-        "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, **supervisor_options}
+        "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, "config": cfg.path,
+        **supervisor_options}
     try:
         sup = Supervisor(bus, cfg.specs, name=cfg.name, containment=contain, **options)
     except BaseException:

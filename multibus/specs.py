@@ -14,14 +14,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from multibus import order
 from multibus.names import WorkerName, valid_group
 
-__all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec", "Intensity",
-           "parse_size",
-           "signal_name", "check_rlimits", "resolve_ids"]
+__all__ = ["ON_FATAL", "RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec",
+           "Intensity", "parse_size", "signal_name", "check_rlimits", "resolve_ids"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
 SLOW_PEER_POLICIES = ("drop", "restart")
+ON_FATAL = ("stop-group", "stop-fleet")  # a group at its restart intensity: what stops
 _TARGET = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _RESERVED_CHANNELS = {"main", "start", "stop", "graceful", "exit", "log"}
 
@@ -85,6 +86,10 @@ class WorkerSpec:
     umask: the workers' umask (None: the supervisor's). rlimits: ``{"nofile": 4096}``
         (``resource.RLIMIT_*`` lower-case -> a limit for soft and hard, ``"unlimited"``, or
         ``[soft, hard]``), set in the child before its code runs.
+    after: groups that must be STARTED before this one is spawned (stopped after it).
+    max_restarts, restart_period: this group's restart intensity (None: the supervisor's).
+    on_fatal: at that intensity, 'stop-group' (it goes FATAL, the others keep running) or
+        'stop-fleet' (the fleet stops, the supervisor exits 1).
     """
 
     name: str
@@ -108,6 +113,11 @@ class WorkerSpec:
     group: str | None = None
     umask: int | None = None
     rlimits: Mapping[str, Any] = field(default_factory=dict)
+    # issue 16: ordering and failure isolation, per group (see multibus.order, keeper)
+    after: tuple[str, ...] = ()
+    max_restarts: int | None = None  # None: the supervisor's Intensity
+    restart_period: float | None = None
+    on_fatal: str = "stop-group"
 
     def __post_init__(self) -> None:
         if not valid_group(self.name):
@@ -152,6 +162,29 @@ class WorkerSpec:
         object.__setattr__(self, "env", dict(self.env))
         if self.cwd is not None and not isinstance(self.cwd, str):
             raise SpecError(f"{where}: cwd must be a path string or None")
+        self._check_groups(where)
+
+    def _check_groups(self, where: str) -> None:
+        """after, max_restarts, restart_period, on_fatal (issue 16)."""
+        after = (self.after,) if isinstance(self.after, str) else tuple(self.after)
+        if not all(valid_group(g) for g in after):
+            raise SpecError(f"{where}: after {list(after)!r} must list group names")
+        object.__setattr__(self, "after", after)
+        if self.max_restarts is not None and (not isinstance(self.max_restarts, int) or isinstance(
+                self.max_restarts, bool) or self.max_restarts < 0):
+            raise SpecError(f"{where}: max_restarts {self.max_restarts!r} must be an integer >= 0")
+        period = self.restart_period
+        if period is not None and (not isinstance(period, int | float) or isinstance(
+                period, bool) or period <= 0):
+            raise SpecError(f"{where}: restart_period {period!r} must be a number of seconds > 0")
+        if self.on_fatal not in ON_FATAL:
+            raise SpecError(f"{where}: on_fatal {self.on_fatal!r} must be one of "
+                            f"{', '.join(ON_FATAL)}")
+
+    def intensity(self, default: Intensity) -> Intensity:
+        """Its restart intensity: its own max_restarts/restart_period, else ``default``'s."""
+        return Intensity(default.max_restarts if self.max_restarts is None else self.max_restarts,
+                         default.period if self.restart_period is None else self.restart_period)
 
     def _check_recycling(self, where: str) -> None:
         """max_memory (bytes, or a size string), max_age and max_age_jitter."""
@@ -354,7 +387,8 @@ def resolve_ids(user: Any, group: Any, where: str, *,
 @dataclass(frozen=True)
 class Intensity:
     """Restart intensity: more than ``max_restarts`` restarts within ``period`` seconds
-    (across the fleet) stops the fleet with an error instead of crash-looping."""
+    (of one group) stop that group (FATAL), or the fleet (``on_fatal = "stop-fleet"``),
+    instead of crash-looping."""
 
     max_restarts: int = 5
     period: float = 10.0
@@ -370,4 +404,8 @@ def coerce_specs(specs: Iterable[WorkerSpec | Mapping[str, Any]]) -> list[Worker
             raise SpecError(f"two worker specs are named {spec.name!r}: names must be unique")
         seen.add(spec.name)
         out.append(spec)
+    try:
+        order.check({s.name: s.after for s in out})
+    except order.OrderError as e:
+        raise SpecError(str(e)) from None
     return out

@@ -31,6 +31,7 @@ from typing import Any
 from multibus import fdbudget
 from multibus.containment import Containment
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
+from multibus.groupops import GroupOps
 from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
 from multibus.recycle import Recycler
@@ -89,6 +90,7 @@ class Supervisor:
         zygote: bool = True,
         zygote_preload: Iterable[str] = (),
         containment: str | Containment = "auto",
+        config: str | None = None,
     ) -> None:
         self.bus = bus
         self.name = name
@@ -105,6 +107,8 @@ class Supervisor:
         self.zygote_requested = bool(zygote)
         self.use_zygote = bool(zygote) and subreaper
         self.zygote_preload = tuple(zygote_preload)
+        self.config = config  # the fleet file it runs (absolute), for `multibus apply`
+        self.hub_channels: list[str] = []  # what the hub mirrors (fixed once bound)
         self.spawner: Spawner | None = None
         self._endpoints_arg = endpoints
         self._pidfile_arg = pidfile
@@ -116,6 +120,8 @@ class Supervisor:
         self.keeper = Keeper(bus, name, self.fleet, self.restart_policy, log=self.log,
                              log_output=log_output, term_timeout=term_timeout)
         self._cond = self.keeper.cond  # guards the fleet; notified at every change
+        self.groupops = GroupOps(self)  # one group or worker at a time, 'after' order
+        self.keeper.on_group_fatal = self.groupops.fatal
         self.killed: set[str] = set()  # workers that had to be signalled
         # (worker, why) for each kill, in order: what a 'stop' op reports (append-only)
         self.kills: list[tuple[str, str]] = []
@@ -198,6 +204,7 @@ class Supervisor:
 
     def _make_bridge(self) -> HubBridge:
         channels = sorted({ch for s in self.specs.values() for ch in s.channels})
+        self.hub_channels = channels
         factory = self._bridge_factory
         if factory is None:
             from multibus.transport.bridge import Bridge
@@ -237,7 +244,8 @@ class Supervisor:
     @property
     def exit_code(self) -> int:
         """0 after a clean stop; 1 if a worker had to be killed or the fleet failed."""
-        return 1 if (self.killed or self.failed or self.keeper.fatal) else 0
+        fatal = any(g.fatal is not None for g in self.fleet.groups.values())
+        return 1 if (self.killed or self.failed or self.keeper.fatal or fatal) else 0
 
     @property
     def failed(self) -> bool:
@@ -261,20 +269,19 @@ class Supervisor:
             self.restart_policy.reset()
             for w in self.fleet.slots():
                 w.start_error = None
-        self.bridge.command("start")
+            for g in self.fleet.groups.values():
+                g.fatal = None if not g.held else g.fatal  # a start starts every group not held
         t0 = time.monotonic()
-        k.spawn_missing()
-        n = sum(1 for w in self.fleet.slots() if w.wanted)
+        n = sum(1 for w in self.fleet.slots() if w.wanted and not self.fleet.down(w))
         try:
-            k.wait_started(None, t0)  # each worker's start_timeout from its own spawn
+            self.groupops.start_fleet(t0)  # in 'after' order
         except FleetError:
             k.failed = True
             raise
         self.log(f"{n} worker{'s' if n != 1 else ''} STARTED in {time.monotonic() - t0:.3f}s")
 
     def graceful(self) -> None:
-        self.bridge.command("graceful")
-        self.keeper.programs.graceful(self.fleet.live())  # cmd groups: graceful_signal
+        self.groupops.graceful_fleet()
 
     def kill_all(self) -> None:
         """SIGKILL every live worker's process group and record it as killed. Safe in a
@@ -295,43 +302,75 @@ class Supervisor:
         # When this stop opens the bus's exit, workers exit at once: one round instead of
         # 'stop' then 'exit' (a worker's exit() stops its bus first, so its stop listeners
         # still run before we go on; a stopped worker passes STOPPED or goes to EXITING).
-        done = STOP_DONE
+        done, action = STOP_DONE, "stop"
         if getattr(self.bus, "exiting", False):
-            done = EXIT_DONE
+            done, action = EXIT_DONE, "exit"
             self._exit_sent = True
-            self.bridge.command("exit")
-            self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
+        if self.groupops.stop_waves() is None:  # no 'after': all at once
+            self.tell(action)
+            if action == "exit":
+                self._close_zygote()  # nothing more to spawn: its exit overlaps the workers'
+            self.stop_slots(None, done)
+            return
+        if action == "exit":
+            self._close_zygote()
+        self.groupops.stop_fleet(action, done)
+
+    def tell(self, action: str, slots: Iterable[WorkerSlot] | None = None) -> None:
+        """Send lifecycle ``action`` (start, stop, graceful, exit) to ``slots``; None: every
+        worker, and the default for workers that join later. Bus workers get the bus command;
+        cmd programs, which have no bus, get a signal instead (stop and exit: their
+        ``stop_signal``; graceful: their ``graceful_signal``; start: none, they are spawned)."""
+        programs = self.keeper.programs
+        if slots is None:
+            self.bridge.command(action)
+            slots = self.fleet.live()
         else:
-            self.bridge.command("stop")
-        self.keeper.programs.stop(self.fleet.live())  # cmd groups: stop_signal, they end
+            slots = list(slots)
+            buses, _ = programs.split(slots)
+            if buses:
+                self.bridge.command(action, peers=[w.name for w in buses])
+        if action == "graceful":
+            programs.graceful(slots)
+        elif action in ("stop", "exit"):
+            programs.stop(slots)
+
+    def stop_slots(self, slots: list[WorkerSlot] | None,
+                   done: frozenset[WorkerState] = STOP_DONE) -> bool:
+        """Wait until ``slots`` (None: every live worker) are in a ``done`` state, escalating
+        on those late; False when interrupted (every live worker was killed at once)."""
         hurry = False
         try:
-            self._wait_stopped(done)
+            self._wait_stopped(done, slots)
         except KeyboardInterrupt:
             hurry = True
         if hurry:
             self._escalate(self.fleet.live(), hurry=True)
-            return
-        late = [w for w in self.fleet.live() if w.state not in done]
+            return False
+        every = self.fleet.live() if slots is None else [w for w in slots if w.alive]
+        late = [w for w in every if w.state not in done]
         if late:
             self._escalate(late, hurry=False)
+        return True
 
-    def _wait_stopped(self, done: frozenset[WorkerState]) -> None:
+    def _wait_stopped(self, done: frozenset[WorkerState],
+                      among: list[WorkerSlot] | None = None) -> None:
         """Until every live worker is in a ``done`` state or past its stop_timeout (counted
         from when it is first seen here). O(1) per change: only the workers it touched are
         looked at again (:meth:`Keeper.watch`); every live one on 'anything changed'."""
         deadline: dict[WorkerSlot, float] = {}
         waiting: set[WorkerSlot] = set()
+        only = None if among is None else set(among)
         check = float("-inf")  # when deadlines must be looked at again (all of them)
         with self._cond, self.keeper.watch() as watch:
             while True:
                 now = time.monotonic()
                 touched = self.keeper.touched(watch)
                 if None in touched or now >= check:  # re-read: a spawn may have been in flight
-                    touched = set(self.fleet.live()) | waiting
+                    touched = set(self.fleet.live() if only is None else only) | waiting
                     check = float("inf")
                 for w in touched:
-                    if w is None:
+                    if w is None or (only is not None and w not in only):
                         continue
                     limit = deadline.setdefault(w, now + w.spec.stop_timeout)
                     if w.alive and w.state not in done and limit > now:
@@ -351,21 +390,18 @@ class Supervisor:
         with self._cond:
             self.keeper.running = False
             self.keeper.cancel_restarts()
-        if self.bridge is not None and not self._exit_sent:
+        if (self.groupops.stop_waves() is not None and self.bridge is not None
+                and not self._exit_sent):
+            self._close_zygote()
+            self.groupops.exit_fleet()  # reverse 'after' order, each wave gone before the next
+        elif self.bridge is not None and not self._exit_sent:
             try:
                 self.bridge.command("exit")
             except Exception as e:  # noqa: BLE001 - still escalate below
                 self.log(f"cannot send 'exit' to workers: {e}", 30)
         self.recycler.close()
-        live = self.fleet.live()
-        self.keeper.programs.stop(live)  # cmd groups: stop_signal
-        now = time.monotonic()
         self._close_zygote()
-        deadlines = {w.child: now + w.spec.stop_timeout
-                     for w in live if w.child}
-        self._mark_killed(stop_children(list(deadlines), deadlines,
-                                        term_timeout=self.term_timeout, log=self.log),
-                          "did not exit")
+        self.exit_slots(self.fleet.live(), peers=False)
         self._release_containment()  # what the workers left behind: killed, each logged
         if self.procs is not None:
             self.procs.close()
@@ -375,6 +411,22 @@ class Supervisor:
             self.log(f"fleet stopped with errors: {n} worker{'s' if n != 1 else ''} had to be "
                      f"killed ({', '.join(sorted(self.killed))})", 30)
         self.unsubscribe()
+
+    def exit_slots(self, live: list[WorkerSlot], peers: bool) -> None:
+        """``live`` exit (told so if ``peers``) within their stop_timeout, or are killed."""
+        if peers and live:
+            try:
+                self.tell("exit", live)
+            except Exception as e:  # noqa: BLE001 - still escalate below
+                self.log(f"cannot send 'exit' to workers: {e}", 30)
+        elif live:
+            self.keeper.programs.stop(live)  # they have no bus: stop_signal
+        now = time.monotonic()
+        deadlines = {w.child: now + w.spec.stop_timeout
+                     for w in live if w.child}
+        self._mark_killed(stop_children(list(deadlines), deadlines,
+                                        term_timeout=self.term_timeout, log=self.log),
+                          "did not exit")
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -467,10 +519,7 @@ class Supervisor:
         """Have scaled-away workers exit (then escalate); forget them."""
         live = [w for w in removed if w.alive]
         if live:
-            buses, _ = self.keeper.programs.split(live)
-            if buses:
-                self.bridge.command("exit", peers=[w.name for w in buses])
-            self.keeper.programs.stop(live)  # cmd groups: stop_signal
+            self.tell("exit", live)
             children = [w.child for w in live if w.child is not None]
             self._mark_killed(stop_children(
                 children, time.monotonic() + g.spec.stop_timeout,

@@ -30,6 +30,19 @@ from multibus.systemd import sd_notify
 from multibus.transport.endpoints import private_ipc, remove_ipc
 
 
+class FakeGroups:
+    """Enough of a GroupOps: no group stopped on its own, no per-group status."""
+
+    def down(self) -> list[str]:
+        return []
+
+    def release_all(self) -> None:
+        pass
+
+    def group_rows(self) -> list[dict]:
+        return []
+
+
 class FakeSupervisor:
     """Enough of a Supervisor for the Control plugin; its 'stop' can be held."""
 
@@ -45,6 +58,8 @@ class FakeSupervisor:
         self.scaled: list[tuple[str, int]] = []
         self.kills: list[tuple[str, str]] = []  # (worker, why) per kill, as the Supervisor's
         self.bridge = None  # no hub: no bridge counters
+        self.groupops = FakeGroups()  # every group runs with the fleet (issue 16)
+        self.config = None  # not run from a fleet file
         bus.subscribe("stop", self.stop)
 
     def stop(self) -> None:

@@ -15,12 +15,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "multibus"
 # every module in it.
 LAYERS: list[tuple[str, ...]] = [
     ("wakeup", "names", "lockfile", "rundir", "fastexit", "systemd", "logview", "logring",
-     "logprinter", "fdbudget", "logfiles", "containment", "guardian", "readiness"),
+     "logprinter", "fdbudget", "logfiles", "containment", "guardian", "readiness", "targets"),
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
-    ("specs", "restart", "procs", "zygote", "worker", "launcher"),
-    ("fleet", "spawner", "keeper", "config", "supervisor", "recycle", "programs"),
+    ("order", "specs", "restart", "procs", "zygote", "worker", "launcher"),
+    ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor", "recycle",
+     "programs"),
     ("commands", "opqueue", "control"),
     ("runner", "cli", "__main__"),
 ]

@@ -1,0 +1,65 @@
+"""Op targets: a group (``job``) or a worker (``job.2``), as control commands name them.
+
+Pure (names only): the shape of a targets list on the wire, which of them a fleet does not
+have (said as ``multibus scale`` says it), a status document cut down to them, and signal
+names (``HUP``, ``SIGHUP`` or a number) for ``multibus signal``.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from multibus.names import WorkerName, valid_group
+
+__all__ = ["MAX_TARGETS", "is_targets", "only", "parse_signal", "unknown"]
+
+MAX_TARGETS = 64  # targets in one request
+
+
+def is_targets(v: Any) -> bool:
+    """A wire targets list: at most MAX_TARGETS group or worker names."""
+    return isinstance(v, list) and len(v) <= MAX_TARGETS and all(
+        isinstance(t, str) and (valid_group(t) or WorkerName.parse(t) is not None) for t in v)
+
+
+def unknown(targets: Iterable[str], groups: Iterable[str],
+            workers: Callable[[], set[str]]) -> str | None:
+    """Why the first of ``targets`` that is not one of ``groups`` nor of ``workers()``
+    (asked only for a worker name) is unknown, naming what there is; None: all known."""
+    groups = list(groups)
+    names: set[str] | None = None
+    for t in targets:
+        wn = WorkerName.parse(t)
+        group = t if wn is None else wn.group
+        if group not in groups:
+            return f"no group {group!r}; groups: {', '.join(groups)}"
+        if wn is not None:
+            names = workers() if names is None else names
+            if t not in names:
+                known = sorted((n for n in names if n.startswith(group + ".")),
+                               key=WorkerName.parse)
+                return f"no worker {t!r}; workers of {group}: {', '.join(known) or 'none'}"
+    return None
+
+
+def only(st: dict[str, Any], targets: Iterable[str]) -> dict[str, Any]:
+    """The status document ``st`` with only the groups and workers of ``targets``."""
+    keep = set(targets)
+    workers = [w for w in st["workers"] if w["name"] in keep or w["group"] in keep]
+    shown = {w["group"] for w in workers} | {g["name"] for g in st["groups"] if g["name"] in keep}
+    return {**st, "groups": [g for g in st["groups"] if g["name"] in shown], "workers": workers}
+
+
+def parse_signal(text: str) -> int:
+    """'HUP', 'SIGHUP', 'hup' or '1' -> 1; ValueError naming the signal otherwise."""
+    if text.isdigit() and 0 < int(text) < signal.NSIG:
+        return int(text)
+    name = text.upper()
+    name = name if name.startswith("SIG") else "SIG" + name
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise ValueError(f"unknown signal {text!r}; use a name like HUP or TERM, or a "
+                         f"number from 1 to {signal.NSIG - 1}") from None
