@@ -34,6 +34,13 @@ Layout (every key optional except ``groups.<name>.target``; paths are relative t
     cwd = "."
     pythonpath = []
     slow_peer = "drop"        # a worker not reading its mirrored channels: drop | restart
+    sockets = ["web"]         # listening sockets its workers inherit at fd 3... (LISTEN_FDS)
+    max_surge = 1             # replacements a rolling reload runs ahead
+
+    [sockets.web]             # bound by the supervisor before any worker starts
+    address = "127.0.0.1:8080"   # or "[::1]:8080", or "unix:/run/app.sock"
+    backlog = 1024
+    mode = "0660"             # unix sockets only: the file's permissions
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from multibus.names import check_name
+from multibus.sockets import SocketSpec
 from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
 from multibus.worker import worker_env
 
@@ -86,6 +94,7 @@ class FleetConfig:
     source: str | None = None  # the file it came from (for messages)
     zygote: bool = True  # fork workers from a preloaded zygote (Supervisor(zygote=...))
     zygote_preload: tuple[str, ...] = ()  # modules the zygote imports (Supervisor(zygote_preload))
+    sockets: tuple[SocketSpec, ...] = ()  # [sockets.NAME] (Supervisor(sockets=...))
 
     @property
     def default_group(self) -> str | None:
@@ -210,7 +219,8 @@ SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_resta
                    "restart_period", "log_level", "log_format", "pythonpath", "zygote",
                    "zygote_preload")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
-              "cwd", "pythonpath", "slow_peer")
+              "cwd", "pythonpath", "slow_peer", "sockets", "max_surge")
+SOCKET_KEYS = ("address", "backlog", "mode")
 
 
 def load(path: str | os.PathLike[str]) -> FleetConfig:
@@ -238,7 +248,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     """Validate parsed TOML data (relative paths are relative to ``base``, default: cwd)."""
     c = _Checker(source)
     base = base or Path.cwd()
-    c.keys("", data, ("supervisor", "groups"))
+    c.keys("", data, ("supervisor", "groups", "sockets"))
     sup = c.table("supervisor", data.get("supervisor", {}))
     c.keys("supervisor", sup, SUPERVISOR_KEYS)
 
@@ -283,6 +293,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     if not groups:
         raise ConfigError(f"{source}: groups: empty; add at least one [groups.NAME] table "
                           "with a target")
+    sockets = _sockets(c, data.get("sockets", {}))
     specs = []
     for gname, group in groups.items():
         key = f"groups.{gname}"
@@ -315,6 +326,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
                 if not isinstance(v, str):
                     raise c.fail(f"{key}.env.{k}", "a string (quote numbers)", v)
                 env[k] = v
+        fields.update(_group_socket_keys(c, key, group, sockets))
         if "cwd" in group:
             fields["cwd"] = str(base / c.string(f"{key}.cwd", group["cwd"]))
         paths = common_path + [str(base / p) for p in c.strings(f"{key}.pythonpath",
@@ -328,7 +340,56 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         except SpecError as e:
             raise ConfigError(f"{source}: {key}: {e}") from None
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
-                       source, zygote, preload)
+                       source, zygote, preload, tuple(sockets.values()))
+
+
+def _sockets(c: _Checker, table: Any) -> dict[str, SocketSpec]:
+    """``[sockets.NAME]`` tables: address (required), backlog, mode (unix sockets)."""
+    out: dict[str, SocketSpec] = {}
+    for sname, sock in c.table("sockets", table).items():
+        key = f"sockets.{sname}"
+        sock = c.table(key, sock)
+        c.keys(key, sock, SOCKET_KEYS)
+        if "address" not in sock:
+            raise ConfigError(f"{c.source}: {key}.address: missing; expected "
+                              "'127.0.0.1:8080', '[::1]:8080' or 'unix:/path'")
+        address = c.string(f"{key}.address", sock["address"])
+        mode = None
+        if "mode" in sock:
+            raw = sock["mode"]
+            if not (isinstance(raw, str) and len(raw) in (3, 4)
+                    and all(ch in "01234567" for ch in raw)):
+                raise c.fail(f"{key}.mode", "an octal mode string like \"0660\"", raw)
+            if not address.startswith("unix:"):
+                raise ConfigError(f"{c.source}: {key}.mode: only for unix sockets "
+                                  "(address = \"unix:/path\")")
+            mode = int(raw, 8)
+        try:
+            out[sname] = SocketSpec(sname, address,
+                                    c.integer(f"{key}.backlog", sock.get("backlog", 1024), 1),
+                                    mode)
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{c.source}: {key}.address: {e}") from None
+    return out
+
+
+def _group_socket_keys(c: _Checker, key: str, group: Mapping[str, Any],
+                       sockets: Mapping[str, SocketSpec]) -> dict[str, Any]:
+    """A group's ``sockets`` (each a declared ``[sockets.NAME]``) and ``max_surge``."""
+    fields: dict[str, Any] = {}
+    if "sockets" in group:
+        names = c.strings(f"{key}.sockets", group["sockets"])
+        for n in names:
+            if n not in sockets:
+                raise ConfigError(f"{c.source}: {key}.sockets: no socket {n!r}; declare it "
+                                  f"as [sockets.{n}] with an address"
+                                  + (f" (declared: {', '.join(sockets)})" if sockets else ""))
+        fields["sockets"] = tuple(names)
+    if "max_surge" in group:
+        fields["max_surge"] = c.integer(f"{key}.max_surge", group["max_surge"], 1)
+    return fields
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,

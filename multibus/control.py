@@ -54,6 +54,7 @@ from multibus.names import WorkerName
 from multibus.opqueue import CANCELLED, Op, OpQueue
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
+from multibus.sockets import bound_address
 from multibus.transport.stats import RateLimit
 from multibus.wakeup import Wakeup
 
@@ -137,6 +138,29 @@ def decode_request(frame: bytes) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- server
 
+def _socket_status(sup: Any) -> list[dict[str, str]]:
+    """The supervisor's listening sockets: name and the address bound (the real port when
+    the fleet file says port 0)."""
+    out = []
+    for name, sock in getattr(sup, "listening", {}).items():
+        if sock.fileno() >= 0:
+            out.append({"name": name, "address": bound_address(sock)})
+    return out
+
+
+def _reload_status(sup: Any, groups: list[dict[str, Any]],
+                   workers: list[dict[str, Any]]) -> None:
+    """Issue 17's keys: each group's code ``generation`` and how many of its running workers
+    are on it (``new``) or on an older one (``old``: a reload is under way or failed)."""
+    reloader = getattr(sup, "reloader", None)
+    gens = reloader.generations() if reloader is not None else {}
+    for g in groups:
+        gen = gens.get(g["name"], 0)
+        mine = [w["generation"] for w in workers if w["group"] == g["name"] and w["pid"]]
+        g.update(generation=gen, new=sum(1 for x in mine if x >= gen),
+                 old=sum(1 for x in mine if x < gen))
+
+
 class Control:
     """Answer control requests for ``supervisor`` (a :class:`~multibus.supervisor.Supervisor`)
     on ``<runtime dir>/<name>.ctl``.
@@ -169,7 +193,9 @@ class Control:
         self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
-        self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log)
+        reloader = getattr(supervisor, "reloader", None)  # an 'exit' interrupts a reload
+        self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log,
+                           interrupt=reloader.interrupt if reloader is not None else None)
         self._procs: dict[int, tuple[int, float, float]] = {}  # pid -> (start, cpu s, when)
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -323,7 +349,7 @@ class Control:
                 "index": WorkerName.parse(r["name"]).index, "pid": r.get("pid"),
                 "state": r["state"], "restarts": r["restarts"], "exit_code": r["exit_code"],
                 "uptime": r["uptime"], "cpu_percent": cpu, "memory_rss": rss,
-                "launch": r.get("launch"),
+                "launch": r.get("launch"), "generation": r.get("generation", 0),
             })
         for pid in [p for p in self._procs if p not in live]:
             del self._procs[pid]
@@ -333,11 +359,12 @@ class Control:
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
             })
+        _reload_status(self.sup, groups, workers)
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
             "workers": workers, "queue": [o.as_dict() for o in self.pending()],
-            "counters": self.counters(),
+            "counters": self.counters(), "sockets": _socket_status(self.sup),
         }
 
     def counters(self) -> dict[str, dict[str, int]]:

@@ -127,7 +127,8 @@ def run_fleet(
     bus.subscribe("log", log, 1)
     options: dict[str, Any] = {
         "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
-        "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, **supervisor_options}
+        "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, "sockets": cfg.sockets,
+        **supervisor_options}
     sup = Supervisor(bus, cfg.specs, name=cfg.name, **options)
     try:
         sup.subscribe()
@@ -202,6 +203,7 @@ def run_fleet(
         "SIGHUP": hangup,
         "SIGTTIN": lambda: queue("scale", group=default, delta=1),
         "SIGTTOU": lambda: queue("scale", group=default, delta=-1),
+        "SIGUSR2": lambda: queue("reload", groups=[]),  # rolling reload of every group
     }
     handler.subscribe()
     code = EXIT_OK

@@ -48,6 +48,9 @@ class WorkerSpec:
         dropped, counted and logged once per episode, until it reads again; nobody else
         waits) or 'restart' (it is terminated, and restarted as its ``restart`` mode says).
         Either way its status row says ``stuck`` (why) while it lasts.
+    sockets: names of the supervisor's listening sockets (``[sockets.NAME]``) its workers
+        inherit at fd 3... (LISTEN_FDS, see :mod:`multibus.sockets`).
+    max_surge: replacements a rolling reload runs ahead of the old workers (default 1).
     """
 
     name: str
@@ -60,6 +63,8 @@ class WorkerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     slow_peer: str = "drop"
+    sockets: tuple[str, ...] = ()
+    max_surge: int = 1
 
     def __post_init__(self) -> None:
         if not valid_group(self.name):
@@ -93,6 +98,7 @@ class WorkerSpec:
                     "commands, 'main' and 'log' are never mirrored)"
                 )
         object.__setattr__(self, "channels", channels)
+        self._check_reload_keys(where)
         if not isinstance(self.env, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
         ):
@@ -100,6 +106,16 @@ class WorkerSpec:
         object.__setattr__(self, "env", dict(self.env))
         if self.cwd is not None and not isinstance(self.cwd, str):
             raise SpecError(f"{where}: cwd must be a path string or None")
+
+    def _check_reload_keys(self, where: str) -> None:
+        """``sockets`` and ``max_surge`` (issue 17)."""
+        socks = (self.sockets,) if isinstance(self.sockets, str) else tuple(self.sockets)
+        if not all(isinstance(s, str) and s for s in socks) or len(set(socks)) != len(socks):
+            raise SpecError(f"{where}: sockets {socks!r} must be distinct socket names")
+        object.__setattr__(self, "sockets", socks)
+        surge = self.max_surge
+        if not isinstance(surge, int) or isinstance(surge, bool) or surge < 1:
+            raise SpecError(f"{where}: max_surge {surge!r} must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkerSpec:

@@ -29,9 +29,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from multibus import fdbudget
+from multibus import sockets as listening
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
+from multibus.reload import Reloader
 from multibus.restart import RestartPolicy
 from multibus.spawner import Spawner
 from multibus.specs import Intensity, SpecError, WorkerSpec, coerce_specs
@@ -82,6 +84,7 @@ class Supervisor:
         peer_timeout: float = 20.0,
         zygote: bool = True,
         zygote_preload: Iterable[str] = (),
+        sockets: Iterable[listening.SocketSpec] = (),
     ) -> None:
         self.bus = bus
         self.name = name
@@ -114,6 +117,15 @@ class Supervisor:
         self.kills: list[tuple[str, str]] = []
         self._subscribed: list[tuple[str, Callable[..., Any]]] = []
         self._exit_sent = False  # the stop that opened the exit already told workers to exit
+        # [sockets.NAME]: bound in subscribe(), before any worker; closed after the last exits
+        self.socket_specs = {s.name: s for s in sockets}
+        for spec in self.specs.values():
+            for sname in spec.sockets:
+                if sname not in self.socket_specs:
+                    raise SpecError(f"worker spec {spec.name!r}: no socket {sname!r}; "
+                                    f"sockets: {', '.join(self.socket_specs) or 'none'}")
+        self.listening: dict[str, Any] = {}
+        self.reloader = Reloader(self)  # rolling reloads (multibus reload)
 
     @property
     def workers(self) -> Fleet:
@@ -140,6 +152,9 @@ class Supervisor:
             self.pidfile.start()  # refuse a second supervisor before binding anything
             self.pidfile.subscribe()
         try:
+            self.listening = listening.bind_all(self.socket_specs.values())
+            for sname, sock in self.listening.items():
+                self.log(f"socket {sname} listening on {listening.bound_address(sock)}")
             if self.subreaper:
                 set_child_subreaper()
             self.procs = ProcessManager(
@@ -153,6 +168,7 @@ class Supervisor:
                 self.spawner.exec_why = "zygote needs subreaper=True"
             self.bridge = self._make_bridge()
             self.spawner.expect = self.bridge.expect  # each worker proves a secret in its hello
+            self.spawner.sockets = self.listening
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
                 self.spawner.start_zygote(self.specs.values(), self.zygote_preload)
@@ -203,6 +219,7 @@ class Supervisor:
         self._close_zygote()
         if self.procs is not None:
             self.procs.close()
+        listening.close_all(self.listening.values())
         if self.pidfile is not None:
             self.pidfile.exit()
             self.pidfile.unsubscribe()
@@ -346,6 +363,7 @@ class Supervisor:
                           "did not exit")
         if self.procs is not None:
             self.procs.close()
+        listening.close_all(self.listening.values())  # the last worker is gone
         self.keeper.changed()
         if self.killed:  # a failure was logged when it happened: only the kills are news
             n = len(self.killed)

@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("multibus.worker: --parent-pid needs a pid\n")
             return EXIT_USAGE
     die_with_parent(parent_pid)
+    from multibus.sockets import adopt
+
+    adopt()  # its group's listening sockets to fd 3..., LISTEN_PID: before any user code
     import multibus.fastexit  # noqa: F401 - for run(); an import while exiting costs ~0.4 ms
     opts = _parse(args)
     name = str(opts["name"])

@@ -46,6 +46,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from multibus.sockets import FDS_ENV, MAX_SOCKETS, place_fds
 from multibus.worker import worker_env
 
 if TYPE_CHECKING:
@@ -246,9 +247,12 @@ def _become_worker(sock: socket.socket, req: dict[str, Any], fds: list[int],
         os.dup2(null, 0)
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
-        os.closerange(3, 1 << 16)  # nothing of the zygote's leaks into the worker
+        socks = place_fds(fds[2:]) if len(fds) > 2 else []  # its group's sockets: fd 3...
+        os.closerange(3 + len(socks), 1 << 16)  # nothing of the zygote's leaks into the worker
         _wait_reparented(intermediate)
         env = dict(req["env"])
+        if socks:
+            env[FDS_ENV] = ",".join(map(str, socks))  # where they are now (adopt() reads it)
         for key, value in INHERITED["startup_env"].items():
             if env.get(key) == INHERITED["environ"].get(key):
                 env[key] = value  # the same start-up input: an exec would add the same
@@ -349,20 +353,23 @@ def _read_batch(sock: socket.socket) -> tuple[list[tuple[dict[str, Any], list[in
     while len(batch) < BATCH:
         if batch and not select.select([sock], [], [], 0)[0]:
             break  # (recv_fds ignores its flags: no MSG_DONTWAIT)
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2 + MAX_SOCKETS)
         if not msg:
             for fd in fds:
                 os.close(fd)
             return batch, True
-        if len(fds) != 2:
+        try:
+            req = json.loads(msg)
+        except ValueError as e:
+            batch.append(({"error": f"{type(e).__name__}: {e}"}, fds))
+            continue
+        want = 2 + int(req.get("fds", 0))  # stdout, stderr, then its group's sockets
+        if len(fds) != want:
             for fd in fds:
                 os.close(fd)
-            batch.append(({"error": f"expected 2 fds, got {len(fds)}"}, []))
+            batch.append(({"error": f"expected {want} fds, got {len(fds)}"}, []))
         else:
-            try:
-                batch.append((json.loads(msg), fds))
-            except ValueError as e:
-                batch.append(({"error": f"{type(e).__name__}: {e}"}, fds))
+            batch.append((req, fds))
     return batch, False
 
 
@@ -550,16 +557,16 @@ class ZygoteClient:
         return json.loads(msg)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str],
-              cwd: str | None) -> Any:
+              cwd: str | None, fds: tuple[int, ...] = ()) -> Any:
         """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it
         (:attr:`failure` says why)."""
-        child, self.failure = self.spawn_many([(name, args, env, cwd)])[0]
+        child, self.failure = self.spawn_many([(name, args, env, cwd, fds)])[0]
         return child
 
-    def spawn_many(self, requests: list[tuple[str, list[str], dict[str, str], str | None]],
+    def spawn_many(self, requests: list[tuple[Any, ...]],
                    window: int = WINDOW) -> list[tuple[Any, str]]:
-        """Fork a worker for each ``(name, args, env, cwd)``, pipelined: up to ``window``
-        requests are in flight, so the zygote forks the next while we register the last.
+        """Fork a worker for each ``(name, args, env, cwd[, socket fds])``, pipelined: up to
+        ``window`` requests are in flight, so the zygote forks the next while we register the last.
         One ``(child, failure)`` per request, in order; child None: exec it, failure why."""
         out: list[tuple[Any, str]] = []
         sent: list[tuple[str, Any]] = []  # (name, what _collect needs), oldest first
@@ -578,7 +585,8 @@ class ZygoteClient:
         return out
 
     def _request(self, name: str, args: list[str], env: dict[str, str],
-                 cwd: str | None) -> tuple[int, int, list[str]] | None:
+                 cwd: str | None, fds: tuple[int, ...] = ()
+                 ) -> tuple[int, int, list[str]] | None:
         """Send one fork request: (stdout fd, stderr fd, argv) to collect, or None (exec:
         :attr:`failure` says why)."""
         if self.dead or self.sock is None:
@@ -602,10 +610,10 @@ class ZygoteClient:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         argv = [self.python, "-m", "multibus.worker", *args]
         req = {"args": args, "env": env, "cwd": cwd, "umask": state["umask"],
-               "rlimits": state["rlimits"], "orig_argv": argv}
+               "rlimits": state["rlimits"], "orig_argv": argv, "fds": len(fds)}
         try:
             self.sock.settimeout(REPLY_TIMEOUT)
-            socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
+            socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w, *fds])
         except OSError as e:
             os.close(out_r)
             os.close(err_r)

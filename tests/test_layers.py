@@ -15,12 +15,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "multibus"
 # every module in it.
 LAYERS: list[tuple[str, ...]] = [
     ("wakeup", "names", "lockfile", "rundir", "fastexit", "systemd", "logview", "logring",
-     "logprinter", "fdbudget"),
+     "logprinter", "fdbudget", "sockets"),
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
     ("specs", "restart", "procs", "zygote", "worker"),
-    ("fleet", "spawner", "keeper", "config", "supervisor"),
+    ("fleet", "spawner", "keeper", "config", "supervisor", "reload"),
     ("commands", "opqueue", "control"),
     ("runner", "cli", "__main__"),
 ]
