@@ -113,16 +113,17 @@ class Reloader:
             gen = group.generation
         if not olds:
             return f"{group.name}: no workers (generation {gen})"
-        t0 = time.monotonic()
         surge = group.spec.max_surge
+        n = len(olds)
+        self.sup.log(f"reload {group.name}: replacing {n} worker{'s' if n != 1 else ''} with "
+                     f"generation {gen}, {surge} at a time")
         steps = []
         for i in range(0, len(olds), surge):
             t = time.monotonic()
             self.replace(olds[i:i + surge])
             steps.append(time.monotonic() - t)
-        n = len(olds)
-        return (f"{group.name}: {n} worker{'s' if n != 1 else ''} replaced (generation {gen}, "
-                f"{time.monotonic() - t0:.2f}s, {max(steps):.2f}s per step at most)")
+        return (f"{group.name}: {n} worker{'s' if n != 1 else ''} on generation {gen}, "
+                f"{max(steps):.2f}s per step at most")
 
     # -- the reusable step ------------------------------------------------------------------
 
@@ -148,6 +149,8 @@ class Reloader:
         with self.keeper.cond:
             for w in news:
                 w.spec = spec  # on the job: restarted as its group says
+        self.sup.log(f"{', '.join(w.name for w in news)} STARTED (generation "
+                     f"{news[0].generation}); stopping {', '.join(w.name for w in olds)}")
         self._retire(group, olds)
         return news
 

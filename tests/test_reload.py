@@ -1,0 +1,127 @@
+"""Rolling reload (issue 17), black-box through the CLI: ``multibus run`` of a copy of
+``examples/web.toml`` (4 CherryPy workers on one shared socket) under load while
+``multibus reload`` deploys new code, bad code, or is interrupted by ``multibus exit``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_cli import EXAMPLES, ROOT, all_started, mb, output, running, status, unique, wait_for
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_reload import Load, get  # noqa: E402 - the bench's load generator, reused
+
+pytest.importorskip("cherrypy")
+
+
+@dataclass
+class Site:
+    """A copy of the example site in a temporary directory, running under ``name``."""
+
+    dir: Path
+    name: str
+    port: int
+    log: Path
+
+    def write_code(self, version: str, extra: str = "") -> None:
+        """Deploy: the page says ``version``; ``extra`` lines run at import."""
+        src = (EXAMPLES / "web.py").read_text()
+        src = src.replace('VERSION = "1"', f'VERSION = "{version}"\n{extra}')
+        (self.dir / "web.py").write_text(src)
+        shutil.rmtree(self.dir / "__pycache__", ignore_errors=True)  # same size, same second
+
+    def reload(self, *args: str) -> object:
+        return mb("reload", "--name", self.name, *args, timeout=120)
+
+    def pids(self) -> set[int]:
+        return {w["pid"] for w in status(self.name)["workers"]}
+
+
+@contextlib.contextmanager
+def site(tmp_path: Path, stop_timeout: float = 10.0) -> Iterator[Site]:
+    shutil.copy(EXAMPLES / "web.py", tmp_path / "web.py")
+    name = unique("rl")
+    toml = (EXAMPLES / "web.toml").read_text()
+    toml = toml.replace('"127.0.0.1:8080"', '"127.0.0.1:0"').replace('name = "web"',
+                                                                        f'name = "{name}"')
+    toml = toml.replace("stop_timeout = 10.0", f"stop_timeout = {stop_timeout}")
+    (tmp_path / "web.toml").write_text(toml)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with running(str(tmp_path / "web.toml"), env=env) as (proc, log):
+        st = wait_for(lambda: all_started(name, 4), 60, "4 workers STARTED")
+        port = int(st["sockets"][0]["address"].rpartition(":")[2])
+        yield Site(tmp_path, name, port, log)
+        if proc.poll() is None:
+            r = mb("exit", "--name", name, timeout=60)
+            assert r.returncode == 0, r.stderr
+            proc.wait(30)
+
+
+@pytest.mark.timeout(180)
+def test_three_rolling_reloads_under_load_fail_no_request(tmp_path):
+    with site(tmp_path) as s:
+        first = s.pids()
+        with Load(s.port, clients=4) as load:
+            load.wait(20)
+            for version in ("2", "3"):
+                s.write_code(version)
+                r = s.reload()
+                assert r.returncode == 0, r.stderr
+                assert f"on generation {int(version) - 1}" in r.stdout
+            # the third is queued behind a running one (another op: it names the group)
+            s.write_code("4")
+            r0 = mb("reload", "--name", s.name, "--no-wait")
+            r = s.reload("site")
+            assert r0.returncode == 0 and r.returncode == 0, r0.stderr + r.stderr
+            done = time.monotonic()  # no old process is left after this
+            after = load.wait(40, since=done)
+        assert load.failures() == {}, load.failures()
+        assert {a.version for a in after} == {"4"}
+        st = status(s.name)
+        assert st["groups"][0]["generation"] == 4  # 2, 3, then the two queued ones
+        assert (st["groups"][0]["new"], st["groups"][0]["old"]) == (4, 0)
+        assert not s.pids() & first and len(st["workers"]) == 4
+        assert all(w["state"] == "STARTED" for w in st["workers"])
+
+
+@pytest.mark.timeout(120)
+def test_a_reload_onto_failing_code_keeps_the_old_version_serving(tmp_path):
+    with site(tmp_path) as s:
+        first = s.pids()
+        s.write_code("2", 'raise RuntimeError("broken deploy 17")')
+        with Load(s.port, clients=4) as load:
+            load.wait(20)
+            r = s.reload()
+            after = load.wait(20, since=time.monotonic())
+        assert r.returncode == 1
+        assert "reload failed" in r.stderr and "RuntimeError: broken deploy 17" in r.stderr
+        assert "the old workers keep serving" in r.stderr
+        assert load.failures() == {}, load.failures()
+        assert {a.version for a in load.answers()} == {"1"} and after
+        st = status(s.name)
+        assert s.pids() == first and all(w["state"] == "STARTED" for w in st["workers"])
+        assert (st["groups"][0]["new"], st["groups"][0]["old"]) == (0, 4)
+        assert "broken deploy 17" in output(s.log)
+
+
+@pytest.mark.timeout(120)
+def test_exit_during_a_reload_stops_everything(tmp_path):
+    with site(tmp_path, stop_timeout=2.0) as s:
+        s.write_code("2", "import time\ntime.sleep(60)")  # a replacement that never starts
+        r = s.reload("--no-wait")
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: any(w["generation"] == 1 for w in status(s.name)["workers"]), 30,
+                 "a replacement")
+        r = mb("exit", "--name", s.name, timeout=60)
+        assert r.returncode == 0, r.stderr
+        text = output(s.log)
+        assert "reload interrupted" in text
+        assert get("127.0.0.1", s.port, timeout=2)[0] == "refused"  # the socket is closed
