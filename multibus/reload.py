@@ -23,12 +23,14 @@ refused. ``replace`` is the reusable step: recycling a worker (max memory/age) i
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterable
 from dataclasses import replace as with_fields
 from typing import Any
 
 from multibus.fleet import Group, WorkerSlot, WorkerState
+from multibus.procs import signal_group
 
 __all__ = ["ReloadError", "Reloader"]
 
@@ -144,7 +146,7 @@ class Reloader:
             self._wait_started(news, t0 + spec.start_timeout)
             self._wait_ready(news, t0 + spec.start_timeout)
         except BaseException:
-            self._retire(group, news)
+            self._retire(group, news, failed=True)
             raise
         with self.keeper.cond:
             for w in news:
@@ -154,11 +156,16 @@ class Reloader:
         self._retire(group, olds)
         return news
 
-    def _retire(self, group: Group, slots: list[WorkerSlot]) -> None:
+    def _retire(self, group: Group, slots: list[WorkerSlot], failed: bool = False) -> None:
         """Stop ``slots`` gracefully ('exit': their bus stops, in-flight work finishes),
-        escalating after their stop_timeout, and forget them."""
+        escalating after their stop_timeout, and forget them. ``failed`` replacements that
+        have not joined (still in their target, which no command reaches) get SIGTERM now."""
         with self.keeper.cond:
             group.retire(slots)
+            unjoined = [w.child for w in slots if failed and w.alive and w.state is S.SPAWNING]
+        for child in unjoined:
+            if child is not None:
+                signal_group(child.pgid, signal.SIGTERM)
         self.sup._remove(group, slots)
         self.keeper.changed()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -76,19 +77,20 @@ def test_three_rolling_reloads_under_load_fail_no_request(tmp_path):
                 r = s.reload()
                 assert r.returncode == 0, r.stderr
                 assert f"on generation {int(version) - 1}" in r.stdout
-            # the third is queued behind a running one (another op: it names the group)
+            # then SIGUSR2 and a command: one is queued behind the other, which runs first
             s.write_code("4")
-            r0 = mb("reload", "--name", s.name, "--no-wait")
+            os.kill(status(s.name)["pid"], signal.SIGUSR2)
             r = s.reload("site")
-            assert r0.returncode == 0 and r.returncode == 0, r0.stderr + r.stderr
+            assert r.returncode == 0, r.stderr
+            st = wait_for(lambda: (x := status(s.name))["groups"][0]["generation"] == 4
+                          and not x["queue"] and x, 60, "both reloads done")
             done = time.monotonic()  # no old process is left after this
             after = load.wait(40, since=done)
         assert load.failures() == {}, load.failures()
         assert {a.version for a in after} == {"4"}
-        st = status(s.name)
-        assert st["groups"][0]["generation"] == 4  # 2, 3, then the two queued ones
         assert (st["groups"][0]["new"], st["groups"][0]["old"]) == (4, 0)
         assert not s.pids() & first and len(st["workers"]) == 4
+        assert "SIGUSR2" in output(s.log)
         assert all(w["state"] == "STARTED" for w in st["workers"])
 
 
