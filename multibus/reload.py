@@ -24,6 +24,7 @@ refused. ``replace`` is the reusable step: recycling a worker (max memory/age) i
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import replace as with_fields
@@ -48,6 +49,7 @@ class Reloader:
     def __init__(self, sup: Any) -> None:
         self.sup = sup
         self._interrupted: str | None = None
+        self._retiring: list[threading.Thread] = []  # old workers being stopped meanwhile
 
     @property
     def keeper(self) -> Any:
@@ -84,6 +86,8 @@ class Reloader:
         except BaseException:
             self._put_back(old_zygote)
             raise
+        finally:
+            self._join_retiring()
         if old_zygote is not None:
             old_zygote.stop()  # every group is on the new code: the old zygote's work is done
         return f"{'; '.join(done)} in {time.monotonic() - t0:.2f}s"
@@ -122,17 +126,19 @@ class Reloader:
         steps = []
         for i in range(0, len(olds), surge):
             t = time.monotonic()
-            self.replace(olds[i:i + surge])
+            self.replace(olds[i:i + surge], wait=False)  # the next surge starts as they stop
             steps.append(time.monotonic() - t)
+        self._join_retiring()
         return (f"{group.name}: {n} worker{'s' if n != 1 else ''} on generation {gen}, "
                 f"{max(steps):.2f}s per step at most")
 
     # -- the reusable step ------------------------------------------------------------------
 
-    def replace(self, olds: list[WorkerSlot]) -> list[WorkerSlot]:
+    def replace(self, olds: list[WorkerSlot], wait: bool = True) -> list[WorkerSlot]:
         """Surge one new worker per slot of ``olds`` (all of one group), wait until each is
-        STARTED and ready, then stop ``olds`` gracefully; return the new slots. ReloadError
-        (the replacements stopped, ``olds`` untouched) if one fails to start."""
+        STARTED and ready, then stop ``olds`` gracefully (``wait=False``: in a thread, joined
+        at the end of the reload); return the new slots. ReloadError (the replacements
+        stopped, ``olds`` untouched) if one fails to start."""
         self._check()
         group = self.sup.fleet.group_of(olds[0])
         spec = group.spec
@@ -153,8 +159,20 @@ class Reloader:
                 w.spec = spec  # on the job: restarted as its group says
         self.sup.log(f"{', '.join(w.name for w in news)} STARTED (generation "
                      f"{news[0].generation}); stopping {', '.join(w.name for w in olds)}")
-        self._retire(group, olds)
+        retiring = threading.Thread(target=self._retire, args=(group, olds),
+                                    name="multibus-retire", daemon=True)
+        retiring.start()
+        if wait:
+            retiring.join()
+        else:
+            self._retiring.append(retiring)
         return news
+
+    def _join_retiring(self) -> None:
+        """Until the old workers being stopped are gone (each within its stop_timeout, then
+        SIGTERM, then SIGKILL)."""
+        while self._retiring:
+            self._retiring.pop(0).join()
 
     def _retire(self, group: Group, slots: list[WorkerSlot], failed: bool = False) -> None:
         """Stop ``slots`` gracefully ('exit': their bus stops, in-flight work finishes),
