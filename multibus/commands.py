@@ -480,6 +480,10 @@ def format_status(st: dict[str, Any]) -> str:
     for op in st["queue"]:
         lines.append(f"  {op['state']}: {op['action']}"
                      + (f" {op['args']}" if op["args"] else ""))
+    for g in st.get("groups") or ():  # once reloaded: its code generation, old/new workers
+        if g.get("generation"):
+            lines.append(f"  {g['name']}: code generation {g['generation']}, {g['new']} "
+                         f"worker{'s' if g['new'] != 1 else ''} on it, {g['old']} on older")
     # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
     launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
     rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")

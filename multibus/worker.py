@@ -3,7 +3,9 @@
 Order matters and is the point of this module:
 
 1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, then exit if the parent pid we were given is no longer
-   our parent (it died before the prctl took effect). Nothing else is imported first.
+   our parent (it died before the prctl took effect). Nothing else is imported first. Then
+   the group's listening sockets go to fd 3... with ``LISTEN_PID`` = our pid
+   (:func:`multibus.sockets.adopt`), before anything else opens a descriptor.
 2. Build a Bus, load the target (``package.module:callable`` called with the bus so it can
    subscribe its plugins, and return) — *before* connecting, so the supervisor's 'start' can
    never reach a bus whose plugins are not subscribed yet. What the target logs on the bus

@@ -10,7 +10,8 @@ The rules that make forking safe, and keep the process rules of ``docs/design.md
 - the zygote never creates a zmq Context and stays single-threaded (it refuses to serve if a
   preloaded module started a thread); it has ``PDEATHSIG=SIGKILL`` towards the supervisor;
 - requests come over a SOCK_SEQPACKET socket pair: JSON (never pickle) plus the worker's
-  stdout/stderr pipe ends as SCM_RIGHTS fds; the reply is the worker's pid;
+  stdout/stderr pipe ends as SCM_RIGHTS fds, then its group's listening sockets (placed at
+  fd 3... in the worker, :mod:`multibus.sockets`); the reply is the worker's pid;
 - the zygote forks an intermediate that forks the worker and exits at once, so the worker is
   re-parented to the supervisor (a child subreaper), which then owns its wait (pidfd) as for
   an exec'd worker; the zygote reaps only the intermediate;

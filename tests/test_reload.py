@@ -111,6 +111,8 @@ def test_a_reload_onto_failing_code_keeps_the_old_version_serving(tmp_path):
         st = status(s.name)
         assert s.pids() == first and all(w["state"] == "STARTED" for w in st["workers"])
         assert (st["groups"][0]["new"], st["groups"][0]["old"]) == (0, 4)
+        text = mb("status", "--name", s.name).stdout
+        assert "site: code generation 1, 0 workers on it, 4 on older" in text
         assert "broken deploy 17" in output(s.log)
 
 
