@@ -168,6 +168,15 @@ def _until(what: str, check: object, timeout: float) -> object:
         time.sleep(0.05)
 
 
+def _reap(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Wait for a server asked to stop; SIGKILL it after ``timeout`` s."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class Multibus:
     """``multibus run`` of examples/web.toml (port 0), reloaded with ``multibus reload``."""
 
@@ -204,11 +213,7 @@ class Multibus:
 
     def stop(self) -> None:
         self._mb("exit")
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _reap(self.proc)
         self.log.close()
 
 
@@ -263,11 +268,7 @@ class Gunicorn:
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _reap(self.proc)
         self.log.close()
 
 
