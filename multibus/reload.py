@@ -50,6 +50,8 @@ class Reloader:
         self.sup = sup
         self._interrupted: str | None = None
         self._retiring: list[threading.Thread] = []  # old workers being stopped meanwhile
+        # their names: not given to a replacement until the hub has forgotten them
+        self._leaving: set[str] = set()
 
     @property
     def keeper(self) -> Any:
@@ -144,7 +146,8 @@ class Reloader:
         spec = group.spec
         trial = with_fields(spec, restart="temporary")  # on trial: a crash fails the reload
         with self.keeper.cond:
-            news = [group.add_slot(spec=trial) for _ in olds]
+            self._leaving.update(w.name for w in olds)
+            news = [group.add_slot(self._free_index(group), spec=trial) for _ in olds]
         self.keeper.changed(*news)
         t0 = time.monotonic()
         try:
@@ -168,6 +171,13 @@ class Reloader:
             self._retiring.append(retiring)
         return news
 
+    def _free_index(self, group: Group) -> int:
+        """The lowest index of ``group`` with no slot and no worker still leaving."""
+        i = 0
+        while i in group.slots or f"{group.name}.{i}" in self._leaving:
+            i += 1
+        return i
+
     def _join_retiring(self) -> None:
         """Until the old workers being stopped are gone (each within its stop_timeout, then
         SIGTERM, then SIGKILL)."""
@@ -184,7 +194,11 @@ class Reloader:
         for child in unjoined:
             if child is not None:
                 signal_group(child.pgid, signal.SIGTERM)
-        self.sup._remove(group, slots)
+        try:
+            self.sup._remove(group, slots)  # exit, escalate, forget at the hub
+        finally:
+            with self.keeper.cond:
+                self._leaving.difference_update(w.name for w in slots)
         self.keeper.changed()
 
     def _check(self) -> None:
