@@ -149,14 +149,17 @@ def _socket_status(sup: Any) -> list[dict[str, str]]:
 
 
 def _reload_status(sup: Any, groups: list[dict[str, Any]],
-                   workers: list[dict[str, Any]]) -> None:
-    """Issue 17's keys: each group's code ``generation`` and how many of its running workers
+                   rows: list[dict[str, Any]]) -> None:
+    """Issue 17's keys, once a group has been reloaded (as a worker's ``stuck``, only when
+    there is something to say): its code ``generation`` and how many of its running workers
     are on it (``new``) or on an older one (``old``: a reload is under way or failed)."""
     reloader = getattr(sup, "reloader", None)
     gens = reloader.generations() if reloader is not None else {}
     for g in groups:
         gen = gens.get(g["name"], 0)
-        mine = [w["generation"] for w in workers if w["group"] == g["name"] and w["pid"]]
+        if not gen:
+            continue
+        mine = [r.get("generation", 0) for r in rows if r["group"] == g["name"] and r["pid"]]
         g.update(generation=gen, new=sum(1 for x in mine if x >= gen),
                  old=sum(1 for x in mine if x < gen))
 
@@ -349,7 +352,7 @@ class Control:
                 "index": WorkerName.parse(r["name"]).index, "pid": r.get("pid"),
                 "state": r["state"], "restarts": r["restarts"], "exit_code": r["exit_code"],
                 "uptime": r["uptime"], "cpu_percent": cpu, "memory_rss": rss,
-                "launch": r.get("launch"), "generation": r.get("generation", 0),
+                "launch": r.get("launch"),
             })
         for pid in [p for p in self._procs if p not in live]:
             del self._procs[pid]
@@ -359,7 +362,7 @@ class Control:
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
             })
-        _reload_status(self.sup, groups, workers)
+        _reload_status(self.sup, groups, rows)
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
