@@ -55,8 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from multibus.names import check_name
-from multibus.sockets import SocketSpec
-from multibus.specs import SLOW_PEER_POLICIES, Intensity, SpecError, WorkerSpec
+from multibus.specs import SLOW_PEER_POLICIES, Intensity, SocketSpec, SpecError, WorkerSpec
 from multibus.worker import worker_env
 
 __all__ = [

@@ -148,20 +148,16 @@ def _socket_status(sup: Any) -> list[dict[str, str]]:
     return out
 
 
-def _reload_status(sup: Any, groups: list[dict[str, Any]],
-                   rows: list[dict[str, Any]]) -> None:
+def _reload_status(sup: Any, groups: list[dict[str, Any]]) -> None:
     """Issue 17's keys, once a group has been reloaded (as a worker's ``stuck``, only when
     there is something to say): its code ``generation`` and how many of its running workers
     are on it (``new``) or on an older one (``old``: a reload is under way or failed)."""
     reloader = getattr(sup, "reloader", None)
     gens = reloader.generations() if reloader is not None else {}
     for g in groups:
-        gen = gens.get(g["name"], 0)
-        if not gen:
-            continue
-        mine = [r.get("generation", 0) for r in rows if r["group"] == g["name"] and r["pid"]]
-        g.update(generation=gen, new=sum(1 for x in mine if x >= gen),
-                 old=sum(1 for x in mine if x < gen))
+        gen, new, old = gens.get(g["name"], (0, 0, 0))
+        if gen:
+            g.update(generation=gen, new=new, old=old)
 
 
 class Control:
@@ -362,7 +358,7 @@ class Control:
                 "name": gname, "target": spec.target, "count": self.counts.get(gname, 0),
                 "running": sum(1 for w in workers if w["group"] == gname and w["pid"]),
             })
-        _reload_status(self.sup, groups, rows)
+        _reload_status(self.sup, groups)
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,

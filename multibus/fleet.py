@@ -107,7 +107,6 @@ class WorkerSlot:
             "exit_code": self.exit_code,
             "uptime": round(now - self.since, 3) if alive and self.since is not None else 0.0,
             "launch": self.launch,
-            "generation": self.generation,
         }
         if self.stuck and alive:
             row["stuck"] = self.stuck

@@ -57,9 +57,16 @@ class Reloader:
     def keeper(self) -> Any:
         return self.sup.keeper
 
-    def generations(self) -> dict[str, int]:
-        """Each group's current code generation (0 until its first reload)."""
-        return {name: g.generation for name, g in self.sup.fleet.groups.items()}
+    def generations(self) -> dict[str, tuple[int, int, int]]:
+        """Each group's code generation (0 until its first reload) and how many of its
+        running workers are on it and on an older one: {group: (generation, new, old)}."""
+        out = {}
+        with self.keeper.cond:
+            for name, g in self.sup.fleet.groups.items():
+                gens = [w.generation for w in g.slots.values() if w.alive]
+                new = sum(1 for x in gens if x >= g.generation)
+                out[name] = (g.generation, new, len(gens) - new)
+        return out
 
     def interrupt(self, why: str) -> None:
         """Stop a reload under way at its next step (any thread): 'exit' was asked for."""

@@ -1,7 +1,8 @@
 """Listening sockets the supervisor owns and its workers inherit (the systemd convention).
 
 Supervisor side: :func:`bind` opens one ``[sockets.NAME]`` of a fleet file (a
-:class:`SocketSpec`: ``127.0.0.1:8080``, ``[::1]:8080`` or ``unix:/path``) and listens, before
+:class:`~multibus.specs.SocketSpec`: ``127.0.0.1:8080``, ``[::1]:8080`` or ``unix:/path``)
+and listens, before
 any worker starts; it stays open while workers come and go, so a connection waits in the
 backlog instead of being refused. :class:`BindError` is a one-line message naming the socket.
 
@@ -20,9 +21,9 @@ import os
 import socket
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["BindError", "FDS_ENV", "LISTEN_VARS", "SocketSpec", "adopt", "bind", "bind_all",
+__all__ = ["BindError", "FDS_ENV", "LISTEN_VARS", "adopt", "bind", "bind_all",
            "bound_address", "clear_listen_env", "close_all", "inherited_sockets", "listen_env",
            "parse_address", "place_fds"]
 
@@ -35,20 +36,6 @@ MAX_SOCKETS = 64  # per worker
 
 class BindError(ValueError):
     """A socket cannot be bound; the message names it and the fix (one line)."""
-
-
-@dataclass(frozen=True)
-class SocketSpec:
-    """``[sockets.NAME]``: ``address`` ('host:port', '[v6]:port' or 'unix:/path'), the
-    listen ``backlog``, and ``mode`` (unix sockets: the file's permissions, e.g. 0o660)."""
-
-    name: str
-    address: str
-    backlog: int = 1024
-    mode: int | None = None
-
-    def __post_init__(self) -> None:
-        parse_address(self.address)  # ValueError says what is wrong
 
 
 def parse_address(address: str) -> tuple[int, str | tuple[str, int]]:
@@ -83,9 +70,10 @@ def _unix_in_use(path: str) -> bool:
         probe.close()
 
 
-def bind(spec: SocketSpec) -> socket.socket:
-    """Bind and listen on ``spec`` (close-on-exec, as every descriptor of ours; the spawner
-    hands it to each worker). BindError: one line naming the socket and the fix."""
+def bind(spec: Any) -> socket.socket:
+    """Bind and listen on ``spec`` (a :class:`~multibus.specs.SocketSpec`: name, address,
+    backlog, mode), close-on-exec as every descriptor of ours (the spawner hands it to each
+    worker). BindError: one line naming the socket and the fix."""
     family, addr = parse_address(spec.address)
     where = f"sockets.{spec.name}"
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -119,7 +107,7 @@ def bind(spec: SocketSpec) -> socket.socket:
     return sock
 
 
-def bind_all(specs: Iterable[SocketSpec]) -> dict[str, socket.socket]:
+def bind_all(specs: Iterable[Any]) -> dict[str, socket.socket]:
     """:func:`bind` each of ``specs``, by name; on a failure the ones bound are closed."""
     out: dict[str, socket.socket] = {}
     try:

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from multibus.names import WorkerName, valid_group
+from multibus.sockets import parse_address
 
-__all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec", "Intensity"]
+__all__ = ["RESTART_MODES", "SLOW_PEER_POLICIES", "SocketSpec", "SpecError", "WorkerSpec",
+           "Intensity"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
 SLOW_PEER_POLICIES = ("drop", "restart")
@@ -138,6 +140,21 @@ class WorkerSpec:
     def instance_names(self, count: int | None = None) -> list[str]:
         n = self.count if count is None else count
         return [str(WorkerName(self.name, i)) for i in range(n)]
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """A listening socket the supervisor owns (``[sockets.NAME]``, :mod:`multibus.sockets`):
+    ``address`` ('host:port', '[v6]:port' or 'unix:/path'), the listen ``backlog``, and
+    ``mode`` (unix sockets: the file's permissions, e.g. 0o660)."""
+
+    name: str
+    address: str
+    backlog: int = 1024
+    mode: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_address(self.address)  # ValueError says what is wrong
 
 
 @dataclass(frozen=True)

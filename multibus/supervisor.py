@@ -36,7 +36,7 @@ from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_chil
 from multibus.reload import Reloader
 from multibus.restart import RestartPolicy
 from multibus.spawner import Spawner
-from multibus.specs import Intensity, SpecError, WorkerSpec, coerce_specs
+from multibus.specs import Intensity, SocketSpec, SpecError, WorkerSpec, coerce_specs
 
 __all__ = ["FleetError", "HubBridge", "Supervisor", "WorkerSpec", "Intensity", "SpecError"]
 
@@ -84,7 +84,7 @@ class Supervisor:
         peer_timeout: float = 20.0,
         zygote: bool = True,
         zygote_preload: Iterable[str] = (),
-        sockets: Iterable[listening.SocketSpec] = (),
+        sockets: Iterable[SocketSpec] = (),
     ) -> None:
         self.bus = bus
         self.name = name

@@ -17,7 +17,8 @@ import pytest
 from test_cli import ROOT, all_started, mb, running, unique, wait_for
 
 from multibus.config import ConfigError, from_mapping
-from multibus.sockets import SocketSpec, bind, bound_address, parse_address
+from multibus.sockets import bind, bound_address, parse_address
+from multibus.specs import SocketSpec
 
 TESTS = ROOT / "tests"
 
