@@ -4,6 +4,7 @@
     multibus status [--json]
     multibus start | stop | restart | graceful | exit
     multibus scale GROUP N
+    multibus reload [GROUP...]
     multibus logs [-f] [GROUP]
     multibus --version
 
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "fleet .toml file. Ctrl-C / SIGTERM stop it gracefully; SIGHUP "
                          "stops it too on a terminal, and reloads when detached (stdin not a "
                          "terminal: systemd, a daemon); SIGTTIN / SIGTTOU add / remove a worker "
-                         "of the first group.")
+                         "of the first group; SIGUSR2 is a rolling reload (multibus reload).")
     run.add_argument("target", metavar="TARGET|FILE")
     run.add_argument("-n", type=int, default=None, metavar="N",
                      help="number of workers of TARGET (default 1)")
