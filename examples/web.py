@@ -40,12 +40,16 @@ class Site:
         return f"version {VERSION} from {self.name} (pid {os.getpid()})\n"
 
 
-def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
-    """The same page as a plain WSGI app (for gunicorn in ``benchmarks/bench_reload.py``)."""
-    body = f"version {VERSION} from gunicorn (pid {os.getpid()})\n".encode()
-    start_response("200 OK", [("Content-Type", "text/plain"),
-                              ("Content-Length", str(len(body)))])
-    return [body]
+_WSGI: list[Any] = []
+
+
+def app(environ: dict[str, Any], start_response: Any) -> Any:
+    """The same CherryPy site as a plain WSGI callable, ``web:app``, for other servers
+    (gunicorn in ``benchmarks/bench_reload.py``); mounted on first use."""
+    if not _WSGI:
+        cherrypy.config.update({"environment": "production", "log.screen": False})
+        _WSGI.append(cherrypy.tree.mount(Site("gunicorn"), "/"))
+    return _WSGI[0](environ, start_response)
 
 
 def serve(bus: Any) -> None:
