@@ -8,7 +8,9 @@ its workers ``max_surge`` at a time:
 
 1. surge: start that many replacements (new slots at the lowest free indices, of the group's
    new code generation) while the old workers keep serving;
-2. wait until each replacement's bus is STARTED (and its readiness check passes);
+2. wait until each replacement is STARTED: its bus STARTED (a server subscribed to 'start'
+   is serving by then); a cmd program is STARTED only once its ``ready`` check passes
+   (:mod:`multibus.programs`), so the check is part of the wait;
 3. retire the old ones: an 'exit' command, so their bus stops gracefully and in-flight
    requests finish (then the usual stop_timeout / SIGTERM / SIGKILL escalation).
 
@@ -18,7 +20,8 @@ failed replacements are stopped, the old workers keep serving, the zygote of the
 put back, and :class:`ReloadError` carries the replacement's own error (the command prints it
 and exits 1). An 'exit' queued meanwhile interrupts the reload the same way (:meth:`interrupt`).
 Shared listening sockets (:mod:`multibus.sockets`) stay bound throughout, so no connection is
-refused. ``replace`` is the reusable step: recycling a worker (max memory/age) is a replace.
+refused. ``replace`` is the reusable step: recycling a worker on shared sockets (max
+memory/age, :mod:`multibus.recycle`) is a replace.
 """
 
 from __future__ import annotations
@@ -73,6 +76,15 @@ class Reloader:
         with self.keeper.cond:
             self._interrupted = why
             self.keeper.cond.notify_all()
+
+    def interrupt_soon(self, why: str) -> None:
+        """:meth:`interrupt` from a signal handler (a stop signal): no lock taken here; the
+        process thread wakes the reload's waits. Harmless when no reload runs (each reload
+        starts uninterrupted)."""
+        self._interrupted = why
+        spawner = self.keeper.spawner
+        if spawner is not None:
+            spawner.procs.call_soon(self.keeper.changed)
 
     # -- the whole reload --------------------------------------------------------------------
 
@@ -145,9 +157,9 @@ class Reloader:
 
     def replace(self, olds: list[WorkerSlot], wait: bool = True) -> list[WorkerSlot]:
         """Surge one new worker per slot of ``olds`` (all of one group), wait until each is
-        STARTED and ready, then stop ``olds`` gracefully (``wait=False``: in a thread, joined
-        at the end of the reload); return the new slots. ReloadError (the replacements
-        stopped, ``olds`` untouched) if one fails to start."""
+        STARTED (ready, for a program), then stop ``olds`` gracefully (``wait=False``: in a
+        thread, joined at the end of the reload); return the new slots. ReloadError (the
+        replacements stopped, ``olds`` untouched) if one fails to start."""
         self._check()
         group = self.sup.fleet.group_of(olds[0])
         spec = group.spec
@@ -160,7 +172,6 @@ class Reloader:
         try:
             self.keeper.spawn_missing()
             self._wait_started(news, t0 + spec.start_timeout)
-            self._wait_ready(news, t0 + spec.start_timeout)
         except BaseException:
             self._retire(group, news, failed=True)
             raise
@@ -247,9 +258,4 @@ class Reloader:
             if child is not None:
                 child.drained.wait(DRAIN_WAIT)  # its last lines: the error
             raise ReloadError(f"replacement {failed.describe()}; the old workers keep serving")
-
-    def _wait_ready(self, news: list[WorkerSlot], deadline: float) -> None:
-        """The replacements' ``ready`` check (issue 16 item 4: ``multibus/readiness.py``)
-        goes here; until it exists a STARTED bus is ready."""
-        return None
 

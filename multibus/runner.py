@@ -212,7 +212,8 @@ def run_fleet(
     detached = SignalHandler.is_detached()
     # a closed terminal (SIGHUP when attached) stops the fleet as Ctrl-C does, start included
     handler = SignalHandler(bus, interrupt_again=sup.kill_all, abort_start=(
-        "SIGTERM", "SIGINT", *(() if detached else ("SIGHUP",))))
+        "SIGTERM", "SIGINT", *(() if detached else ("SIGHUP",))),
+        interrupt_op=sup.reloader.interrupt_soon)
 
     def hangup() -> None:
         """SIGHUP, as CherryPy's SignalHandler: detached (daemon, service), a reload; on a

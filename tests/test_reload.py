@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ class Site:
     name: str
     port: int
     log: Path
+    proc: subprocess.Popen
 
     def write_code(self, version: str, extra: str = "") -> None:
         """Deploy: the page says ``version``; ``extra`` lines run at import."""
@@ -59,7 +61,7 @@ def site(tmp_path: Path, stop_timeout: float = 10.0) -> Iterator[Site]:
     with running(str(tmp_path / "web.toml"), env=env) as (proc, log):
         st = wait_for(lambda: all_started(name, 4), 60, "4 workers STARTED")
         port = int(st["sockets"][0]["address"].rpartition(":")[2])
-        yield Site(tmp_path, name, port, log)
+        yield Site(tmp_path, name, port, log, proc)
         if proc.poll() is None:
             r = mb("exit", "--name", name, timeout=60)
             assert r.returncode == 0, r.stderr
@@ -127,6 +129,22 @@ def test_exit_during_a_reload_stops_everything(tmp_path):
         assert r.returncode == 0, r.stderr
         text = output(s.log)
         assert "reload interrupted" in text
+        assert get("127.0.0.1", s.port, timeout=2)[0] == "refused"  # the socket is closed
+
+
+@pytest.mark.timeout(90)
+def test_sigterm_during_a_reload_interrupts_it(tmp_path):
+    """A stop signal does not wait behind a reload: the reload stops at its next step (here
+    it would otherwise wait for a replacement that never starts, up to start_timeout)."""
+    with site(tmp_path, stop_timeout=2.0) as s:
+        s.write_code("2", "import time\ntime.sleep(60)")  # a replacement that never starts
+        assert s.reload("--no-wait").returncode == 0
+        wait_for(lambda: len(status(s.name)["workers"]) == 5, 30, "a replacement")
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(60)
+        text = output(s.log)
+        assert "reload interrupted: SIGTERM" in text, text[-3000:]
+        assert "not STARTED within its start_timeout" not in text
         assert get("127.0.0.1", s.port, timeout=2)[0] == "refused"  # the socket is closed
 
 
