@@ -190,25 +190,21 @@ def replace(sup: Any, name: str, pid: int | None = None, reason: str = "max_age"
         child = w.child
     sup.recycler.counted(w.wn.group, reason)
     t0 = time.monotonic()
-    if w.spec.sockets and not w.spec.cmd:
-        try:
-            new_slot = sup.reloader.replace([w])[0]
-        finally:
-            with keeper.cond:
-                w.replacing = None
-        note = f"{name} replaced ({reason}): pid {child.pid} -> {new_slot.pid} ({new_slot.name})"
-        sup.log(f"worker {note} in {time.monotonic() - t0:.2f}s")
-        return note
     try:
-        sup.tell("exit", [w])
-        sup._mark_killed(stop_children([child], t0 + w.spec.stop_timeout,
-                                       term_timeout=sup.term_timeout, log=sup.log),
-                         "did not exit")
-        # the keeper respawned it as soon as its process was reaped (see Keeper.on_exit)
-        keeper.wait_started([w], t0)
+        if w.spec.sockets and not w.spec.cmd:
+            new = sup.reloader.replace([w])[0]
+            after = f"{new.pid} ({new.name})"
+        else:
+            sup.tell("exit", [w])
+            sup._mark_killed(stop_children([child], t0 + w.spec.stop_timeout,
+                                           term_timeout=sup.term_timeout, log=sup.log),
+                             "did not exit")
+            # the keeper respawned it as soon as its process was reaped (Keeper.on_exit)
+            keeper.wait_started([w], t0)
+            after = str(w.pid)
     finally:
         with keeper.cond:
             w.replacing = None
-    note = f"{name} replaced ({reason}): pid {child.pid} -> {w.pid}"
+    note = f"{name} replaced ({reason}): pid {child.pid} -> {after}"
     sup.log(f"worker {note} in {time.monotonic() - t0:.2f}s")
     return note
