@@ -357,7 +357,10 @@ def _read_batch(sock: socket.socket) -> tuple[list[tuple[dict[str, Any], list[in
     while len(batch) < BATCH:
         if batch and not select.select([sock], [], [], 0)[0]:
             break  # (recv_fds ignores its flags: no MSG_DONTWAIT)
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2 + MAX_SOCKETS)
+        try:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2 + MAX_SOCKETS)
+        except ConnectionResetError:  # the supervisor closed with a reply unread: it is gone
+            msg, fds = b"", []
         if not msg:
             for fd in fds:
                 os.close(fd)

@@ -286,3 +286,41 @@ def test_run_dash_dash_usage_errors():
     assert r.returncode == 2 and "expected a program after '--'" in r.stderr
     r = mb("run", "x.toml", "--", "sleep", "1")
     assert r.returncode == 2 and "either a TARGET|FILE or a program" in r.stderr
+
+
+@pytest.mark.timeout(90)
+def test_one_cmd_group_at_a_time_and_after_a_program(tmp_path):
+    """Issue 16 items 1, 3 and 4 together: a bus group runs after a program (its ready check
+    passed first); `signal`/`stop`/`start` of the program alone leave the bus group running."""
+    name, port = unique("co"), free_port()
+    server = f"import socket\nsrv = socket.create_server(('127.0.0.1', {port}))\n" + TRAPS
+    fleet = write_fleet(tmp_path, name, f"""pythonpath = ["{Path(__file__).parent}"]
+
+[groups.prog]
+cmd = {toml_cmd(PY, "-c", server)}
+ready = "tcp:127.0.0.1:{port}"
+stop_signal = "SIGINT"
+
+[groups.job]
+target = "targets.jobs:job"
+after = ["prog"]
+""")
+    with running(fleet) as (proc, log):
+        wait_for(lambda: started(name, "job") and started(name, "prog"), 30, "both STARTED")
+        text = output(log)
+        assert text.index("ready check tcp:") < text.index("job.0")  # the program first
+        first = started(name, "prog")[0]["pid"]
+        r = mb("signal", "prog", "USR1", "--name", name)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: "got SIGUSR1" in output(log), 10, "the program got SIGUSR1")
+        r = mb("stop", "prog", "--name", name)
+        assert r.returncode == 0, r.stderr
+        assert "got SIGINT" in output(log)  # its stop_signal
+        assert [w["state"] for w in group_rows(name, "prog")] == ["EXITED"]
+        assert started(name, "job")  # the bus group runs on
+        r = mb("start", "prog", "--name", name)
+        assert r.returncode == 0, r.stderr
+        again = started(name, "prog")
+        assert again and again[0]["pid"] != first
+        assert mb("exit", "--name", name).returncode == 0
+        assert proc.wait(30) == 0
