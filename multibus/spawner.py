@@ -29,7 +29,7 @@ from multibus import sockets as listening
 from multibus.procs import Child, ProcessManager
 from multibus.specs import WorkerSpec, resolve_ids
 from multibus.worker import SECRET_ENV, worker_args, worker_env
-from multibus.zygote import ZygoteClient
+from multibus.zygoteclient import ZygoteClient
 
 __all__ = ["Spawner"]
 

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
-    ("order", "specs", "restart", "procs", "zygote", "worker", "launcher"),
+    ("order", "specs", "restart", "procs", "zygote", "zygoteclient", "worker", "launcher"),
     ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor", "recycle",
      "programs", "reload"),
     ("commands", "opqueue", "control"),

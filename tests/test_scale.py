@@ -170,7 +170,7 @@ def test_zygote_forks_many_workers_pipelined_each_one_answered_in_order():
 
     from multibus.procs import ProcessManager
     from multibus.worker import worker_env
-    from multibus.zygote import ZygoteClient
+    from multibus.zygoteclient import ZygoteClient
 
     lines: dict[str, list[str]] = {}
     exited = threading.Event()
