@@ -93,8 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.exec and (args.zygote or args.preload or cfg.zygote_preload):
             raise ConfigError("--exec: cannot be combined with --zygote, --preload or the "
                               "fleet file's zygote_preload; drop one of them")
-        check_targets(cfg)
         cfg = _joining(cfg, args.join)
+        check_targets(cfg)
     except ConfigError as e:
         say_error(str(e))
         return EXIT_USAGE

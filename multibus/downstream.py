@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multibus.commands import TRANSITIONS, ControlError
+from multibus.control import BRIDGE_COUNTERS
 from multibus.hostconf import DownstreamConfig
 from multibus.targets import split_host, unknown
 from multibus.transport.bridge import Bridge
@@ -305,3 +306,8 @@ class Downstream:
                 st["groups"] += [{**g, "host": name} for g in doc["groups"]]
                 st["workers"] += [{**w, "host": name} for w in doc["workers"]]
         st["hosts"] = hosts
+        if self.bridge is not None:  # its trouble counts with the local hub's
+            stats = self.bridge.stats()
+            counts = st.setdefault("counters", {}).setdefault("bridge", {})
+            for k in BRIDGE_COUNTERS:
+                counts[k] = counts.get(k, 0) + stats.get(k, 0)

@@ -21,8 +21,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("transport",),
     ("order", "specs", "restart", "procs", "zygote", "worker", "launcher"),
     ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor", "recycle",
-     "programs"),
-    ("commands", "opqueue", "control"),
+     "programs", "hostconf"),
+    ("commands", "opqueue", "control", "upstream", "downstream"),
     ("runner", "cli", "__main__"),
 ]
 
