@@ -128,7 +128,7 @@ def stuck_peer(seconds: float, tmp: str) -> None:
         stuck = [w for w in st.get("workers", []) if w["group"] == "stuck"]
         print(f"stuck peer: healthy broker got {(n1 - n0) / (t1 - t0):,.0f} orders/s over "
               f"{t1 - t0:.0f} s (total {n1:,}); stuck worker state "
-              f"{[w['state'] for w in stuck]}; bank publishes 20 per 5 ms")
+              f"{[(w['state'], w.get('stuck')) for w in stuck]}; bank publishes 20 per 5 ms")
     finally:
         print(f"  exit status {stop(proc)}")
 

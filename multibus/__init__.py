@@ -5,6 +5,7 @@
 """
 
 from multibus.bus import Bus, ChannelFailures, State, states
+from multibus.sockets import inherited_sockets
 
-__all__ = ["Bus", "ChannelFailures", "State", "states"]
+__all__ = ["Bus", "ChannelFailures", "State", "states", "inherited_sockets"]
 __version__ = "0.1.0"

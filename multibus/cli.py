@@ -8,6 +8,7 @@
     multibus signal TARGET... SIGNAL
     multibus scale GROUP N
     multibus apply [FILE]
+    multibus reload [GROUP...]
     multibus logs [-f] [GROUP]
     multibus keygen NAME [--dir DIR]
     multibus run FILE.toml --join tcp://HOST:PORT   (a child of a parent supervisor)
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(a cmd group). Ctrl-C / SIGTERM stop it gracefully; SIGHUP "
                          "stops it too on a terminal, and reloads when detached (stdin not a "
                          "terminal: systemd, a daemon); SIGTTIN / SIGTTOU add / remove a worker "
-                         "of the first group.")
+                         "of the first group; SIGUSR2 is a rolling reload (multibus reload).")
     run.add_argument("target", metavar="TARGET|FILE", nargs="?")
     run.add_argument("--group", metavar="NAME", default=None,
                      help="with '-- PROGRAM ARGS...': the group's name (default: the "

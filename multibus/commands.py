@@ -194,6 +194,12 @@ def _signal(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return _groups(ctl).signal(args["targets"], int(args["signal"]))
 
 
+def _reload(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    if state != "STARTED":
+        return f"nothing to reload: the fleet is {state}"
+    return ctl.sup.reloader.reload(args.get("groups") or ())
+
+
 @dataclass(frozen=True)
 class Action:
     """A transition: ``perform(control, bus state name, args)`` runs it on the supervisor's
@@ -221,6 +227,8 @@ TRANSITIONS: dict[str, Action] = {a.name: a for a in (
            op=False),
     Action("apply", "re-read the fleet file; start, stop, scale and restart what changed",
            _apply, op=False),
+    Action("reload", "replace the workers of GROUP (default: all) with new processes on new "
+           "code, one surge at a time, with no failed request", _reload, op=False),
 )}
 ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 
@@ -516,8 +524,39 @@ class Logs(Command):
         return EXIT_OK
 
 
+class Reload(Command):
+    """Rolling reload (issue 17): queued like any transition, run by multibus.reload."""
+
+    name = "reload"
+    schema = {"groups": lambda v: isinstance(v, list) and len(v) <= 64
+              and all(valid_group(g) for g in v)}
+
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        unknown = [g for g in req["groups"] if g not in ctl.sup.specs]
+        if unknown:
+            raise ControlError(f"no group {unknown[0]!r}; groups: {', '.join(ctl.sup.specs)}")
+        return _queued(ctl, ctl.queue("reload", groups=list(dict.fromkeys(req["groups"]))))
+
+    def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
+                    waiting: argparse.ArgumentParser) -> None:
+        text = TRANSITIONS["reload"].help
+        p = sub.add_parser("reload", parents=[ctl, waiting], help=text,
+                           description=f"Rolling reload: {text}. Each replacement starts "
+                           "while the old worker serves; once its bus is STARTED the old one "
+                           "stops gracefully. A replacement that fails to start aborts the "
+                           "reload (the old workers keep serving) and this exits 1 with its "
+                           "error. SIGUSR2 to `multibus run` does the same for every group.")
+        p.add_argument("groups", nargs="*", metavar="GROUP")
+        p.set_defaults(control=self)
+
+    def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
+        client = connect()
+        what = "reload" + ("".join(f" {g}" for g in args.groups))
+        return _finish(client, client.request("reload", groups=list(args.groups)), what, args)
+
+
 COMMANDS: dict[str, Command] = {c.name: c for c in (Status(), OpCommand(), Scale(), OpStatus(),
-                                                     Logs(), Signal(), Apply())}
+                                                     Logs(), Signal(), Apply(), Reload())}
 
 
 # --------------------------------------------------------------------------- CLI helpers
@@ -618,6 +657,10 @@ def format_status(st: dict[str, Any]) -> str:
         if gstate and (gstate != st["state"] or g.get("error")):
             lines.append(f"  group {qualified(g, 'name')}: {gstate}"
                          + (f": {g['error']}" if g.get("error") else ""))
+    for g in st.get("groups") or ():  # once reloaded: its code generation, old/new workers
+        if g.get("generation"):
+            lines.append(f"  {g['name']}: code generation {g['generation']}, {g['new']} "
+                         f"worker{'s' if g['new'] != 1 else ''} on it, {g['old']} on older")
     # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
     launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
     hosts = "hosts" in st  # a HOST column: this supervisor's own rows show its name

@@ -48,6 +48,13 @@ that is not Python: see the README; paths are relative to the file)::
     max_restarts = 5          # this group's intensity (default: [supervisor]'s) ...
     restart_period = 10.0
     on_fatal = "stop-group"   # at it: this group goes FATAL | "stop-fleet" (exit 1)
+    sockets = ["web"]         # listening sockets its workers inherit at fd 3... (LISTEN_FDS)
+    max_surge = 1             # replacements a rolling reload runs ahead
+
+    [sockets.web]             # bound by the supervisor before any worker starts
+    address = "127.0.0.1:8080"   # or "[::1]:8080", or "unix:/run/app.sock"
+    backlog = 1024
+    mode = "0660"             # unix sockets only: the file's permissions
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ from multibus.specs import (
     ON_FATAL,
     SLOW_PEER_POLICIES,
     Intensity,
+    SocketSpec,
     SpecError,
     WorkerSpec,
     parse_size,
@@ -117,6 +125,7 @@ class FleetConfig:
     group_log_files: Mapping[str, LogFile] = field(default_factory=dict)  # group -> its file
     containment: str = "auto"  # auto | cgroup | scan | none (multibus.containment)
     path: str | None = None  # the file's absolute path (`multibus apply` re-reads it)
+    sockets: tuple[SocketSpec, ...] = ()  # [sockets.NAME] (Supervisor(sockets=...))
     upstream: UpstreamConfig | None = None  # [upstream]: join a parent (multibus.hostconf)
     downstream: DownstreamConfig | None = None  # [downstream]: take child supervisors
 
@@ -244,12 +253,13 @@ SUPERVISOR_KEYS = ("name", "pidfile", "stop_timeout", "term_timeout", "max_resta
                    "zygote_preload", "containment")
 GROUP_KEYS = ("target", "count", "channels", "restart", "stop_timeout", "start_timeout", "env",
               "cwd", "pythonpath", "slow_peer",
-              "after", "max_restarts", "restart_period", "on_fatal")  # issue 16
+              "after", "max_restarts", "restart_period", "on_fatal", "sockets", "max_surge")
 LOG_FILE_KEYS = ("log_file", "log_max_bytes", "log_backups")  # [supervisor] and groups
 RECYCLE_KEYS = ("max_memory", "max_age", "max_age_jitter")  # groups
 # programs (cmd groups) and launch settings (every group): see _program_fields
 PROGRAM_KEYS = ("cmd", "ready", "stop_signal", "graceful_signal")
 LAUNCH_KEYS = ("user", "group", "umask", "rlimits")
+SOCKET_KEYS = ("address", "backlog", "mode")
 
 
 def load(path: str | os.PathLike[str]) -> FleetConfig:
@@ -278,7 +288,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     """Validate parsed TOML data (relative paths are relative to ``base``, default: cwd)."""
     c = _Checker(source)
     base = base or Path.cwd()
-    c.keys("", data, ("supervisor", "groups", "upstream", "downstream"))
+    c.keys("", data, ("supervisor", "groups", "sockets", "upstream", "downstream"))
     sup = c.table("supervisor", data.get("supervisor", {}))
     c.keys("supervisor", sup, SUPERVISOR_KEYS + LOG_FILE_KEYS)
 
@@ -330,6 +340,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
                           "with a target")
     log_default = _log_file(c, "supervisor", sup, base, LogFile(""))
     group_logs: dict[str, LogFile] = {}
+    sockets = _sockets(c, data.get("sockets", {}))
     specs = []
     for gname, group in groups.items():
         key = f"groups.{gname}"
@@ -358,6 +369,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
                 if not isinstance(v, str):
                     raise c.fail(f"{key}.env.{k}", "a string (quote numbers)", v)
                 env[k] = v
+        fields.update(_group_socket_keys(c, key, group, sockets))
         if "cwd" in group:
             fields["cwd"] = str(base / c.string(f"{key}.cwd", group["cwd"]))
         paths = common_path + [str(base / p) for p in c.strings(f"{key}.pythonpath",
@@ -383,7 +395,8 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
                        source, zygote, preload,
                        log_file=log_default if log_default.path else None,
-                       group_log_files=group_logs, containment=containment, **hosts)
+                       group_log_files=group_logs, containment=containment,
+                       sockets=tuple(sockets.values()), **hosts)
 
 
 def _size(c: _Checker, key: str, value: Any) -> int:
@@ -502,6 +515,55 @@ def _group_keys(c: _Checker, key: str, group: Mapping[str, Any],
                                     group.get("restart_period", intensity.period)),
         "on_fatal": c.choice(f"{key}.on_fatal", group.get("on_fatal", "stop-group"), ON_FATAL),
     }
+
+
+def _sockets(c: _Checker, table: Any) -> dict[str, SocketSpec]:
+    """``[sockets.NAME]`` tables: address (required), backlog, mode (unix sockets)."""
+    out: dict[str, SocketSpec] = {}
+    for sname, sock in c.table("sockets", table).items():
+        key = f"sockets.{sname}"
+        sock = c.table(key, sock)
+        c.keys(key, sock, SOCKET_KEYS)
+        if "address" not in sock:
+            raise ConfigError(f"{c.source}: {key}.address: missing; expected "
+                              "'127.0.0.1:8080', '[::1]:8080' or 'unix:/path'")
+        address = c.string(f"{key}.address", sock["address"])
+        mode = None
+        if "mode" in sock:
+            raw = sock["mode"]
+            if not (isinstance(raw, str) and len(raw) in (3, 4)
+                    and all(ch in "01234567" for ch in raw)):
+                raise c.fail(f"{key}.mode", "an octal mode string like \"0660\"", raw)
+            if not address.startswith("unix:"):
+                raise ConfigError(f"{c.source}: {key}.mode: only for unix sockets "
+                                  "(address = \"unix:/path\")")
+            mode = int(raw, 8)
+        try:
+            out[sname] = SocketSpec(sname, address,
+                                    c.integer(f"{key}.backlog", sock.get("backlog", 1024), 1),
+                                    mode)
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{c.source}: {key}.address: {e}") from None
+    return out
+
+
+def _group_socket_keys(c: _Checker, key: str, group: Mapping[str, Any],
+                       sockets: Mapping[str, SocketSpec]) -> dict[str, Any]:
+    """A group's ``sockets`` (each a declared ``[sockets.NAME]``) and ``max_surge``."""
+    fields: dict[str, Any] = {}
+    if "sockets" in group:
+        names = c.strings(f"{key}.sockets", group["sockets"])
+        for n in names:
+            if n not in sockets:
+                raise ConfigError(f"{c.source}: {key}.sockets: no socket {n!r}; declare it "
+                                  f"as [sockets.{n}] with an address"
+                                  + (f" (declared: {', '.join(sockets)})" if sockets else ""))
+        fields["sockets"] = tuple(names)
+    if "max_surge" in group:
+        fields["max_surge"] = c.integer(f"{key}.max_surge", group["max_surge"], 1)
+    return fields
 
 
 def from_target(target: str, count: int = 1, channels: Iterable[str] = (), *,

@@ -56,6 +56,7 @@ from multibus.names import WorkerName
 from multibus.opqueue import CANCELLED, Op, OpQueue
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
+from multibus.sockets import bound_address
 from multibus.transport.stats import RateLimit
 from multibus.wakeup import Wakeup
 
@@ -141,6 +142,28 @@ def decode_request(frame: bytes) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- server
 
+def _socket_status(sup: Any) -> list[dict[str, str]]:
+    """The supervisor's listening sockets: name and the address bound (the real port when
+    the fleet file says port 0)."""
+    out = []
+    for name, sock in getattr(sup, "listening", {}).items():
+        if sock.fileno() >= 0:
+            out.append({"name": name, "address": bound_address(sock)})
+    return out
+
+
+def _reload_status(sup: Any, groups: list[dict[str, Any]]) -> None:
+    """Issue 17's keys, once a group has been reloaded (as a worker's ``stuck``, only when
+    there is something to say): its code ``generation`` and how many of its running workers
+    are on it (``new``) or on an older one (``old``: a reload is under way or failed)."""
+    reloader = getattr(sup, "reloader", None)
+    gens = reloader.generations() if reloader is not None else {}
+    for g in groups:
+        gen, new, old = gens.get(g["name"], (0, 0, 0))
+        if gen:
+            g.update(generation=gen, new=new, old=old)
+
+
 class Control:
     """Answer control requests for ``supervisor`` (a :class:`~multibus.supervisor.Supervisor`)
     on ``<runtime dir>/<name>.ctl``.
@@ -173,7 +196,9 @@ class Control:
         self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
-        self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log)
+        reloader = getattr(supervisor, "reloader", None)  # an 'exit' interrupts a reload
+        self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log,
+                           interrupt=reloader.interrupt if reloader is not None else None)
         self._procs: dict[int, tuple[int, float, float]] = {}  # pid -> (start, cpu s, when)
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -361,6 +386,7 @@ class Control:
             })
         for g, more in zip(groups, self.sup.groupops.group_rows(), strict=False):  # issue 16
             g.update((k, v) for k, v in more.items() if k != "name")
+        _reload_status(self.sup, groups)
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,
@@ -368,6 +394,7 @@ class Control:
             "config": self.sup.config,  # the fleet file (`multibus apply`), or None
             "counters": self.counters(),
             "containment": Containment.describe_active(),
+            "sockets": _socket_status(self.sup),
         }
 
     def counters(self) -> dict[str, dict[str, int]]:

@@ -67,6 +67,7 @@ class WorkerSlot:
     replacing: str | None = None  # why it is being replaced (multibus.recycle), or None
     held: bool = False  # stopped by `multibus stop group.i`: not spawned or restarted
     last_lines: list[str] = field(default_factory=list)
+    generation: int = 0  # its group's code generation when it was made (multibus reload)
 
     @property
     def name(self) -> str:
@@ -123,6 +124,7 @@ class Group:
         self.slots: dict[int, WorkerSlot] = {}
         self.held = False  # stopped by `multibus stop GROUP`: not spawned or restarted
         self.fatal: str | None = None  # why it went FATAL (its restart intensity): down too
+        self.generation = 0  # code generation new workers get; a rolling reload moves it on
         self.resize(spec.count)
 
     @property
@@ -160,20 +162,35 @@ class Group:
         workers take the lowest free indices."""
         current = self.wanted()
         removed = current[count:]
-        for s in removed:
-            s.wanted = False
-            s.cancel_restart()
-            if not s.alive:
-                self.discard(s)
+        self.retire(removed)
         added = []
         i = 0
         while len(current) - len(removed) + len(added) < count:
             if i not in self.slots:
-                self.slots[i] = WorkerSlot(WorkerName(self.name, i), self.spec)
-                added.append(self.slots[i])
+                added.append(self.add_slot(i))
             i += 1
         self.count = count
         return removed, added
+
+    def add_slot(self, index: int | None = None, spec: WorkerSpec | None = None) -> WorkerSlot:
+        """A new slot at ``index`` (default: the lowest free one) of this group's current
+        generation, without changing ``count``: a rolling reload's replacement (whose
+        ``spec`` may differ while it is on trial) or one of :meth:`resize`'s."""
+        if index is None:
+            index = next(i for i in range(len(self.slots) + 1) if i not in self.slots)
+        slot = WorkerSlot(WorkerName(self.name, index), spec or self.spec,
+                          generation=self.generation)
+        self.slots[index] = slot
+        return slot
+
+    def retire(self, slots: Iterable[WorkerSlot]) -> None:
+        """No longer want ``slots``: their restarts cancelled, dropped at once unless a
+        process still runs (then at its exit, :meth:`discard`)."""
+        for s in slots:
+            s.wanted = False
+            s.cancel_restart()
+            if not s.alive:
+                self.discard(s)
 
     def discard(self, slot: WorkerSlot) -> None:
         if self.slots.get(slot.wn.index) is slot:

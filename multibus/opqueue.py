@@ -51,7 +51,11 @@ class OpQueue:
     time. A failed op is logged through ``log(msg, level)`` and answered with its error."""
 
     def __init__(self, perform: Callable[[Op], str | None],
-                 defer: Callable[..., Any] | None, log: Callable[..., Any]) -> None:
+                 defer: Callable[..., Any] | None, log: Callable[..., Any],
+                 interrupt: Callable[[str], Any] | None = None) -> None:
+        # interrupt(why): an 'exit' was queued or the waiting ops cancelled: a long op that
+        # is running (a rolling reload) stops at its next step instead of finishing first
+        self._interrupt = interrupt
         self._perform = perform
         self._defer = defer
         self._log = log
@@ -81,6 +85,8 @@ class OpQueue:
                 op.note = f"cancelled {cancelled} queued operation{'s' if cancelled != 1 else ''}"
             self._ops[op.id] = op
             self._waiting[op.id] = op
+        if action == "exit" and self._interrupt is not None:
+            self._interrupt(CANCELLED)
         if self._defer is not None:
             self._defer(lambda: self._run(op), action == "exit")
         else:
@@ -89,6 +95,8 @@ class OpQueue:
 
     def cancel_waiting(self, reason: str = CANCELLED) -> int:
         """Fail every op still waiting with ``reason`` (SIGTERM/SIGINT/exit); how many."""
+        if self._interrupt is not None:
+            self._interrupt(reason)
         with self._lock:
             return self._cancel_waiting(reason)
 

@@ -171,9 +171,13 @@ class Recycler:
 
 def replace(sup: Any, name: str, pid: int | None = None, reason: str = "max_age") -> str:
     """Replace worker ``name`` (only while process ``pid`` runs it, if given) of ``sup`` (a
-    Supervisor) gracefully, for ``reason``: ask it to exit, escalate as a stop does, respawn
-    it at once (no restart counted), wait until STARTED. Run it where transitions run (the
-    main thread, one at a time). Returns a note; nothing is done unless the fleet runs."""
+    Supervisor) gracefully, for ``reason``; no restart is counted. A worker on shared sockets
+    (``sockets = [...]``) is replaced surge-first, as a rolling reload step does
+    (:meth:`~multibus.reload.Reloader.replace`: the new one STARTED, then the old one stopped,
+    so no capacity is lost); any other (a cmd program, a worker that binds its own port,
+    which could not run twice) is asked to exit, escalated as a stop does, respawned at once
+    and waited for. Run it where transitions run (the main thread, one at a time). Returns a
+    note; nothing is done unless the fleet runs."""
     keeper = sup.keeper
     with keeper.cond:
         w = sup.fleet.current(name, pid)
@@ -186,6 +190,15 @@ def replace(sup: Any, name: str, pid: int | None = None, reason: str = "max_age"
         child = w.child
     sup.recycler.counted(w.wn.group, reason)
     t0 = time.monotonic()
+    if w.spec.sockets and not w.spec.cmd:
+        try:
+            new_slot = sup.reloader.replace([w])[0]
+        finally:
+            with keeper.cond:
+                w.replacing = None
+        note = f"{name} replaced ({reason}): pid {child.pid} -> {new_slot.pid} ({new_slot.name})"
+        sup.log(f"worker {note} in {time.monotonic() - t0:.2f}s")
+        return note
     try:
         sup.tell("exit", [w])
         sup._mark_killed(stop_children([child], t0 + w.spec.stop_timeout,

@@ -149,7 +149,7 @@ def run_fleet(
     options: dict[str, Any] = {
         "pidfile": cfg.pidfile, "intensity": cfg.intensity, "term_timeout": cfg.term_timeout,
         "zygote": cfg.zygote, "zygote_preload": cfg.zygote_preload, "config": cfg.path,
-        **supervisor_options}
+        "sockets": cfg.sockets, **supervisor_options}
     try:
         sup = Supervisor(bus, cfg.specs, name=cfg.name, containment=contain, **options)
     except BaseException:
@@ -227,7 +227,8 @@ def run_fleet(
     detached = SignalHandler.is_detached()
     # a closed terminal (SIGHUP when attached) stops the fleet as Ctrl-C does, start included
     handler = SignalHandler(bus, interrupt_again=sup.kill_all, abort_start=(
-        "SIGTERM", "SIGINT", *(() if detached else ("SIGHUP",))))
+        "SIGTERM", "SIGINT", *(() if detached else ("SIGHUP",))),
+        interrupt_op=sup.reloader.interrupt_soon)
 
     def hangup() -> None:
         """SIGHUP, as CherryPy's SignalHandler: detached (daemon, service), a reload; on a
@@ -253,6 +254,7 @@ def run_fleet(
         "SIGTTIN": lambda: queue("scale", group=default, delta=1),
         "SIGTTOU": lambda: queue("scale", group=default, delta=-1),
         "SIGUSR1": lambda: _reopen(bus, files),
+        "SIGUSR2": lambda: queue("reload", groups=[]),  # rolling reload of every group
     }
     handler.subscribe()
     code = EXIT_OK

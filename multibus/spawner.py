@@ -20,9 +20,12 @@ import os
 import pwd
 import secrets
 import signal
+import threading
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from multibus import launcher
+from multibus import sockets as listening
 from multibus.procs import Child, ProcessManager
 from multibus.specs import WorkerSpec, resolve_ids
 from multibus.worker import SECRET_ENV, worker_args, worker_env
@@ -58,6 +61,9 @@ class Spawner:
         self.exec_why = "zygote disabled"  # why workers are exec'd while there is no zygote
         # the hub's Bridge.expect: each worker gets a fresh secret to prove in its hello
         self.expect: Callable[[str, str], None] | None = None
+        # the supervisor's listening sockets by name: a group's `sockets` are passed to
+        # each of its workers (fd 3..., LISTEN_FDS; see multibus.sockets)
+        self.sockets: dict[str, Any] = {}
 
     def start_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str]) -> None:
         """Have the manager thread exec the zygote: it preloads while the caller goes on."""
@@ -90,7 +96,7 @@ class Spawner:
         one Child, or the OSError that kept it from starting, per worker, in order."""
         programs = {name: self._spawn_program(name, spec) for name, spec in workers
                     if spec.cmd}
-        reqs, umasks = [], []
+        reqs = []
         for name, spec in workers:
             if spec.cmd:
                 continue
@@ -103,21 +109,21 @@ class Spawner:
             if self.expect is not None:
                 env[SECRET_ENV] = secret = secrets.token_hex(16)
                 self.expect(name, secret)  # before the worker can say hello
-            reqs.append((name, args, env, spec.cwd, spec.umask))
-            umasks.append(-1 if spec.umask is None else spec.umask)
+            fds = self._socket_fds(spec, env)
+            reqs.append((name, args, env, spec.cwd, spec.umask, fds))
         z = self.zygote
         forked = (z.spawn_many(reqs) if z is not None
                   else [(None, self.exec_why)] * len(reqs))
         done: dict[str, Child | OSError] = {}
-        for (name, args, env, cwd, _), umask, (child, why) in zip(reqs, umasks, forked,
-                                                                  strict=True):
+        for (name, args, env, cwd, umask, fds), (child, why) in zip(reqs, forked, strict=True):
             if child is not None:
                 child.data["launch"] = "fork"
                 done[name] = child
                 continue
             try:
                 child = self.procs.spawn(name, [self.python, "-m", "multibus.worker", *args],
-                                         env, cwd, umask=umask)
+                                         env, cwd, umask=-1 if umask is None else umask,
+                                         pass_fds=fds)
             except OSError as e:
                 done[name] = e
                 continue
@@ -154,3 +160,38 @@ class Spawner:
         child.data["launch"] = "cmd"
         child.data["program"] = True
         return child
+
+    def _socket_fds(self, spec: WorkerSpec, env: dict[str, str]) -> tuple[int, ...]:
+        """The descriptors of ``spec``'s sockets, named in ``env`` for the worker (whose
+        bootstrap moves them to 3...); no LISTEN_* of our own reaches a worker."""
+        listening.clear_listen_env(env)
+        fds = tuple(self.sockets[n].fileno() for n in spec.sockets)
+        if fds:
+            env.update(listening.listen_env(spec.sockets, fds))
+        return fds
+
+    def swap_zygote(self, zygote: ZygoteClient | None) -> ZygoteClient | None:
+        """Fork from now on with ``zygote`` (a fresh generation, see :meth:`fresh_zygote`);
+        return the one it replaces, for the caller to close or put back."""
+        old, self.zygote = self.zygote, zygote
+        return old
+
+    def fresh_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str]
+                     ) -> ZygoteClient | None:
+        """A new zygote (from the manager thread; any thread may call), which imports the
+        preloads again: what a rolling reload forks its replacements from, never the old
+        code. None if it cannot be started (workers are exec'd then)."""
+        specs, preload = list(specs), tuple(preload)
+        made: list[ZygoteClient | None] = []
+        done = threading.Event()
+
+        def start() -> None:
+            try:
+                made.append(ZygoteClient.launch(self.procs, self.python, specs, preload,
+                                                log=self.log))
+            finally:
+                done.set()
+
+        self.procs.call_soon(start)
+        done.wait(30)
+        return made[0] if made else None

@@ -16,9 +16,11 @@ from typing import Any
 
 from multibus import order
 from multibus.names import WorkerName, valid_group
+from multibus.sockets import parse_address
 
-__all__ = ["ON_FATAL", "RESTART_MODES", "SLOW_PEER_POLICIES", "SpecError", "WorkerSpec",
-           "Intensity", "parse_size", "signal_name", "check_rlimits", "resolve_ids"]
+__all__ = ["ON_FATAL", "RESTART_MODES", "SLOW_PEER_POLICIES", "SocketSpec", "SpecError",
+           "WorkerSpec", "Intensity", "parse_size", "signal_name", "check_rlimits",
+           "resolve_ids"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
 SLOW_PEER_POLICIES = ("drop", "restart")
@@ -90,6 +92,9 @@ class WorkerSpec:
     max_restarts, restart_period: this group's restart intensity (None: the supervisor's).
     on_fatal: at that intensity, 'stop-group' (it goes FATAL, the others keep running) or
         'stop-fleet' (the fleet stops, the supervisor exits 1).
+    sockets: names of the supervisor's listening sockets (``[sockets.NAME]``) its workers
+        inherit at fd 3... (LISTEN_FDS, see :mod:`multibus.sockets`).
+    max_surge: replacements a rolling reload runs ahead of the old workers (default 1).
     """
 
     name: str
@@ -118,6 +123,8 @@ class WorkerSpec:
     max_restarts: int | None = None  # None: the supervisor's Intensity
     restart_period: float | None = None
     on_fatal: str = "stop-group"
+    sockets: tuple[str, ...] = ()
+    max_surge: int = 1
 
     def __post_init__(self) -> None:
         if not valid_group(self.name):
@@ -155,6 +162,7 @@ class WorkerSpec:
                     "commands, 'main' and 'log' are never mirrored)"
                 )
         object.__setattr__(self, "channels", channels)
+        self._check_reload_keys(where)
         if not isinstance(self.env, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()
         ):
@@ -202,6 +210,16 @@ class WorkerSpec:
                             ">= 0")
         if jitter and self.max_age is None:
             raise SpecError(f"{where}: max_age_jitter needs max_age; set max_age too")
+
+    def _check_reload_keys(self, where: str) -> None:
+        """``sockets`` and ``max_surge`` (issue 17)."""
+        socks = (self.sockets,) if isinstance(self.sockets, str) else tuple(self.sockets)
+        if not all(isinstance(s, str) and s for s in socks) or len(set(socks)) != len(socks):
+            raise SpecError(f"{where}: sockets {socks!r} must be distinct socket names")
+        object.__setattr__(self, "sockets", socks)
+        surge = self.max_surge
+        if not isinstance(surge, int) or isinstance(surge, bool) or surge < 1:
+            raise SpecError(f"{where}: max_surge {surge!r} must be an integer >= 1")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> WorkerSpec:
@@ -382,6 +400,21 @@ def resolve_ids(user: Any, group: Any, where: str, *,
                         "the supervisor as that user, or make the group a cmd program")
     groups = os.getgrouplist(pw.pw_name, gid) if pw else [gid]
     return uid, gid, sorted(set(groups))
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """A listening socket the supervisor owns (``[sockets.NAME]``, :mod:`multibus.sockets`):
+    ``address`` ('host:port', '[v6]:port' or 'unix:/path'), the listen ``backlog``, and
+    ``mode`` (unix sockets: the file's permissions, e.g. 0o660)."""
+
+    name: str
+    address: str
+    backlog: int = 1024
+    mode: int | None = None
+
+    def __post_init__(self) -> None:
+        parse_address(self.address)  # ValueError says what is wrong
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from multibus import fdbudget
+from multibus import sockets as listening
 from multibus.containment import Containment
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.groupops import GroupOps
@@ -36,9 +37,10 @@ from multibus.keeper import FleetError, HubBridge, Keeper
 from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
 from multibus.recycle import Recycler
 from multibus.recycle import replace as _replace
+from multibus.reload import Reloader
 from multibus.restart import RestartPolicy
 from multibus.spawner import Spawner
-from multibus.specs import Intensity, SpecError, WorkerSpec, coerce_specs
+from multibus.specs import Intensity, SocketSpec, SpecError, WorkerSpec, coerce_specs
 
 __all__ = ["FleetError", "HubBridge", "Supervisor", "WorkerSpec", "Intensity", "SpecError"]
 
@@ -91,6 +93,7 @@ class Supervisor:
         zygote_preload: Iterable[str] = (),
         containment: str | Containment = "auto",
         config: str | None = None,
+        sockets: Iterable[SocketSpec] = (),
     ) -> None:
         self.bus = bus
         self.name = name
@@ -130,6 +133,15 @@ class Supervisor:
         self.recycler = Recycler(self)  # max_memory / max_age (a thread only if a group sets one)
         self._containment_arg = containment
         self.containment: Containment | None = None  # while subscribed
+        # [sockets.NAME]: bound in subscribe(), before any worker; closed after the last exits
+        self.socket_specs = {s.name: s for s in sockets}
+        for spec in self.specs.values():
+            for sname in spec.sockets:
+                if sname not in self.socket_specs:
+                    raise SpecError(f"worker spec {spec.name!r}: no socket {sname!r}; "
+                                    f"sockets: {', '.join(self.socket_specs) or 'none'}")
+        self.listening: dict[str, Any] = {}
+        self.reloader = Reloader(self)  # rolling reloads (multibus reload)
 
     @property
     def workers(self) -> Fleet:
@@ -156,6 +168,9 @@ class Supervisor:
             self.pidfile.start()  # refuse a second supervisor before binding anything
             self.pidfile.subscribe()
         try:
+            self.listening = listening.bind_all(self.socket_specs.values())
+            for sname, sock in self.listening.items():
+                self.log(f"socket {sname} listening on {listening.bound_address(sock)}")
             if self.subreaper:
                 set_child_subreaper()
             arg = self._containment_arg
@@ -174,6 +189,7 @@ class Supervisor:
                 self.spawner.exec_why = "zygote needs subreaper=True"
             self.bridge = self._make_bridge()
             self.spawner.expect = self.bridge.expect  # each worker proves a secret in its hello
+            self.spawner.sockets = self.listening
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:
                 self.spawner.start_zygote(self.specs.values(), self.zygote_preload)
@@ -228,6 +244,7 @@ class Supervisor:
         self._release_containment()
         if self.procs is not None:
             self.procs.close()
+        listening.close_all(self.listening.values())
         if self.pidfile is not None:
             self.pidfile.exit()
             self.pidfile.unsubscribe()
@@ -405,6 +422,7 @@ class Supervisor:
         self._release_containment()  # what the workers left behind: killed, each logged
         if self.procs is not None:
             self.procs.close()
+        listening.close_all(self.listening.values())  # the last worker is gone
         self.keeper.changed()
         if self.killed:  # a failure was logged when it happened: only the kills are news
             n = len(self.killed)

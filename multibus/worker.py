@@ -3,7 +3,9 @@
 Order matters and is the point of this module:
 
 1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, then exit if the parent pid we were given is no longer
-   our parent (it died before the prctl took effect). Nothing else is imported first.
+   our parent (it died before the prctl took effect). Nothing else is imported first. Then
+   the group's listening sockets go to fd 3... with ``LISTEN_PID`` = our pid
+   (:func:`multibus.sockets.adopt`), before anything else opens a descriptor.
 2. Build a Bus, load the target (``package.module:callable`` called with the bus so it can
    subscribe its plugins, and return) — *before* connecting, so the supervisor's 'start' can
    never reach a bus whose plugins are not subscribed yet. What the target logs on the bus
@@ -250,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write("multibus.worker: --parent-pid needs a pid\n")
             return EXIT_USAGE
     die_with_parent(parent_pid)
+    from multibus.sockets import adopt
+
+    adopt()  # its group's listening sockets to fd 3..., LISTEN_PID: before any user code
     import multibus.fastexit  # noqa: F401 - for run(); an import while exiting costs ~0.4 ms
     opts = _parse(args)
     name = str(opts["name"])

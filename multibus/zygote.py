@@ -10,7 +10,8 @@ The rules that make forking safe, and keep the process rules of ``docs/design.md
 - the zygote never creates a zmq Context and stays single-threaded (it refuses to serve if a
   preloaded module started a thread); it has ``PDEATHSIG=SIGKILL`` towards the supervisor;
 - requests come over a SOCK_SEQPACKET socket pair: JSON (never pickle) plus the worker's
-  stdout/stderr pipe ends as SCM_RIGHTS fds; the reply is the worker's pid;
+  stdout/stderr pipe ends as SCM_RIGHTS fds, then its group's listening sockets (placed at
+  fd 3... in the worker, :mod:`multibus.sockets`); the reply is the worker's pid;
 - the zygote forks an intermediate that forks the worker and exits at once, so the worker is
   re-parented to the supervisor (a child subreaper), which then owns its wait (pidfd) as for
   an exec'd worker; the zygote reaps only the intermediate;
@@ -49,6 +50,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from multibus.sockets import FDS_ENV, MAX_SOCKETS, place_fds
 from multibus.worker import worker_env
 
 if TYPE_CHECKING:
@@ -249,9 +251,12 @@ def _become_worker(sock: socket.socket, req: dict[str, Any], fds: list[int],
         os.dup2(null, 0)
         os.dup2(fds[0], 1)
         os.dup2(fds[1], 2)
-        os.closerange(3, 1 << 16)  # nothing of the zygote's leaks into the worker
+        socks = place_fds(fds[2:]) if len(fds) > 2 else []  # its group's sockets: fd 3...
+        os.closerange(3 + len(socks), 1 << 16)  # nothing of the zygote's leaks into the worker
         _wait_reparented(intermediate)
         env = dict(req["env"])
+        if socks:
+            env[FDS_ENV] = ",".join(map(str, socks))  # where they are now (adopt() reads it)
         for key, value in INHERITED["startup_env"].items():
             if env.get(key) == INHERITED["environ"].get(key):
                 env[key] = value  # the same start-up input: an exec would add the same
@@ -352,20 +357,23 @@ def _read_batch(sock: socket.socket) -> tuple[list[tuple[dict[str, Any], list[in
     while len(batch) < BATCH:
         if batch and not select.select([sock], [], [], 0)[0]:
             break  # (recv_fds ignores its flags: no MSG_DONTWAIT)
-        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2)
+        msg, fds, _flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 2 + MAX_SOCKETS)
         if not msg:
             for fd in fds:
                 os.close(fd)
             return batch, True
-        if len(fds) != 2:
+        try:
+            req = json.loads(msg)
+        except ValueError as e:
+            batch.append(({"error": f"{type(e).__name__}: {e}"}, fds))
+            continue
+        want = 2 + int(req.get("fds", 0))  # stdout, stderr, then its group's sockets
+        if len(fds) != want:
             for fd in fds:
                 os.close(fd)
-            batch.append(({"error": f"expected 2 fds, got {len(fds)}"}, []))
+            batch.append(({"error": f"expected {want} fds, got {len(fds)}"}, []))
         else:
-            try:
-                batch.append((json.loads(msg), fds))
-            except ValueError as e:
-                batch.append(({"error": f"{type(e).__name__}: {e}"}, fds))
+            batch.append((req, fds))
     return batch, False
 
 
@@ -553,17 +561,18 @@ class ZygoteClient:
         return json.loads(msg)
 
     def spawn(self, name: str, args: list[str], env: dict[str, str],
-              cwd: str | None, umask: int | None = None) -> Any:
+              cwd: str | None, umask: int | None = None, fds: tuple[int, ...] = ()) -> Any:
         """Fork worker ``name`` running ``multibus.worker`` with ``args``; None: exec it
-        (:attr:`failure` says why). ``umask``: its group's (None: the supervisor's)."""
-        child, self.failure = self.spawn_many([(name, args, env, cwd, umask)])[0]
+        (:attr:`failure` says why). ``umask``: its group's (None: the supervisor's); ``fds``:
+        its listening sockets."""
+        child, self.failure = self.spawn_many([(name, args, env, cwd, umask, fds)])[0]
         return child
 
-    def spawn_many(self, requests: list[tuple[str, list[str], dict[str, str], str | None,
-                                              int | None]],
+    def spawn_many(self, requests: list[tuple[Any, ...]],
                    window: int = WINDOW) -> list[tuple[Any, str]]:
-        """Fork a worker for each ``(name, args, env, cwd, umask)``, pipelined: up to ``window``
-        requests are in flight, so the zygote forks the next while we register the last.
+        """Fork a worker for each ``(name, args, env, cwd, umask, socket fds)``, pipelined: up
+        to ``window`` requests are in flight, so the zygote forks the next while we register
+        the last.
         One ``(child, failure)`` per request, in order; child None: exec it, failure why."""
         out: list[tuple[Any, str]] = []
         sent: list[tuple[str, Any]] = []  # (name, what _collect needs), oldest first
@@ -582,7 +591,8 @@ class ZygoteClient:
         return out
 
     def _request(self, name: str, args: list[str], env: dict[str, str],
-                 cwd: str | None, umask: int | None = None) -> tuple[int, int, list[str]] | None:
+                 cwd: str | None, umask: int | None = None, fds: tuple[int, ...] = ()
+                 ) -> tuple[int, int, list[str]] | None:
         """Send one fork request: (stdout fd, stderr fd, argv) to collect, or None (exec:
         :attr:`failure` says why)."""
         if self.dead or self.sock is None:
@@ -607,10 +617,10 @@ class ZygoteClient:
         argv = [self.python, "-m", "multibus.worker", *args]
         req = {"args": args, "env": env, "cwd": cwd,
                "umask": state["umask"] if umask is None else umask,
-               "rlimits": state["rlimits"], "orig_argv": argv}
+               "rlimits": state["rlimits"], "orig_argv": argv, "fds": len(fds)}
         try:
             self.sock.settimeout(REPLY_TIMEOUT)
-            socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w])
+            socket.send_fds(self.sock, [json.dumps(req).encode()], [out_w, err_w, *fds])
         except OSError as e:
             os.close(out_r)
             os.close(err_r)

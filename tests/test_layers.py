@@ -15,13 +15,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "multibus"
 # every module in it.
 LAYERS: list[tuple[str, ...]] = [
     ("wakeup", "names", "lockfile", "rundir", "fastexit", "systemd", "logview", "logring",
-     "logprinter", "fdbudget", "logfiles", "containment", "guardian", "readiness", "targets"),
+     "logprinter", "fdbudget", "logfiles", "containment", "guardian", "readiness", "targets",
+     "sockets"),
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
     ("order", "specs", "restart", "procs", "zygote", "worker", "launcher"),
     ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor", "recycle",
-     "programs", "hostconf"),
+     "programs", "reload", "hostconf"),
     ("commands", "opqueue", "control", "upstream", "downstream"),
     ("runner", "cli", "__main__"),
 ]

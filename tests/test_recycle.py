@@ -73,6 +73,28 @@ def test_max_age_replaces_each_worker_after_that_long(tmp_path):
     assert "lost contact" not in text
 
 
+@pytest.mark.timeout(90)
+def test_a_worker_on_shared_sockets_is_replaced_surge_first(tmp_path):
+    """With shared sockets the replacement is STARTED before the old worker is asked to
+    stop (a rolling reload's step): the group never runs short."""
+    name = unique("rs")
+    path = tmp_path / "fleet.toml"
+    path.write_text(f'[supervisor]\nname = "{name}"\npythonpath = ["{ROOT / "tests"}"]\n\n'
+                    '[sockets.s]\naddress = "127.0.0.1:0"\n\n'
+                    '[groups.w]\ntarget = "targets.jobs:job"\nsockets = ["s"]\n'
+                    'max_age = 1\nmax_age_jitter = 0\n')
+    with running(str(path)) as (proc, log):
+        first = wait_for(lambda: all_started(name, 1), 30, "the worker STARTED")
+        old = first["workers"][0]["pid"]
+        text = wait_for(lambda: (t := output(log)) and "replaced (max_age)" in t and t, 30,
+                        "a replacement after max_age, logged")
+    m = re.search(r"w\.0 replaced \(max_age\): pid (\d+) -> (\d+) \((w\.\d+)\)", text)
+    assert m and int(m[1]) == old != int(m[2]) and m[3] != "w.0", text
+    started = text.index(f"{m[3]} STARTED")  # the reload step's line: new one up ...
+    assert started < text.index("replaced (max_age)")  # ... before the old one was let go
+    assert "lost contact" not in text
+
+
 def test_recycling_keys_are_checked():
     with pytest.raises(SpecError, match="max_age_jitter needs max_age"):
         WorkerSpec(name="w", target="m:f", max_age_jitter=5)

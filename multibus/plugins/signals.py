@@ -31,6 +31,10 @@ what an interrupt means beyond "publish the channel".
 - ``abort_start``: these signals, while the bus is STARTING, raise KeyboardInterrupt in the main
   thread, which is inside ``bus.start()`` waiting for workers; ``Bus.start`` then exits the bus.
   The deferred transition would otherwise wait up to ``start_timeout`` behind the start.
+- ``interrupt_op``: called inside the handler by the ``abort_start`` signals when the bus is
+  past STARTING, so that a long operation on the main thread (a rolling reload) stops at its
+  next step instead of delaying the deferred stop by its whole length. Handler rules apply:
+  set a flag and wake a loop (e.g. ``CallQueue.call_soon``), take no lock, do not log.
 - ``interrupt_again``: called by a SIGINT that arrives while the bus is already exiting (the
   second Ctrl-C), e.g. ``Supervisor.kill_all``. It runs inside the handler, so it must not log
   (a log listener holding a lock in this thread would deadlock); ``interrupt_again_message``
@@ -85,10 +89,12 @@ class SignalHandler:
     interrupt_again_message = "interrupted again: killed every worker"
 
     def __init__(self, bus: Any, *, abort_start: Iterable[SignalSpec] = (),
-                 interrupt_again: Callable[[], Any] | None = None) -> None:
+                 interrupt_again: Callable[[], Any] | None = None,
+                 interrupt_op: Callable[[str], Any] | None = None) -> None:
         self.bus = bus
         self.abort_start = frozenset(_signum(s) for s in abort_start)
         self.interrupt_again = interrupt_again
+        self.interrupt_op = interrupt_op
         self.handlers: dict[str, Callable[[], Any]] = {
             "SIGTERM": bus.exit,
             "SIGHUP": self.handle_SIGHUP,
@@ -255,6 +261,8 @@ class SignalHandler:
         states = getattr(self.bus, "states", None)
         if signum in self.abort_start and states is not None and state is states.STARTING:
             raise KeyboardInterrupt(f"{self.signals.get(signum, signum)} while starting")
+        if signum in self.abort_start and self.interrupt_op is not None:
+            self.interrupt_op(self.signals.get(signum, str(signum)))
         if signum == _signal.SIGINT:
             exiting = getattr(self.bus, "exiting", False) or (
                 states is not None and state is states.EXITING)
