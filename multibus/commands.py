@@ -529,10 +529,11 @@ class Reload(Command):
 
     name = "reload"
     schema = {"groups": lambda v: isinstance(v, list) and len(v) <= 64
-              and all(valid_group(g) for g in v)}
+              and all(valid_group(g) or is_host_target(g) for g in v)}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
-        unknown = [g for g in req["groups"] if g not in ctl.sup.specs]
+        _targets(ctl, [g for g in req["groups"] if is_host_target(g)])  # HOST:GROUP: theirs
+        unknown = [g for g in req["groups"] if g not in ctl.sup.specs and not is_host_target(g)]
         if unknown:
             raise ControlError(f"no group {unknown[0]!r}; groups: {', '.join(ctl.sup.specs)}")
         return _queued(ctl, ctl.queue("reload", groups=list(dict.fromkeys(req["groups"]))))

@@ -7,8 +7,9 @@ lifecycle is the bridge's desired state: the parent bus's ``start``, ``stop`` an
 command every host (and every host that joins later) and wait until each connected host's
 link reports the state, i.e. until its fleet got there. On Ctrl-C the parent's stop (which
 opens an exit) tells every host to exit at once, waits until each has left, then stops its
-own workers. ``graceful``, targeted ops (``HOST:GROUP``, ``HOST:GROUP.N``) and ``scale
-HOST:GROUP N`` are requests on the mirrored ``hosts.op`` channel, answered on ``hosts.done``.
+own workers. ``graceful``, targeted ops (``HOST:GROUP``, ``HOST:GROUP.N``), ``scale
+HOST:GROUP N`` and ``reload [HOST:GROUP...]`` are requests on the mirrored ``hosts.op``
+channel, answered on ``hosts.done``.
 
 Each host reports its status on ``hosts.status``; :meth:`Downstream.extend_status` adds it to
 the parent's status document: a ``hosts`` list (name, state: the host's fleet state or
@@ -256,7 +257,9 @@ class Downstream:
 
     def routes(self, op: Any) -> bool:
         """Whether op goes (partly) to hosts: a HOST:TARGET, or scale HOST:GROUP."""
-        names = op.args.get("targets") or [op.args.get("group")]
+        if op.action == "reload" and not op.args.get("groups"):
+            return bool(self._connected())  # every group here and on every host
+        names = op.args.get("targets") or op.args.get("groups") or [op.args.get("group")]
         return any(isinstance(n, str) and split_host(n)[0] for n in names)
 
     def perform(self, ctl: Any, state: str, op: Any) -> str | None:
@@ -268,6 +271,20 @@ class Downstream:
         if op.action == "scale":
             host, group = split_host(args["group"])
             asks[host] = ("scale", {"group": group, "count": args["count"]})
+        elif op.action == "reload":  # rolling reload: groups here, HOST:GROUPs there
+            groups = args.get("groups") or []
+            local, remote = [g for g in groups if not split_host(g)[0]], {}
+            for g in groups:
+                host, rest = split_host(g)
+                if host is not None:
+                    remote.setdefault(host, []).append(rest)
+            if not groups:
+                remote = {h.name: [] for h in self._connected()}
+            asks = {h: ("reload", {"groups": gs}) for h, gs in remote.items()}
+            if local or not groups:
+                note = TRANSITIONS["reload"].perform(ctl, state, {"groups": local})
+                if note:
+                    notes.append(note)
         else:
             local, remote = [], {}
             for t in args["targets"]:
