@@ -45,14 +45,15 @@ OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
 
 
 class _LinkBus(Bus):
-    """The link's bus: its transitions are the parent's commands; its own log lines
-    ("Bus STARTED"...) would only repeat this supervisor's, so it logs nothing. A link that
-    was replaced or closed is ``retired``: its bus exits without doing anything here."""
+    """The link's bus: its transitions are the parent's commands. Its own log lines ("Bus
+    STARTED"...) only repeat this supervisor's, so they go up at debug level, as "link ...":
+    the bridge reports a state change to the parent as it sends the line that says it. A
+    link that was replaced or closed is ``retired``: its bus exits doing nothing here."""
 
     retired = False
 
     def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
-        pass
+        self.publish("log", f"link: {msg}", 10)
 
 
 class Upstream:
