@@ -10,6 +10,8 @@
     multibus apply [FILE]
     multibus reload [GROUP...]
     multibus logs [-f] [GROUP]
+    multibus keygen NAME [--dir DIR]
+    multibus run FILE.toml --join tcp://HOST:PORT   (a child of a parent supervisor)
     multibus --version
 
 This module only parses argv. ``run`` loads and checks the fleet, then calls
@@ -92,6 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.exec and (args.zygote or args.preload or cfg.zygote_preload):
             raise ConfigError("--exec: cannot be combined with --zygote, --preload or the "
                               "fleet file's zygote_preload; drop one of them")
+        cfg = _joining(cfg, args.join)
         check_targets(cfg)
     except ConfigError as e:
         say_error(str(e))
@@ -107,6 +110,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FleetRefused as e:
         say_error(str(e))
         return e.code
+
+
+def _joining(cfg: FleetConfig, join: str | None) -> FleetConfig:
+    """``run --join ADDRESS``: the [upstream] table's address (its keys stay the file's)."""
+    up = cfg.upstream
+    if join is not None:
+        if up is None:
+            raise ConfigError(f"--join {join}: needs an [upstream] table in the fleet file "
+                              "with this host's key and the parent's server_key")
+        from multibus.transport.endpoints import EndpointError, Endpoints
+
+        try:
+            if not Endpoints.parse(join).is_network or "*" in join:
+                raise EndpointError("not tcp")
+        except EndpointError:
+            raise ConfigError(f"--join {join!r}: expected tcp://HOST:PORT") from None
+        return replace(cfg, upstream=replace(up, address=join))
+    if up is not None and up.address is None:
+        raise ConfigError(f"{cfg.source}: upstream.address: missing; set it, or run with "
+                          "--join tcp://HOST:PORT")
+    return cfg
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """``multibus keygen NAME``: DIR/NAME.key (public) and DIR/NAME.key_secret (0600)."""
+    from multibus.transport.endpoints import EndpointError
+    from multibus.transport.keys import load_keys, make_keys
+
+    try:
+        public, secret = make_keys(args.dir, args.key_name)
+    except EndpointError as e:
+        say_error(f"keygen: {e}".replace("pass --force to replace it", "remove it first"))
+        return EXIT_USAGE
+    print(f"{public}: public key {load_keys(public).public.decode()} (give it to the "
+          f"other side)\n{secret}: secret key (mode 0600, keep it here)")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- control commands
@@ -195,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="have that process import MODULE once, e.g. your worker module, "
                      "instead of each worker (repeatable)")
 
+    run.add_argument("--join", metavar="ADDRESS", default=None,
+                     help="join the parent supervisor at tcp://HOST:PORT (the fleet file's "
+                     "[upstream] gives the keys)")
+    keygen = sub.add_parser("keygen", help="write a CURVE key pair for several hosts",
+                            description="Write DIR/NAME.key (public: give it to the other "
+                            "side) and DIR/NAME.key_secret (mode 0600). Never overwrites.")
+    keygen.add_argument("key_name", metavar="NAME")
+    keygen.add_argument("--dir", default=".", metavar="DIR",
+                        help="where to write them (default: the current directory)")
+
     for command in COMMANDS.values():
         command.add_parsers(sub, ctl, waiting)
     return ap
@@ -212,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "keygen":
+            return cmd_keygen(args)
         return int(args.control.run(args, lambda: _client(args)))
     except NotRunning as e:
         say_error(str(e))

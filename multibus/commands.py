@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 from multibus import fdbudget
 from multibus.bus import state_name
 from multibus.names import WorkerName, valid_group
-from multibus.targets import is_targets, only, parse_signal, unknown
+from multibus.targets import is_host_target, is_targets, only, parse_signal, qualified, unknown
 
 __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
            "TRANSITIONS", "format_status", "say_error", "state_of"]
@@ -72,7 +72,9 @@ def state_of(bus: Any) -> str:
 def _targets(ctl: Any, targets: list[str]) -> list[str]:
     """``targets`` without repeats, in a stable order (so the same ops coalesce); a
     ControlError names an unknown group or worker, as `scale` does."""
-    why = unknown(targets, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
+    hosts = getattr(ctl, "hosts", None)  # a parent of hosts: HOST:TARGETs are theirs
+    local = targets if hosts is None else hosts.check_targets(targets)
+    why = unknown(local, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
     if why:
         raise ControlError(why)
     return sorted(set(targets))
@@ -283,8 +285,8 @@ class Status(Command):
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         st = connect().status()
         if args.targets:
-            why = unknown(args.targets, [g["name"] for g in st["groups"]],
-                          lambda: {w["name"] for w in st["workers"]})
+            why = unknown(args.targets, [qualified(g, "name") for g in st["groups"]],
+                          lambda: {qualified(w, "name") for w in st["workers"]})
             if why:
                 say_error(why)
                 return EXIT_FAIL
@@ -398,10 +400,14 @@ class Apply(Command):
 
 class Scale(Command):
     name = "scale"
-    schema = {"group": valid_group, "count": lambda v: is_int(v, 0, 10_000)}
+    schema = {"group": lambda v: valid_group(v) or is_host_target(v),
+              "count": lambda v: is_int(v, 0, 10_000)}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
         group = req["group"]
+        if is_host_target(group):  # HOST:GROUP, on a parent of hosts: that host's to check
+            _targets(ctl, [group])
+            return _queued(ctl, ctl.queue("scale", group=group, count=req["count"]))
         if group not in ctl.sup.specs:
             raise ControlError(f"no group {group!r}; groups: {', '.join(ctl.sup.specs)}")
         total = sum(n for g, n in ctl.counts.items() if g != group) + req["count"]
@@ -523,10 +529,11 @@ class Reload(Command):
 
     name = "reload"
     schema = {"groups": lambda v: isinstance(v, list) and len(v) <= 64
-              and all(valid_group(g) for g in v)}
+              and all(valid_group(g) or is_host_target(g) for g in v)}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
-        unknown = [g for g in req["groups"] if g not in ctl.sup.specs]
+        _targets(ctl, [g for g in req["groups"] if is_host_target(g)])  # HOST:GROUP: theirs
+        unknown = [g for g in req["groups"] if g not in ctl.sup.specs and not is_host_target(g)]
         if unknown:
             raise ControlError(f"no group {unknown[0]!r}; groups: {', '.join(ctl.sup.specs)}")
         return _queued(ctl, ctl.queue("reload", groups=list(dict.fromkeys(req["groups"]))))
@@ -641,10 +648,15 @@ def format_status(st: dict[str, Any]) -> str:
     for op in st["queue"]:
         lines.append(f"  {op['state']}: {op['action']}"
                      + (f" {op['args']}" if op["args"] else ""))
+    for h in st.get("hosts", ()):  # a parent of hosts: each host's own state
+        lines.append(f"  host {h['name']}: {h['state']}" + (
+            f" (last seen {_duration(h['last_seen'])} ago: {h['lost']})"
+            if h["state"] == "LOST" else f", {h['workers']} workers")
+            + (f"; {h['error']}" if h.get("error") else ""))
     for g in st.get("groups", ()):  # a group not as the fleet is: FATAL, or stopped alone
         gstate = g.get("state")
         if gstate and (gstate != st["state"] or g.get("error")):
-            lines.append(f"  group {g['name']}: {gstate}"
+            lines.append(f"  group {qualified(g, 'name')}: {gstate}"
                          + (f": {g['error']}" if g.get("error") else ""))
     for g in st.get("groups") or ():  # once reloaded: its code generation, old/new workers
         if g.get("generation"):
@@ -652,10 +664,12 @@ def format_status(st: dict[str, Any]) -> str:
                          f"worker{'s' if g['new'] != 1 else ''} on it, {g['old']} on older")
     # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
     launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
-    rows = [("GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")
+    hosts = "hosts" in st  # a HOST column: this supervisor's own rows show its name
+    rows = [(("HOST",) if hosts else ()) + (
+            "GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")
             + (("LAUNCH",) if launch else ())]
     for w in st["workers"]:
-        rows.append((
+        rows.append(((w.get("host") or st["name"],) if hosts else ()) + (
             w["group"], w["name"], str(w["pid"] or "-"),
             w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else "")
             + (" (stuck)" if w.get("stuck") else ""),

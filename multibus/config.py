@@ -70,6 +70,7 @@ from typing import Any
 
 from multibus import order
 from multibus.containment import MODES
+from multibus.hostconf import DownstreamConfig, UpstreamConfig, parse_downstream, parse_upstream
 from multibus.logfiles import LogFile
 from multibus.names import check_name
 from multibus.specs import (
@@ -125,6 +126,8 @@ class FleetConfig:
     containment: str = "auto"  # auto | cgroup | scan | none (multibus.containment)
     path: str | None = None  # the file's absolute path (`multibus apply` re-reads it)
     sockets: tuple[SocketSpec, ...] = ()  # [sockets.NAME] (Supervisor(sockets=...))
+    upstream: UpstreamConfig | None = None  # [upstream]: join a parent (multibus.hostconf)
+    downstream: DownstreamConfig | None = None  # [downstream]: take child supervisors
 
     @property
     def default_group(self) -> str | None:
@@ -285,7 +288,7 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
     """Validate parsed TOML data (relative paths are relative to ``base``, default: cwd)."""
     c = _Checker(source)
     base = base or Path.cwd()
-    c.keys("", data, ("supervisor", "groups", "sockets"))
+    c.keys("", data, ("supervisor", "groups", "sockets", "upstream", "downstream"))
     sup = c.table("supervisor", data.get("supervisor", {}))
     c.keys("supervisor", sup, SUPERVISOR_KEYS + LOG_FILE_KEYS)
 
@@ -325,11 +328,14 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
 
     containment = c.choice("supervisor.containment", sup.get("containment", "auto"), MODES)
 
-    if "groups" not in data:
+    hosts = {k: parse(c, c.table(k, data[k]), base) for k, parse in (
+        ("upstream", parse_upstream), ("downstream", parse_downstream)) if k in data}
+    parent_only = "downstream" in hosts  # a parent of hosts needs no local group
+    if "groups" not in data and not parent_only:
         raise ConfigError(f"{source}: groups: missing; add at least one [groups.NAME] table "
                           "with a target")
-    groups = c.table("groups", data["groups"])
-    if not groups:
+    groups = c.table("groups", data.get("groups", {}))
+    if not groups and not parent_only:
         raise ConfigError(f"{source}: groups: empty; add at least one [groups.NAME] table "
                           "with a target")
     log_default = _log_file(c, "supervisor", sup, base, LogFile(""))
@@ -385,11 +391,12 @@ def from_mapping(data: Mapping[str, Any], *, source: str = "<config>",
         order.check({s.name: s.after for s in specs})
     except order.OrderError as e:
         raise ConfigError(f"{source}: {e}") from None
+    zygote = zygote and bool(specs)  # a parent of hosts only has nothing to fork
     return FleetConfig(specs, name, pidfile, term_timeout, intensity, log_level, log_format,
                        source, zygote, preload,
                        log_file=log_default if log_default.path else None,
                        group_log_files=group_logs, containment=containment,
-                       sockets=tuple(sockets.values()))
+                       sockets=tuple(sockets.values()), **hosts)
 
 
 def _size(c: _Checker, key: str, value: Any) -> int:

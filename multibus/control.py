@@ -206,6 +206,8 @@ class Control:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._subscribed = False
+        self.hosts: Any = None  # a parent of hosts: its multibus.downstream.Downstream
+        self._status_lock = threading.Lock()  # status() from the upstream reporter too
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -298,6 +300,8 @@ class Control:
         state = state_of(self.bus)
         if state == "EXITING":
             raise ControlError("the supervisor is exiting")
+        if self.hosts is not None and self.hosts.routes(op):  # HOST:TARGETs: theirs
+            return self.hosts.perform(self, state, op)
         return TRANSITIONS[op.action].perform(self, state, op.args)
 
     # -- status ---------------------------------------------------------------------------
@@ -326,6 +330,15 @@ class Control:
         return round(cpu, 1), int(fields[21]) * _PAGE
 
     def status(self) -> dict[str, Any]:
+        """The status document (see :meth:`_status`), from any thread; on a parent of hosts
+        with a ``hosts`` list and their groups and workers (each with ``host``)."""
+        with self._status_lock:
+            st = self._status()
+        if self.hosts is not None:
+            self.hosts.extend_status(st)
+        return st
+
+    def _status(self) -> dict[str, Any]:
         """The status document (stable keys; new keys may be added, none removed)::
 
             {"version": 1, "name", "pid", "state" (supervisor bus), "uptime",

@@ -191,6 +191,21 @@ def run_fleet(
             if closing is not None:
                 closing.close()
         raise FleetRefused(str(e), EXIT_FAIL) from e
+    try:  # several hosts (multibus.downstream / multibus.upstream)
+        if cfg.downstream is not None:
+            from multibus.downstream import Downstream
+
+            control.hosts = Downstream(bus, cfg.downstream, cfg.name).subscribe()
+        if cfg.upstream is not None:
+            from multibus.upstream import Upstream
+
+            Upstream(bus, control, cfg.upstream, cfg.upstream.host or cfg.name).subscribe()
+    except Exception as e:  # noqa: BLE001 - the port is taken, a bad address...
+        bus.exit()
+        for closing in (printer, files):
+            if closing is not None:
+                closing.close()
+        raise FleetRefused(f"cannot start supervisor {cfg.name!r}: {e}", EXIT_FAIL) from e
     if files is not None:
         files.pid_of = sup.pid_of
     # max_memory / max_age replacements are ops, serialized with the user's commands

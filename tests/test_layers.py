@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("transport",),
     ("order", "specs", "restart", "procs", "zygote", "zygoteclient", "worker", "launcher"),
     ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor", "recycle",
-     "programs", "reload"),
-    ("commands", "opqueue", "control"),
+     "programs", "reload", "hostconf"),
+    ("commands", "opqueue", "control", "upstream", "downstream"),
     ("runner", "cli", "__main__"),
 ]
 

@@ -1,0 +1,152 @@
+"""Several hosts (issue 19): 8 network namespaces x 25 workers under a parent, against the
+same 200 workers under one local supervisor.
+
+    sudo python benchmarks/bench_hosts.py [--hosts 8] [--workers 25] [--rounds 3]
+
+Measures, for each set-up: cold ready (supervisors launched -> every worker STARTED, as the
+parent's status shows), and through the control socket: ``stop``, ``start`` (ready again,
+fleet-wide) and ``graceful`` (each op until done, median of ``--rounds``), and ``status``
+latency (median of 20). Prints a table with the ratio hosts/local (target: <= 1.5).
+Root only (network namespaces, see tests/netns.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from netns import Hosts, free_port, multibus, skip_reason, supervisor  # noqa: E402
+
+from multibus.control import ControlClient, ControlError  # noqa: E402
+
+
+def keygen(keys: Path, name: str) -> None:
+    from multibus.transport.keys import make_keys
+
+    make_keys(keys, name)
+
+
+def wait_started(name: str, n: int, timeout: float = 120) -> float:
+    t0 = time.monotonic()
+    client = ControlClient(name)
+    while time.monotonic() - t0 < timeout:
+        with contextlib.suppress(ControlError):
+            st = client.status()
+            if sum(w["state"] == "STARTED" for w in st["workers"]) == n:
+                return time.monotonic() - t0
+        time.sleep(0.05)
+    with contextlib.suppress(ControlError):
+        st = client.status()
+        print(st.get("hosts"), [(w.get("host"), w["state"]) for w in st["workers"]][:20])
+    raise RuntimeError(f"{name}: {n} workers not STARTED within {timeout}s")
+
+
+def op_time(name: str, action: str) -> float:
+    client = ControlClient(name, timeout=30)
+    t0 = time.monotonic()
+    done = client.wait_op(int(client.op(action)["op"]), 300, poll=0.01)
+    if done["state"] != "done":
+        raise RuntimeError(f"{action}: {done}")
+    return time.monotonic() - t0
+
+
+def measure(name: str, n: int, rounds: int) -> dict[str, float]:
+    out: dict[str, list[float]] = {"stop": [], "start": [], "graceful": []}
+    for _ in range(rounds):
+        out["stop"].append(op_time(name, "stop"))
+        out["start"].append(op_time(name, "start"))
+        wait_started(name, n)
+        out["graceful"].append(op_time(name, "graceful"))
+    client = ControlClient(name)
+    lat = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        client.status()
+        lat.append(time.perf_counter() - t0)
+    res = {k: statistics.median(v) for k, v in out.items()}
+    res["status"] = statistics.median(lat)
+    return res
+
+
+def local(tmp: Path, n: int, rounds: int) -> dict[str, float]:
+    name = f"bhl{os.getpid()}"
+    f = tmp / "local.toml"
+    f.write_text(f'[supervisor]\nname = "{name}"\npythonpath = ["{ROOT / "tests"}"]\n'
+                 f'[groups.job]\ntarget = "targets.hostjobs:job"\ncount = {n}\n')
+    t0 = time.monotonic()
+    with supervisor(multibus("run", str(f))):
+        wait_started(name, n)
+        res = {"ready": time.monotonic() - t0, **measure(name, n, rounds)}
+    return res
+
+
+def hosts(tmp: Path, h: int, per: int, rounds: int) -> dict[str, float]:
+    name = f"bhp{os.getpid()}"
+    keys = tmp / "keys"
+    keygen(keys, "parent")
+    names = [f"{name}h{i}" for i in range(h)]
+    for hn in names:
+        keygen(keys, hn)
+    port = free_port()
+    allow = ", ".join(f'"keys/{hn}.key"' for hn in names)
+    (tmp / "parent.toml").write_text(
+        f'[supervisor]\nname = "{name}"\n[downstream]\nlisten = "tcp://0.0.0.0:{port}"\n'
+        f'key = "keys/parent.key_secret"\nallow = [{allow}]\n')
+    ns = Hosts(h)
+    try:
+        with contextlib.ExitStack() as stack:
+            t0 = time.monotonic()
+            stack.enter_context(supervisor(multibus("run", str(tmp / "parent.toml"))))
+            for i, hn in enumerate(names):
+                f = tmp / f"{hn}.toml"
+                f.write_text(f'[supervisor]\nname = "{hn}"\npythonpath = ["{ROOT / "tests"}"]\n'
+                             f'[upstream]\nkey = "keys/{hn}.key_secret"\n'
+                             f'server_key = "keys/parent.key"\n'
+                             f'[groups.job]\ntarget = "targets.hostjobs:job"\ncount = {per}\n')
+                join = f"tcp://{ns.parent_ip(i)}:{port}"
+                stack.enter_context(supervisor(ns.argv(i, multibus("run", str(f), "--join",
+                                                                   join))))
+            wait_started(name, h * per)
+            return {"ready": time.monotonic() - t0, **measure(name, h * per, rounds)}
+    finally:
+        ns.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hosts", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=25, help="per host")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    why = skip_reason()
+    if why:
+        print(f"bench_hosts: {why}", file=sys.stderr)
+        return 2
+    n = args.hosts * args.workers
+    with tempfile.TemporaryDirectory(prefix="bench-hosts-") as d:
+        os.environ.setdefault("XDG_RUNTIME_DIR", d)
+        lo = local(Path(d), n, args.rounds)
+        hi = hosts(Path(d), args.hosts, args.workers, args.rounds)
+    print(f"\n{n} workers: one local supervisor vs {args.hosts} hosts (network namespaces) x "
+          f"{args.workers} under a parent; medians of {args.rounds} rounds (status: of 20)\n")
+    print(f"{'':24}{'local':>10}{'hosts':>10}{'ratio':>8}")
+    for key, label in (("ready", "cold ready (s)"), ("start", "start, fleet-wide (s)"),
+                       ("graceful", "graceful (s)"), ("stop", "stop (s)"),
+                       ("status", "status latency (ms)")):
+        scale = 1000 if key == "status" else 1
+        a, b = lo[key] * scale, hi[key] * scale
+        print(f"{label:24}{a:10.3f}{b:10.3f}{b / a:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

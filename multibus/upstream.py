@@ -1,0 +1,291 @@
+"""A child supervisor's link to its parent (``[upstream]``, ``multibus run --join``).
+
+The link is a peer-role :class:`~multibus.transport.Bridge` over tcp + CURVE, named by the
+host, on a small bus of its own (the *link bus*), not on the supervisor's: its lifecycle is
+the parent's desired state for this host. The parent's ``start``/``stop``/``exit`` commands
+move the link bus (epochs, sequence numbers, acks and resends are the bridge's), and its
+listeners queue the matching operation on this supervisor's op queue (so they are serialized
+with local commands) and wait for it; the link bus therefore reports STARTED/STOPPED to the
+parent only once this fleet is. ``graceful``, targeted ops and ``scale`` come as requests on
+the mirrored ``hosts.op`` channel and are answered on ``hosts.done``.
+
+Upstream this host sends its status (on the ``hosts.status`` channel: at each change of its
+state table, at most 10 times a second, and every ``REPORT_EVERY`` s) and its log records
+(at most ``LOG_RATE`` a second while joined, none while the parent is lost: the excess is
+dropped and counted, and the count said once the link is back), so its backlog is bounded.
+
+Partitions: the bridge publishes ``hub.lost`` after ``timeout`` seconds of silence (or at
+once on a disconnect, which is then given ``timeout`` to heal). ``on_upstream_lost="stop"``
+then stops the workers and opens a fresh link (a new peer epoch), so the parent's current
+desired state is applied again once it is back; ``"keep"`` runs on with the same link, which
+applies whatever the parent commanded meanwhile (a newer sequence number). Either way a
+returning child converges to the parent's desired state.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from multibus.bus import Bus
+from multibus.commands import _targets, state_of
+from multibus.hostconf import UpstreamConfig
+from multibus.transport.bridge import Bridge
+
+__all__ = ["CHANNELS", "LOG_RATE", "REPORT_EVERY", "Upstream"]
+
+#: The mirrored channels between a parent and its hosts (see multibus.downstream).
+CHANNELS = ("hosts.status", "hosts.op", "hosts.done")
+REPORT_EVERY = 2.0  # seconds between status reports when nothing changes
+REPORT_MIN = 0.1  # ... and at least this long between two
+LOG_RATE = 5000  # log records forwarded per second at most
+OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
+
+
+class _LinkBus(Bus):
+    """The link's bus: its transitions are the parent's commands. Its own log lines ("Bus
+    STARTED"...) only repeat this supervisor's, so they go up at debug level, as "link ...":
+    the bridge reports a state change to the parent as it sends the line that says it. A
+    link that was replaced or closed is ``retired``: its bus exits doing nothing here."""
+
+    retired = False
+
+    def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
+        self.publish("log", f"link: {msg}", 10)
+
+
+class Upstream:
+    """Join ``control``'s supervisor (the Control socket of this process, whose op queue
+    runs what the parent asks) to the parent in ``cfg``, as host ``host``."""
+
+    def __init__(self, bus: Any, control: Any, cfg: UpstreamConfig, host: str) -> None:
+        self.bus = bus
+        self.control = control
+        self.cfg = cfg
+        self.host = host
+        self.link: Bridge | None = None
+        self.link_bus: _LinkBus | None = None
+        self.joined = False
+        self.dropped_logs = 0
+        self._ever_joined = False
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._lost_at: float | None = None  # policy due at this monotonic time
+        self._changed = True
+        self._closing = False
+        self._gone = threading.Event()  # this fleet's workers have all exited
+        self._window = (0.0, 0)  # (second, records forwarded in it)
+        self._thread: threading.Thread | None = None
+
+    # -- plugin -----------------------------------------------------------------------
+
+    def subscribe(self) -> Upstream:
+        """Listen on the supervisor's bus; the link opens once the fleet first started."""
+        bus = self.bus
+        bus.subscribe("start", self._first_start, 101)
+        bus.subscribe("workers", self._on_workers, 50)
+        bus.subscribe("log", self._on_log, 3)
+        bus.subscribe("exit", self._on_exit, 20)  # after the Supervisor's: workers are gone
+        return self
+
+    def _first_start(self) -> None:
+        bus = self.bus
+        bus.unsubscribe("start", self._first_start)
+        self._open_link()
+        self._thread = threading.Thread(target=self._run, name=f"multibus-upstream {self.host}",
+                                        daemon=True)
+        self._thread.start()
+
+    def _on_exit(self) -> None:
+        self._gone.set()
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        self._close_link()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # -- the link ---------------------------------------------------------------------
+
+    def _open_link(self) -> None:
+        """A fresh link bus, in this fleet's state, and its bridge (a new peer epoch)."""
+        lb = _LinkBus()
+        for channel, cb in (("start", self._cmd_start), ("stop", self._cmd_stop),
+                            ("exit", self._cmd_exit)):
+            lb.subscribe(channel, lambda cb=cb: lb.retired or cb())
+        for channel, cb in (("hub.joined", self._on_joined), ("hub.lost", self._on_lost),
+                            ("hosts.op", self._on_op)):
+            lb.subscribe(channel, lambda *a, cb=cb: lb.retired or cb(*a))
+        if state_of(self.bus) == "STARTED":
+            lb.start()  # nothing to do here: the fleet is STARTED already
+        timeout = self.cfg.timeout
+        link = Bridge(lb, role="peer", name=self.host, endpoints=self.cfg.endpoints(),
+                      channels=CHANNELS, curve=self.cfg.curve, heartbeat=timeout / 4,
+                      peer_timeout=timeout)
+        self.link_bus, self.link = lb, link
+        link.subscribe()
+
+    def _close_link(self) -> None:
+        link, lb = self.link, self.link_bus
+        self.link = self.link_bus = None
+        self.joined = False
+        if link is not None and lb is not None:
+            lb.retired = True
+            link.unsubscribe()
+            lb.exit()  # EXITED, doing nothing (retired)
+
+    def _on_joined(self, parent: str = "", *args: Any) -> None:
+        with self._lock:
+            self.joined = self._ever_joined = True
+            self._lost_at = None
+            self._changed = True
+            dropped, self.dropped_logs = self.dropped_logs, 0
+            self._wake.notify_all()
+        self.bus.log(f"upstream: joined {parent or 'the parent'} at {self.cfg.address} as "
+                     f"host {self.host!r}")
+        if dropped:
+            self.bus.log(f"upstream: {dropped} log lines were not sent to the parent (it was "
+                         "lost, or they came too fast)", 30)
+
+    def _on_lost(self, reason: str = "", *args: Any) -> None:
+        grace = 0.0 if reason == "heartbeat timeout" else self.cfg.timeout
+        with self._lock:
+            self.joined = False
+            self._lost_at = time.monotonic() + grace
+            self._wake.notify_all()
+        self.bus.log(f"upstream: lost the parent at {self.cfg.address} ({reason}); "
+                     f"on_upstream_lost = {self.cfg.on_lost!r}", 30)
+
+    def _apply_policy(self) -> None:
+        """(upstream thread) The parent stayed away for ``timeout``."""
+        if self.cfg.on_lost == "keep":
+            self.bus.log("upstream: the parent is still away; workers keep running "
+                         "(on_upstream_lost = 'keep')", 30)
+            return
+        self.bus.log("upstream: the parent is still away; stopping the workers "
+                     "(on_upstream_lost = 'stop')", 30)
+        self._run_op("stop")
+        self._close_link()
+        self._open_link()  # a new epoch: the parent's desired state is applied on return
+
+    # -- what the parent asks -----------------------------------------------------------
+
+    def _run_op(self, action: str, **args: Any) -> Any:
+        """Queue ``action`` on this supervisor's op queue; return the op once it ended."""
+        op = self.control.queue(action, **args)
+        deadline = time.monotonic() + OP_TIMEOUT
+        while op.state in ("queued", "running") and time.monotonic() < deadline:
+            if self._gone.wait(0.02):
+                break
+        return op
+
+    def _transition(self, action: str, wanted: str) -> None:
+        if state_of(self.bus) == wanted and not self.control.sup.groupops.down():
+            return  # this fleet is there already
+        op = self._run_op(action)
+        if op.state == "failed":
+            raise RuntimeError(f"{action} failed on host {self.host}: {op.error}")
+
+    def _cmd_start(self) -> None:
+        self._transition("start", "STARTED")
+
+    def _cmd_stop(self) -> None:
+        if getattr(self.link_bus, "exiting", False):
+            return  # a stop on the way to exit: _cmd_exit stops and exits in one round
+        if state_of(self.bus) != "STOPPED":
+            self._transition("stop", "STOPPED")
+
+    def _cmd_exit(self) -> None:
+        if self._closing:
+            return  # this process is exiting anyway
+        self.control.queue("exit")
+        self._gone.wait(OP_TIMEOUT)  # answered once every worker has exited
+
+    def _on_op(self, host: str, op_id: int, action: str, args: dict[str, Any]) -> None:
+        """A request on 'hosts.op' (every host sees it: the parent mirrors to all)."""
+        if host != self.host:
+            return
+        threading.Thread(target=self._answer_op, args=(op_id, action, args),
+                         name=f"multibus-upstream-op {op_id}", daemon=True).start()
+
+    def _answer_op(self, op_id: int, action: str, args: dict[str, Any]) -> None:
+        try:
+            if args.get("targets"):
+                args = {**args, "targets": _targets(self.control, args["targets"])}
+            op = self._run_op(action, **args)
+            state, error, note = op.state, op.error, op.note
+        except Exception as e:  # noqa: BLE001 - a refusal (queue full): said upstream
+            state, error, note = "failed", str(e), None
+        lb = self.link_bus
+        if lb is not None:
+            self._changed = True
+            lb.publish("hosts.done", self.host, op_id, state, error, note)
+
+    # -- upstream: status and logs ------------------------------------------------------
+
+    def _on_workers(self, *args: Any) -> None:
+        with self._lock:
+            self._changed = True
+            self._wake.notify_all()
+
+    def _on_log(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
+        lb = self.link_bus
+        if lb is None or not self.joined:
+            self.dropped_logs += self._ever_joined  # before the first join: not news
+            return
+        second = int(time.monotonic())
+        start, n = self._window
+        if start != second:
+            start, n = second, 0
+        if n >= LOG_RATE:
+            self.dropped_logs += 1
+            return
+        self._window = (start, n + 1)
+        lb.publish("log", msg, level)  # the link's bridge sends its 'log' records up
+
+    def status(self) -> dict[str, Any]:
+        """What the parent shows of this host: this supervisor's status document, without
+        its local-only parts."""
+        st = self.control.status()
+        return {"state": st["state"], "pid": os.getpid(), "uptime": st["uptime"],
+                "groups": st["groups"], "workers": st["workers"],
+                "containment": st.get("containment")}
+
+    def _run(self) -> None:
+        """Report the status when it changed (or every REPORT_EVERY s); apply the lost
+        policy when it is due."""
+        last = 0.0
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                due = [last + REPORT_EVERY]
+                if self._changed:
+                    due.append(last + REPORT_MIN)
+                if self._lost_at is not None:
+                    due.append(self._lost_at)
+                wait = min(due) - now
+                if wait > 0 and not self._closing:
+                    self._wake.wait(wait)
+                if self._closing:
+                    return
+                now = time.monotonic()
+                policy = self._lost_at is not None and now >= self._lost_at
+                if policy:
+                    self._lost_at = None
+                report = self.joined and (now >= last + REPORT_EVERY or (
+                    self._changed and now >= last + REPORT_MIN))
+            if policy:
+                self._apply_policy()
+            if report:
+                self._changed = False
+                last = now
+                lb = self.link_bus
+                try:
+                    if lb is not None:
+                        lb.publish("hosts.status", self.host, self.status())
+                except Exception as e:  # noqa: BLE001 - never let the reporter die
+                    self.bus.log(f"upstream: status report failed: {e}", 30)
+            elif not self.joined:
+                last = now
