@@ -82,7 +82,7 @@ class Child:
     """One spawned process. Fields after ``popen`` are updated by the manager thread only."""
 
     name: str
-    popen: Any  # subprocess.Popen, or a zygoteclient.ForkedProcess (pid, stdout, stderr, returncode)
+    popen: Any  # subprocess.Popen, or a zygoteclient.ForkedProcess (pid, stdout, stderr, ...)
     started: float = field(default_factory=time.monotonic)
     returncode: int | None = None
     ended: float | None = None
