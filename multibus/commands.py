@@ -3,10 +3,10 @@
 A :class:`Command` is the request's ``cmd`` name and argument ``schema`` (control.py's
 ``decode_request`` checks every request against it), its ``answer`` (run by the Control
 socket thread; the reply) and its command line: the subcommands it adds to ``multibus``
-(``add_parsers``: help and arguments) and what they print (``run``). Transitions are
-:class:`Action` s: queued by 'op' or 'scale', performed one at a time on the supervisor's main
-thread (``perform``). Both sides read this table: the server (``control.Control``) and the
-parser (``cli.build_parser``).
+(``add_parsers``: help and arguments) and what they print (``run``). The transitions they
+queue are :mod:`multibus.actions`; the status table is :mod:`multibus.statustext`. Both
+sides read this table: the server (``control.Control``) and the parser
+(``cli.build_parser``).
 
 Exit status of the CLI side: 0 ok, 1 failure or no such supervisor, 2 bad usage.
 """
@@ -19,12 +19,20 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from multibus import fdbudget
-from multibus.bus import state_name
+from multibus.actions import (
+    ACTIONS,
+    TRANSITIONS,
+    Action,
+    ControlError,
+    NotRunning,
+    _targets,
+    state_of,
+)
 from multibus.names import WorkerName, valid_group
+from multibus.statustext import format_status
 from multibus.targets import is_host_target, is_targets, only, parse_signal, qualified, unknown
 
 __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
@@ -36,14 +44,6 @@ MAX_FOLLOWERS = 64  # 'logs' requests waiting for new records at once
 LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
 
 Check = Callable[[Any], bool]
-
-
-class ControlError(RuntimeError):
-    """A control request failed; the message is for the user."""
-
-
-class NotRunning(ControlError):
-    """No supervisor of that name is running."""
 
 
 def say_error(msg: str) -> None:
@@ -62,175 +62,6 @@ def is_source(v: Any) -> bool:
 
 
 U32 = (0, 2**32 - 1)
-
-
-def state_of(bus: Any) -> str:
-    """The bus state's name ('STARTED'), for a multibus Bus or cherrypy.engine."""
-    return state_name(bus.state) or str(bus.state)
-
-
-def _targets(ctl: Any, targets: list[str]) -> list[str]:
-    """``targets`` without repeats, in a stable order (so the same ops coalesce); a
-    ControlError names an unknown group or worker, as `scale` does."""
-    hosts = getattr(ctl, "hosts", None)  # a parent of hosts: HOST:TARGETs are theirs
-    local = targets if hosts is None else hosts.check_targets(targets)
-    why = unknown(local, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
-    if why:
-        raise ControlError(why)
-    return sorted(set(targets))
-
-
-# --------------------------------------------------------------------------- transitions
-
-Perform = Callable[[Any, str, dict[str, Any]], "str | None"]
-
-
-def _groups(ctl: Any) -> Any:
-    """The supervisor's per-group control (:class:`multibus.groupops.GroupOps`)."""
-    return ctl.sup.groupops
-
-
-def _start(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    groups = _groups(ctl)
-    if args.get("targets"):
-        return groups.start(args["targets"], state_of(ctl.bus))
-    if state_of(ctl.bus) == "STARTED":
-        down = groups.down()
-        if not down:
-            return "already STARTED"
-        groups.start(down, "STARTED")  # every group: those stopped by a command too
-        return f"started {', '.join(down)}"
-    groups.release_all()  # every group, those stopped by a command or FATAL too
-    ctl.bus.start()
-    return None
-
-
-def _stop_bus(ctl: Any) -> str | None:
-    """Stop the bus; say which workers had to be killed meanwhile, and why (None: none)."""
-    before = len(ctl.sup.kills)
-    ctl.bus.stop()
-    return _killed(ctl.sup.kills[before:])
-
-
-def _killed(kills: list[tuple[str, str]]) -> str | None:
-    """Which workers had to be killed, and why (None: none)."""
-    if not kills:
-        return None
-    return (f"{len(kills)} worker{'s' if len(kills) != 1 else ''} had to be killed, their "
-            "processes are gone: " + "; ".join(f"{name} ({why})" for name, why in kills))
-
-
-def _stop(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    if args.get("targets"):
-        killed = _killed(_groups(ctl).stop(args["targets"]))
-        if killed:
-            raise ControlError(killed)  # as `stop` of every group: the op fails
-        return None if state == "STARTED" else f"the fleet is {state}"
-    if state == "STOPPED":
-        return "already STOPPED"
-    killed = _stop_bus(ctl)
-    if killed:
-        raise ControlError(killed)  # the op fails: `multibus stop` prints it and exits 1
-    return None
-
-
-def _restart(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    if args.get("targets"):
-        killed = _killed(_groups(ctl).stop(args["targets"])) if state == "STARTED" else None
-        note = _groups(ctl).start(args["targets"], state_of(ctl.bus))
-        return killed if killed else note
-    killed = _stop_bus(ctl) if state != "STOPPED" else None
-    note = _start(ctl, state, args)
-    return killed if killed else note  # started again: the kills are a note, not a failure
-
-
-def _graceful(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    if args.get("targets") and state == "STARTED":
-        return _groups(ctl).graceful(args["targets"])
-    if state != "STARTED":
-        return f"nothing to reload: the fleet is {state}"
-    ctl.bus.graceful()
-    return None
-
-
-def _exit(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    ctl.exit_func()
-    return None
-
-
-def _replace(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    """Queued by the supervisor itself (max_memory / max_age: multibus.recycle)."""
-    return ctl.sup.replace(args["worker"], args["pid"], args["reason"])
-
-
-def _scale(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    group = args["group"]
-    count = args.get("count")
-    if count is None:  # SIGTTIN / SIGTTOU: one more / one fewer
-        count = max(0, ctl.counts.get(group, 0) + args.get("delta", 0))
-    ctl.sup.scale(group, count)
-    ctl.counts[group] = count
-    return f"{group}: {count} worker{'s' if count != 1 else ''}"
-
-
-def _apply(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    """Re-read the fleet file ``args['file']``; change only what differs (see reconcile)."""
-    from multibus.config import ConfigError, load
-    from multibus.reconcile import apply_plan, plan
-
-    try:
-        specs = load(args["file"]).specs
-    except ConfigError as e:
-        raise ControlError(str(e)) from None
-    p = plan(ctl.sup.specs, ctl.counts, specs)
-    if p:
-        apply_plan(ctl.sup, p, specs, state == "STARTED")
-        ctl.counts.clear()
-        ctl.counts.update((s.name, s.count) for s in specs)
-    return p.describe()
-
-
-def _signal(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    return _groups(ctl).signal(args["targets"], int(args["signal"]))
-
-
-def _reload(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
-    if state != "STARTED":
-        return f"nothing to reload: the fleet is {state}"
-    return ctl.sup.reloader.reload(args.get("groups") or ())
-
-
-@dataclass(frozen=True)
-class Action:
-    """A transition: ``perform(control, bus state name, args)`` runs it on the supervisor's
-    main thread and returns a note for the client (or None). ``op``: sent as an 'op'
-    request (the CLI subcommand of the same name)."""
-
-    name: str
-    help: str
-    perform: Perform
-    op: bool = True
-
-
-TRANSITIONS: dict[str, Action] = {a.name: a for a in (
-    Action("start", "start every worker bus, or those of TARGETs (spawning missing workers)",
-           _start),
-    Action("stop", "stop every worker bus, or those of TARGETs (processes stay; the "
-           "supervisor stays)", _stop),
-    Action("restart", "stop, then start every worker bus, or those of TARGETs", _restart),
-    Action("graceful", "reload every worker bus, or those of TARGETs (bus 'graceful')",
-           _graceful),
-    Action("exit", "stop every worker, then the supervisor exits", _exit),
-    Action("scale", "run N workers of GROUP", _scale, op=False),
-    Action("replace", "replace a worker gracefully (max_memory, max_age)", _replace, op=False),
-    Action("signal", "send SIGNAL to the process group of each worker of TARGET", _signal,
-           op=False),
-    Action("apply", "re-read the fleet file; start, stop, scale and restart what changed",
-           _apply, op=False),
-    Action("reload", "replace the workers of GROUP (default: all) with new processes on new "
-           "code, one surge at a time, with no failed request", _reload, op=False),
-)}
-ACTIONS = tuple(name for name, a in TRANSITIONS.items() if a.op)
 
 
 # --------------------------------------------------------------------------- commands
@@ -607,95 +438,3 @@ def _finish(client: Any, reply: dict[str, Any], what: str, args: argparse.Namesp
     note = f" ({done['note']})" if done.get("note") else ""
     print(f"{label} done in {time.monotonic() - t0:.2f}s{note}")
     return EXIT_OK
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{seconds:.1f}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value = float(n)
-    for unit in ("B", "K", "M", "G"):
-        if value < 1024 or unit == "G":
-            return f"{value:.0f}{unit}" if unit == "B" else f"{value:.1f}{unit}"
-        value /= 1024
-    return str(n)
-
-
-def format_status(st: dict[str, Any]) -> str:
-    """The human table of ``multibus status``."""
-    lines = []
-    n = len(st["workers"])
-    head = (f"{st['name']} (pid {st['pid']}): {st['state']}, {n} worker{'s' if n != 1 else ''}, "
-            f"up {_duration(st['uptime'])}")
-    if st.get("containment"):  # which boundary holds every descendant (issue 14)
-        head += f", containment: {st['containment']}"
-    lines.append(head)
-    trouble = _trouble(st.get("counters") or {})
-    if trouble:
-        lines.append(f"  counters: {trouble}")
-    for op in st["queue"]:
-        lines.append(f"  {op['state']}: {op['action']}"
-                     + (f" {op['args']}" if op["args"] else ""))
-    for h in st.get("hosts", ()):  # a parent of hosts: each host's own state
-        lines.append(f"  host {h['name']}: {h['state']}" + (
-            f" (last seen {_duration(h['last_seen'])} ago: {h['lost']})"
-            if h["state"] == "LOST" else f", {h['workers']} workers")
-            + (f"; {h['error']}" if h.get("error") else ""))
-    for g in st.get("groups", ()):  # a group not as the fleet is: FATAL, or stopped alone
-        gstate = g.get("state")
-        if gstate and (gstate != st["state"] or g.get("error")):
-            lines.append(f"  group {qualified(g, 'name')}: {gstate}"
-                         + (f": {g['error']}" if g.get("error") else ""))
-    for g in st.get("groups") or ():  # once reloaded: its code generation, old/new workers
-        if g.get("generation"):
-            lines.append(f"  {g['name']}: code generation {g['generation']}, {g['new']} "
-                         f"worker{'s' if g['new'] != 1 else ''} on it, {g['old']} on older")
-    # LAUNCH ('fork' / 'exec (why)') only when a worker was exec'd: forking is the default
-    launch = any(w.get("launch") not in (None, "fork") for w in st["workers"])
-    hosts = "hosts" in st  # a HOST column: this supervisor's own rows show its name
-    rows = [(("HOST",) if hosts else ()) + (
-            "GROUP", "WORKER", "PID", "STATE", "RESTARTS", "UPTIME", "CPU%", "MEM")
-            + (("LAUNCH",) if launch else ())]
-    for w in st["workers"]:
-        rows.append(((w.get("host") or st["name"],) if hosts else ()) + (
-            w["group"], w["name"], str(w["pid"] or "-"),
-            w["state"] + (f" ({w['exit_code']})" if w["exit_code"] and not w["pid"] else "")
-            + (" (stuck)" if w.get("stuck") else ""),
-            str(w["restarts"]), _duration(w["uptime"] if w["pid"] else None),
-            "-" if w["cpu_percent"] is None else f"{w['cpu_percent']:.1f}", _size(w["memory_rss"]),
-        ) + ((w.get("launch") or "-",) if launch else ()))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        lines.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
-    return "\n".join(lines)
-
-
-_TROUBLE = (("control", "invalid", "invalid control request"),
-            ("control", "refused", "refused control request"),
-            ("bridge", "invalid", "invalid frame"), ("bridge", "gaps", "gap"),
-            ("bridge", "lost", "lost message"), ("bridge", "stale", "stale batch"),
-            ("bridge", "dropped", "dropped message"),
-            ("bridge", "handshake_failed", "failed handshake"),
-            ("bridge", "zap_refused", "refused CURVE key"))
-
-
-def _trouble(counters: dict[str, dict[str, int]]) -> str:
-    """The status document's non-zero trouble counters, in words ('' when all are 0)."""
-    said = []
-    for part, key, what in _TROUBLE:
-        n = counters.get(part, {}).get(key, 0)
-        if n:
-            said.append(f"{n} {what}{'s' if n != 1 else ''}")
-    return ", ".join(said)

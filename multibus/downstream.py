@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from multibus.commands import TRANSITIONS, ControlError
+from multibus.actions import TRANSITIONS, ControlError
 from multibus.control import BRIDGE_COUNTERS
 from multibus.hostconf import DownstreamConfig
 from multibus.targets import split_host, unknown

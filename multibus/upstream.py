@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any
 
+from multibus.actions import _targets, state_of
 from multibus.bus import Bus
-from multibus.commands import _targets, state_of
 from multibus.hostconf import UpstreamConfig
 from multibus.transport.bridge import Bridge
 
