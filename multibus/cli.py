@@ -30,6 +30,7 @@ import os
 import sys
 from dataclasses import replace
 
+from multibus.actions import ControlError, NotRunning
 from multibus.commands import (
     COMMANDS,
     EXIT_FAIL,
@@ -48,7 +49,7 @@ from multibus.config import (
     parse_level,
     valid_module,
 )
-from multibus.control import ControlClient, ControlError, NotRunning, resolve_name
+from multibus.controlclient import ControlClient, resolve_name
 from multibus.rundir import RunDirError
 
 __all__ = ["build_parser", "console", "main"]

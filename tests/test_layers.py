@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("order", "specs", "restart", "procs", "zygote", "zygoteclient", "worker", "launcher"),
     ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "supervisor", "recycle",
      "programs", "reload", "hostconf"),
-    ("actions", "statustext", "commands", "opqueue", "control", "upstream", "downstream"),
+    ("actions", "statustext", "commands", "opqueue", "controlclient", "control", "upstream",
+     "downstream"),
     ("runner", "cli", "__main__"),
 ]
 
