@@ -42,7 +42,6 @@ from multibus.commands import (
 from multibus.config import (
     ConfigError,
     FleetConfig,
-    check_targets,
     from_command,
     from_target,
     load,
@@ -50,6 +49,7 @@ from multibus.config import (
     valid_module,
 )
 from multibus.controlclient import ControlClient, resolve_name
+from multibus.preflight import check_targets
 from multibus.rundir import RunDirError
 
 __all__ = ["build_parser", "console", "main"]

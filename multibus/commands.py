@@ -217,7 +217,8 @@ class Apply(Command):
         ap.set_defaults(control=self)
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
-        from multibus.config import check_targets, load
+        from multibus.config import load
+        from multibus.preflight import check_targets
 
         client = connect()
         path = os.path.abspath(args.file) if args.file else client.status().get("config")

@@ -60,8 +60,6 @@ that is not Python: see the README; paths are relative to the file)::
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -88,8 +86,6 @@ __all__ = [
     "ConfigError",
     "FleetConfig",
     "LOG_LEVELS",
-    "check_program",
-    "check_targets",
     "from_command",
     "from_target",
     "load",
@@ -596,73 +592,3 @@ def from_command(cmd: list[str], count: int = 1, *, group: str | None = None,
         raise ConfigError(str(e)) from None
     return FleetConfig([spec], name=_check_name(name, "--name") if name else DEFAULT_NAME,
                        source=" ".join(cmd))
-
-
-# --------------------------------------------------------------------------- target checks
-
-def check_program(config: FleetConfig, spec: WorkerSpec) -> None:
-    """A ``cmd`` group's program exists and can be executed (found on its PATH)."""
-    import shutil
-
-    program = spec.cmd[0]
-    path = {**os.environ, **spec.env}.get("PATH", os.defpath)
-    if os.sep in program:
-        found = os.path.join(spec.cwd or os.getcwd(), program)
-        ok = os.path.isfile(found) and os.access(found, os.X_OK)
-    else:
-        ok = shutil.which(program, path=path) is not None
-    if not ok:
-        where = "is not an executable file" if os.sep in program else "is not found on PATH"
-        raise ConfigError(f"{config.source}: groups.{spec.name}.cmd: {program!r} {where} "
-                          "(install it, or give its full path)")
-
-
-_CHECK = """\
-import sys
-from multibus.worker import TargetError, load_target
-try:
-    load_target(sys.argv[1])
-except TargetError as e:
-    sys.stderr.write(str(e) + "\\n")
-    sys.exit(2)
-"""
-
-
-def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
-    """Import every group's target in a child interpreter with that group's env and cwd.
-
-    Runs the checks in parallel; raises ConfigError naming the first group that fails. The
-    target's module is executed in the checker, never in the supervisor.
-    """
-    procs = []
-    try:
-        for spec in config.specs:
-            if spec.cwd is not None and not os.path.isdir(spec.cwd):
-                raise ConfigError(f"{config.source}: groups.{spec.name}.cwd: no such directory "
-                                  f"{spec.cwd}")
-            if spec.cmd:
-                check_program(config, spec)
-                continue
-            p = subprocess.Popen(
-                [sys.executable, "-c", _CHECK, spec.target],
-                env=worker_env(spec), cwd=spec.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )
-            procs.append((spec, p))
-        for spec, p in procs:
-            try:
-                _, err = p.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise ConfigError(f"{config.source}: groups.{spec.name}.target: importing "
-                                  f"{spec.target!r} took over {timeout:g}s") from None
-            if p.returncode != 0:
-                lines = [ln for ln in (err or "").splitlines() if ln.strip()]
-                why = lines[-1] if lines else f"exit status {p.returncode}"
-                hint = "" if ("PYTHONPATH" in why or "pip install" in why) else (
-                    " (set pythonpath or cwd in the file, or PYTHONPATH)")
-                raise ConfigError(f"{config.source}: groups.{spec.name}.target: {why}{hint}")
-    finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()

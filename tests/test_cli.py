@@ -458,7 +458,8 @@ def test_bank_broker_toml():
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("toml", sorted(EXAMPLES.glob("*.toml")), ids=lambda p: p.name)
 def test_example_files_are_valid(toml):
-    from multibus.config import check_targets, load
+    from multibus.config import load
+    from multibus.preflight import check_targets
 
     check_targets(load(toml))
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from multibus.config import ConfigError, check_targets, from_target, load, parse_level
+from multibus.config import ConfigError, from_target, load, parse_level
+from multibus.preflight import check_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = Path(__file__).resolve().parent  # holds the 'targets' package
