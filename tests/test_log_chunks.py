@@ -129,12 +129,12 @@ def test_a_flooding_thread_does_not_starve_the_printer_into_dropping():
     printer = LogPrinter(20, "text", stream, max_queue=1000).start()
     chunk = [f"line {i}" for i in range(500)]
     try:
-        for _ in range(400):  # 200,000 lines, 200 times the queue
+        for _ in range(100):  # 50,000 lines, 50 times the queue
             printer.log_lines("job.0", chunk, 20)
     finally:
         printer.close()
     assert printer.dropped == 0
-    assert stream.getvalue().count("job.0 | line 499\n") == 400
+    assert stream.getvalue().count("job.0 | line 499\n") == 100
 
 
 def test_a_stuck_printer_drops_whole_chunks_counted_in_lines_without_blocking():
