@@ -109,6 +109,8 @@ def _split(texts: Sequence[str]) -> list[str]:
     """The lines of ``texts`` as :func:`format_text` shows each (``splitlines()``, an empty
     text one empty line), in one ``split`` when nothing but "\\n" breaks them (the common
     case: output lines) instead of one call per text."""
+    if len(texts) == 1:
+        return texts[0].splitlines() or [""]
     joined = "\n".join(texts)
     plain = not any(map(str.endswith, texts, _NEWLINE)) and not any(
         c in joined for c in (_BREAKS_ASCII if joined.isascii() else
@@ -162,5 +164,8 @@ def format_json_lines(t: float, level: int, source: str, texts: Sequence[str],
         "index": worker.index if worker else None,
         **extra,
     }
+    if len(texts) == 1:  # one record (the bus's own lines): one dumps
+        obj["message"] = texts[0]
+        return json.dumps(obj, ensure_ascii=False)
     head = json.dumps(obj, ensure_ascii=False)[:-1] + ', "message": '
     return "\n".join([f"{head}{_encode_string(text)}}}" for text in texts])
