@@ -35,7 +35,7 @@ import threading
 import time
 import traceback as _traceback
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from multibus.wakeup import CallQueue, Wakeup
@@ -314,6 +314,28 @@ class Bus:
         if traceback:
             msg += "\n" + "".join(_traceback.format_exception(*sys.exc_info()))
         self.publish("log", msg, level)
+
+    def log_lines(self, source: str, texts: Sequence[str], level: int = 20) -> None:
+        """Publish ``(f"{source} | {text}", level)`` on 'log' for each of ``texts`` (a chunk
+        of a worker's output), in order. A listener with a ``log_lines(source, texts,
+        level)`` method (the printer, the ring, the log files) gets the chunk in one call;
+        any other one line at a time. Failures are collected as in :meth:`publish`. Not in
+        CherryPy's bus: call it as ``getattr(bus, "log_lines", None)``."""
+        failures: ChannelFailures | None = None
+        for listener in self._sorted.get("log", ()):
+            batch = getattr(listener, "log_lines", None)
+            calls = ((batch, (source, texts, level)),) if batch is not None else (
+                (listener, (f"{source} | {text}", level)) for text in texts)
+            for call, args in calls:
+                try:
+                    call(*args)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception:  # noqa: BLE001 - collected into ChannelFailures
+                    failures = failures or ChannelFailures()
+                    failures.handle_exception()
+        if failures is not None:
+            raise failures
 
     # -- transitions ---------------------------------------------------------------------
 

@@ -310,12 +310,19 @@ class Keeper:
 
     # -- events from the process thread ---------------------------------------------------
 
-    def on_line(self, child: Child, stream: str, line: str) -> None:
+    def on_lines(self, child: Child, stream: str, lines: list[str]) -> None:
+        """A chunk of a worker's output: on 'log' as ``name | line``, a chunk at a time."""
         w = child.data.get("worker")
         if w is not None:
             w.last_lines = child.last_lines
         if self.log_output:
-            self.bus.log(f"{child.name} | {line}", 20 if stream == "stdout" else 30)
+            level = 20 if stream == "stdout" else 30
+            log_lines = getattr(self.bus, "log_lines", None)
+            if log_lines is not None:
+                log_lines(child.name, lines, level)
+            else:  # another bus (cherrypy.engine): a line at a time
+                for line in lines:
+                    self.bus.log(f"{child.name} | {line}", level)
 
     def on_adopted(self, pid: int, rc: int) -> None:
         self.log(f"reaped orphaned process {pid} (exit status {rc})", 20)

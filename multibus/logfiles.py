@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from multibus.logprinter import MAX_WIDTH, LogPrinter, fleet_sources
-from multibus.logview import SUPERVISOR, Record, format_json, format_text
+from multibus.logprinter import MAX_WIDTH, Lines, LogPrinter, fleet_sources
+from multibus.logview import SUPERVISOR, format_json_lines, format_lines
 
 __all__ = ["LogFile", "LogFileError", "LogFiles", "RotatingFile"]
 
@@ -79,9 +79,13 @@ class RotatingFile:
 
     def write(self, line: str) -> str | None:
         """Append ``line`` (buffered: :meth:`flush` writes it out); the error text if it
-        failed and had not failed since the last successful flush."""
+        failed and had not failed since the last successful flush. Several lines (a chunk
+        of output) are written at once, or one by one where the file rotates among them."""
         data = line + "\n"
         size = len(data) if data.isascii() else len(data.encode("utf-8", "backslashreplace"))
+        if self.max_bytes and self.size + size > self.max_bytes and "\n" in line:
+            errors = [self.write(one) for one in line.split("\n")]
+            return next((e for e in errors if e is not None), None)
         try:
             if self.handler.stream is None:  # a failed rollover or reopen: try again
                 self.handler.stream = self.handler._open()
@@ -182,10 +186,10 @@ class LogFiles(LogPrinter):
     def _width(sources: Iterable[str]) -> int:
         return min(max((len(s) for s in sources), default=0), MAX_WIDTH)
 
-    def item(self, rec: Record) -> tuple[Record, int | None]:
-        """A record and its process: looked up when it is logged, not when written."""
-        source = rec[3]
-        return rec, (os.getpid() if source == SUPERVISOR else self.pid_of(source))
+    def item(self, lines: Lines) -> tuple[Lines, int | None]:
+        """Lines and their process: looked up when they are logged, not when written."""
+        source = lines[2]
+        return lines, (os.getpid() if source == SUPERVISOR else self.pid_of(source))
 
     def reopen(self) -> None:
         """Reopen every file (by its path) once the records queued before are written."""
@@ -197,7 +201,7 @@ class LogFiles(LogPrinter):
                 self._said(f.reopen())
             return
         rec, pid = item
-        source = rec[3]
+        source = rec[2]
         targets = [self.fleet] if self.fleet is not None else []
         if source != SUPERVISOR:
             group = self.groups.get(source.partition(".")[0])
@@ -209,14 +213,16 @@ class LogFiles(LogPrinter):
 
     def notice(self, text: str) -> None:
         """Lines were dropped: every file says so (any of them may have lost some)."""
-        self._write(self.files, (0, time.time(), 30, SUPERVISOR, text), os.getpid())
+        self._write(self.files, (time.time(), 30, SUPERVISOR, (text,)), os.getpid())
 
-    def _write(self, targets: list[RotatingFile], rec: Record, pid: int | None) -> None:
-        line = format_json(rec, pid=pid) if self.fmt == "json" else None
+    def _write(self, targets: list[RotatingFile], lines: Lines, pid: int | None) -> None:
+        t, level, source, texts = lines
+        line = format_json_lines(t, level, source, texts, pid=pid) if self.fmt == "json" else None
         for f in targets:
             if line is None:  # text: each file has its own source column
-                f.width = max(f.width, min(len(rec[3]), MAX_WIDTH))
-                self._said(f.write(format_text(rec, False, f.width, date=True)))
+                f.width = max(f.width, min(len(source), MAX_WIDTH))
+                self._said(f.write(format_lines(t, level, source, texts, False, f.width,
+                                                date=True)))
             else:
                 self._said(f.write(line))
 

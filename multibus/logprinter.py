@@ -10,14 +10,24 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
-from multibus.logview import SUPERVISOR, Record, format_json, format_text, split_source, use_colour
+from multibus.logview import (
+    SUPERVISOR,
+    Record,
+    format_json_lines,
+    format_lines,
+    split_source,
+    use_colour,
+)
 
-__all__ = ["LogPrinter", "MAX_WIDTH", "fleet_sources"]
+__all__ = ["LogPrinter", "Lines", "MAX_WIDTH", "fleet_sources"]
 
 MAX_WIDTH = 24  # the source column never grows past this
+HANDOFF = 0.05  # s a full queue waits for a writer that is not stuck before it drops
+# A record per text: (time, level, source, texts), as Bus.log_lines hands them over.
+Lines = tuple[float, int, str, Sequence[str]]
 
 
 def fleet_sources(counts: Mapping[str, int]) -> list[str]:
@@ -34,6 +44,13 @@ class LogPrinter:
     blocks on the terminal: records go to a bounded queue that one daemon thread writes out. A
     stalled stderr (a paused pager, a slow journal) drops lines — counted and reported —
     instead of stalling heartbeats or reaping. ``close()`` flushes what is queued.
+
+    A worker's output lines come a chunk at a time (:meth:`log_lines`, called by
+    ``Bus.log_lines``): one queue entry per chunk, formatted with one prefix; ``max_queue``
+    and ``dropped`` count lines either way. A full queue gives the writer up to ``HANDOFF``
+    to take it before dropping, unless the writer has been busy with one batch that long
+    (a stalled stream): a thread that floods the printer (worker output at 400k lines/s)
+    can otherwise keep the GIL from a writer that is merely waiting for it.
     """
 
     def __init__(self, level: int, fmt: str, stream: TextIO, max_queue: int = 10000,
@@ -48,6 +65,8 @@ class LogPrinter:
         self.width = min(max((len(s) for s in sources), default=0), MAX_WIDTH)
         self.dropped = 0
         self._queue: collections.deque[Any] = collections.deque()
+        self._queued = 0  # lines in _queue
+        self._busy_since: float | None = None  # when the writer took the batch it writes
         self._max = max_queue
         self._cond = threading.Condition()
         self._closed = False
@@ -63,36 +82,61 @@ class LogPrinter:
         if lvl < self.level:
             return
         source, text = split_source(msg if isinstance(msg, str) else str(msg))
-        self.put(self.item((0, time.time(), lvl, source, text)))
+        self.put(self.item((time.time(), lvl, source, (text,))))
 
-    def item(self, rec: Record) -> Any:
-        """What is queued for ``rec``: the record itself (a subclass may add to it)."""
-        return rec
+    def log_lines(self, source: str, texts: Sequence[str], level: int = 20) -> None:
+        """The 'log' records ``source | text`` for each of ``texts``, in one call (see
+        ``Bus.log_lines``)."""
+        if level >= self.level and texts:
+            self.put(self.item((time.time(), level, source, texts)), weight=len(texts))
 
-    def put(self, item: Any, always: bool = False) -> None:
-        """Queue ``item`` for the writer thread (``always``: even past ``max_queue``), or
-        write it now without one; a full queue drops it, counted."""
+    def item(self, lines: Lines) -> Any:
+        """What is queued for ``lines``: the lines themselves (a subclass may add to it)."""
+        return lines
+
+    def put(self, item: Any, always: bool = False, weight: int = 1) -> None:
+        """Queue ``item`` (``weight`` lines) for the writer thread (``always``: even past
+        ``max_queue``), or write it now without one; a full queue drops it, counted."""
         if self._thread is None:
             self.emit(item)
             return
         with self._cond:
-            if len(self._queue) >= self._max and not always:
-                self.dropped += 1
+            if self._queued >= self._max and not always and not self._handed_off():
+                self.dropped += weight
                 return
             self._queue.append(item)
+            self._queued += weight
             if len(self._queue) == 1:  # the writer waits only on an empty queue
                 self._cond.notify()
+
+    def _handed_off(self) -> bool:
+        """The queue is full (``_cond`` held): wait for the writer to take it, unless it has
+        been writing one batch for ``HANDOFF`` s already; True once there is room."""
+        now = time.monotonic()
+        since = self._busy_since
+        end = (now if since is None else since) + HANDOFF
+        while self._queued >= self._max and now < end and not self._closed:
+            self._cond.wait(end - now)
+            now = time.monotonic()
+            if self._busy_since != since:  # it took a batch: writing again, from now
+                since = self._busy_since
+                end = min(end, now + HANDOFF) if since is None else since + HANDOFF
+        return self._queued < self._max
 
     def _run(self) -> None:
         reported = 0
         while True:
             with self._cond:
+                self._busy_since = None
                 while not self._queue and not self._closed:
                     self._cond.wait()
                 if not self._queue:
                     return
                 batch = list(self._queue)
                 self._queue.clear()
+                self._queued = 0
+                self._busy_since = time.monotonic()
+                self._cond.notify_all()  # a put() waiting for room
                 dropped = self.dropped
             if dropped > reported:
                 self.notice(f"{dropped - reported} log lines dropped (output too slow)")
@@ -115,14 +159,16 @@ class LogPrinter:
 
     def notice(self, text: str) -> None:
         """Write the printer's own warning (lines dropped) out."""
-        self.write((0, time.time(), 30, SUPERVISOR, text))
+        self.write((time.time(), 30, SUPERVISOR, (text,)))
 
-    def write(self, rec: Record, flush: bool = True) -> None:
+    def write(self, rec: Record | Lines, flush: bool = True) -> None:
+        """Write a record (``(seq, time, level, source, text)``) or lines out."""
+        t, level, source, texts = rec if len(rec) == 4 else (*rec[1:4], (rec[4],))
         if self.fmt == "json":
-            line = format_json(rec)
+            line = format_json_lines(t, level, source, texts)
         else:
-            self.width = max(self.width, min(len(rec[3]), MAX_WIDTH))
-            line = format_text(rec, self.colour, self.width)
+            self.width = max(self.width, min(len(source), MAX_WIDTH))
+            line = format_lines(t, level, source, texts, self.colour, self.width)
         try:
             self.stream.write(line + "\n")
         except (OSError, ValueError):

@@ -12,7 +12,7 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from multibus.logview import Record, split_source
@@ -28,7 +28,7 @@ class LogRing:
 
     def __init__(self, size: int = 5000, on_record: Callable[[], Any] | None = None) -> None:
         self._records: collections.deque[Record] = collections.deque(maxlen=size)
-        self._seq = itertools.count(1)
+        self._next = 1  # the next record's seq
         self._lock = threading.Lock()
         self._sources: set[str] = set()
         self.on_record = on_record
@@ -41,7 +41,25 @@ class LogRing:
         lvl = level if isinstance(level, int) and not isinstance(level, bool) else 20
         source, text = split_source(text)
         with self._lock:
-            self._records.append((next(self._seq), time.time(), lvl, source, text))
+            self._records.append((self._next, time.time(), lvl, source, text))
+            self._next += 1
+            self._sources.add(source)
+        if self.on_record is not None:
+            self.on_record()
+
+    def log_lines(self, source: str, texts: Sequence[str], level: int = 20) -> None:
+        """The records ``source | text`` for each of ``texts`` (see ``Bus.log_lines``): one
+        record each, as through the listener, kept in one step."""
+        if not texts:
+            return
+        if max(map(len, texts)) > MAX_LOG_TEXT:
+            texts = [t if len(t) <= MAX_LOG_TEXT else t[:MAX_LOG_TEXT] + " [truncated]"
+                     for t in texts]
+        n, t, rep = len(texts), time.time(), itertools.repeat
+        with self._lock:
+            first, self._next = self._next, self._next + n
+            self._records.extend(zip(range(first, first + n), rep(t), rep(level), rep(source),
+                                     texts, strict=False))
             self._sources.add(source)
         if self.on_record is not None:
             self.on_record()

@@ -15,15 +15,18 @@ JSON lines have the keys ``time`` (ISO 8601, local, with offset), ``level`` (nam
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
+import json.encoder
 import os
 import re
+from collections.abc import Sequence
 from typing import IO, Any
 
 from multibus.names import WORKER_PREFIX, WorkerName
 
-__all__ = ["Record", "SUPERVISOR", "escape_controls", "format_json", "format_text",
-           "level_name", "split_source", "use_colour"]
+__all__ = ["Record", "SUPERVISOR", "escape_controls", "format_json", "format_json_lines",
+           "format_lines", "format_text", "level_name", "split_source", "use_colour"]
 
 SUPERVISOR = "supervisor"
 Record = tuple[int, float, int, str, str]
@@ -31,6 +34,8 @@ Record = tuple[int, float, int, str, str]
 _LEVELS = {10: "DEBUG", 20: "INFO", 30: "WARNING", 40: "ERROR", 50: "CRITICAL"}
 _PALETTE = (36, 32, 33, 35, 34, 96, 92, 93, 95, 94)  # per source, stable within a run
 _RESET = "\x1b[0m"
+# a str as json.dumps(ensure_ascii=False) writes it (the C encoder when there is one)
+_encode_string = json.encoder.encode_basestring
 
 
 _CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -92,6 +97,40 @@ def format_text(rec: Record, colour: bool = False, width: int = 0, date: bool = 
     """One or more lines (a multi-line message repeats the prefix on every line). ``date``:
     the stamp starts with the date (``2025-11-23 09:41:02.123``), for files."""
     _, t, level, source, msg = rec
+    return format_lines(t, level, source, (msg,), colour, width, date)
+
+
+# what str.splitlines() breaks on besides "\n" (the ASCII ones, then the others)
+_BREAKS_ASCII = "\r\x0b\x0c\x1c\x1d\x1e"
+_BREAKS_OTHER = "\x85\u2028\u2029"
+
+
+def _split(texts: Sequence[str]) -> list[str]:
+    """The lines of ``texts`` as :func:`format_text` shows each (``splitlines()``, an empty
+    text one empty line), in one ``split`` when nothing but "\\n" breaks them (the common
+    case: output lines) instead of one call per text."""
+    if len(texts) == 1:
+        return texts[0].splitlines() or [""]
+    joined = "\n".join(texts)
+    plain = not any(map(str.endswith, texts, _NEWLINE)) and not any(
+        c in joined for c in (_BREAKS_ASCII if joined.isascii() else
+                              _BREAKS_ASCII + _BREAKS_OTHER))
+    if plain:
+        return joined.split("\n")
+    lines: list[str] = []
+    for text in texts:
+        lines += text.splitlines() or [""]
+    return lines
+
+
+_NEWLINE = itertools.repeat("\n")
+
+
+def format_lines(t: float, level: int, source: str, texts: Sequence[str],
+                 colour: bool = False, width: int = 0, date: bool = False) -> str:
+    """The records ``(t, level, source, text)`` for each of ``texts`` as :func:`format_text`
+    writes them one by one, joined by newlines: the prefix is made once (a worker's
+    output comes in chunks of lines; formatting each line was the printer's main cost)."""
     stamp = _stamp(t, date)
     label = source.ljust(width)
     mark = f"{level_name(level)} " if level >= 30 else ""
@@ -101,14 +140,21 @@ def format_text(rec: Record, colour: bool = False, width: int = 0, date: bool = 
             mark = f"\x1b[31m{mark}{_RESET}"
         elif level >= 30:
             mark = f"\x1b[33m{mark}{_RESET}"
-    lines = msg.splitlines() or [""]
-    return "\n".join(f"{stamp}  {label} | {mark}{line}" for line in lines)
+    prefix = f"{stamp}  {label} | {mark}"
+    return prefix + ("\n" + prefix).join(_split(texts))
 
 
 def format_json(rec: Record, **extra: Any) -> str:
     """One JSON object on one line (stable keys, see the module docstring); ``extra`` keys
     (a log file's ``pid``) come before ``message``."""
     _, t, level, source, msg = rec
+    return format_json_lines(t, level, source, (msg,), **extra)
+
+
+def format_json_lines(t: float, level: int, source: str, texts: Sequence[str],
+                      **extra: Any) -> str:
+    """:func:`format_json` of ``(t, level, source, text)`` for each of ``texts``, joined by
+    newlines; everything but the message is encoded once."""
     worker = WorkerName.parse(source)
     obj: dict[str, Any] = {
         "time": datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="milliseconds"),
@@ -117,6 +163,9 @@ def format_json(rec: Record, **extra: Any) -> str:
         "group": worker.group if worker else None,
         "index": worker.index if worker else None,
         **extra,
-        "message": msg,
     }
-    return json.dumps(obj, ensure_ascii=False)
+    if len(texts) == 1:  # one record (the bus's own lines): one dumps
+        obj["message"] = texts[0]
+        return json.dumps(obj, ensure_ascii=False)
+    head = json.dumps(obj, ensure_ascii=False)[:-1] + ', "message": '
+    return "\n".join([f"{head}{_encode_string(text)}}}" for text in texts])

@@ -122,6 +122,13 @@ class Child:
         return f"exit code {rc}"
 
 
+def _decode(data: bytes) -> list[str]:
+    """The lines of ``data`` (split at "\\n", which never occurs inside a UTF-8 character):
+    decoded once, invalid bytes replaced, without a trailing "\\r" each."""
+    lines = data.decode("utf-8", "replace").split("\n")
+    return [line.rstrip("\r") for line in lines] if b"\r" in data else lines
+
+
 class _Stream:
     __slots__ = ("child", "name", "fd", "file", "buf", "tb")
 
@@ -175,6 +182,7 @@ class _Traceback:
 
 
 LineCallback = Callable[[Child, str, str], None]
+LinesCallback = Callable[[Child, str, list[str]], None]
 ExitCallback = Callable[[Child], None]
 
 
@@ -184,7 +192,9 @@ class ProcessManager:
     ``on_line(child, stream, line)`` gets each output line ('stdout'/'stderr', without the
     newline; the lines of one traceback on stderr come as one, joined by newlines);
     ``on_exit(child)`` runs once a child is reaped. Both run in the manager thread, as do
-    callables passed to :meth:`call_soon` / :meth:`call_later`.
+    callables passed to :meth:`call_soon` / :meth:`call_later`. ``on_lines(child, stream,
+    lines)``, if given, replaces ``on_line``: the lines of one read come in one call (in
+    order; a traceback is one of them), so a flood costs one call per chunk, not per line.
     """
 
     def __init__(
@@ -194,8 +204,10 @@ class ProcessManager:
         on_adopted: Callable[[int, int], None] | None = None,
         keep_lines: int = 20,
         name: str = "multibus-procs",
+        on_lines: LinesCallback | None = None,
     ) -> None:
         self.on_line = on_line
+        self.on_lines = on_lines
         self.on_exit = on_exit
         self.on_adopted = on_adopted  # (pid, returncode) of a reaped adopted orphan
         self.keep_lines = keep_lines
@@ -403,17 +415,19 @@ class ProcessManager:
             data = b""
         if data:
             buf = stream.buf + data
-            *lines, rest = buf.split(b"\n")
+            cut = buf.rfind(b"\n")
+            rest = buf[cut + 1:]
+            lines = _decode(buf[:cut]) if cut >= 0 else []
             while len(rest) > MAX_LINE:
-                lines.append(rest[:MAX_LINE])
+                lines += _decode(rest[:MAX_LINE])
                 rest = rest[MAX_LINE:]
             stream.buf = rest
-            for line in lines:
-                self._line(stream, line)
+            if lines:
+                self._lines(stream, lines)
             return
         # EOF: deliver the unterminated tail, close, maybe finish the child
         if stream.buf:
-            self._line(stream, stream.buf)
+            self._lines(stream, _decode(stream.buf))
             stream.buf = b""
         self._end_traceback(stream)
         self._sel.unregister(stream.fd)
@@ -423,25 +437,38 @@ class ProcessManager:
         if child.data["_streams"] == 0:
             child.drained.set()
 
-    def _line(self, stream: _Stream, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip("\r")
+    def _lines(self, stream: _Stream, lines: list[str]) -> None:
+        """Keep the last few of ``lines`` and deliver them; on stderr, the lines of a
+        traceback are gathered into one (delivered when it ends)."""
         child = stream.child
-        if self.keep_lines:
-            child.last_lines.append(line)
-            if len(child.last_lines) > self.keep_lines:
-                del child.last_lines[0]
-        if stream.name == "stderr":
+        keep = self.keep_lines
+        if keep:
+            last = child.last_lines
+            last += lines[-keep:]
+            if len(last) > keep:
+                del last[:len(last) - keep]
+        if stream.name != "stderr" or (
+                stream.tb is None and not any(map(_Traceback.starts, lines))):
+            self._deliver(stream, lines)
+            return
+        plain: list[str] = []  # lines since the last traceback, not delivered yet
+        for line in lines:
             tb = stream.tb
             if tb is not None:
                 if tb.add(line):
                     self._wait_traceback(stream, tb)
-                    return
+                    continue
                 self._end_traceback(stream)
             if _Traceback.starts(line):
+                if plain:
+                    self._deliver(stream, plain)
+                    plain = []
                 stream.tb = tb = _Traceback(line)
                 self._wait_traceback(stream, tb)
-                return
-        self._deliver(stream, line)
+                continue
+            plain.append(line)
+        if plain:
+            self._deliver(stream, plain)
 
     def _wait_traceback(self, stream: _Stream, tb: _Traceback) -> None:
         """(Re)arm the timer that delivers ``tb`` if no line continues it soon."""
@@ -454,13 +481,15 @@ class ProcessManager:
         if tb is not None:
             if tb.timer is not None:
                 tb.timer.cancel()
-            self._deliver(stream, tb.text())
+            self._deliver(stream, [tb.text()])
 
-    def _deliver(self, stream: _Stream, line: str) -> None:
+    def _deliver(self, stream: _Stream, lines: list[str]) -> None:
         child = stream.child
-        if self.on_line is not None:
+        calls = [(self.on_lines, lines)] if self.on_lines is not None else [
+            (self.on_line, line) for line in lines] if self.on_line is not None else []
+        for call, arg in calls:
             try:
-                self.on_line(child, stream.name, line)
+                call(child, stream.name, arg)
             except Exception as e:  # noqa: BLE001
                 self._emit_internal(f"error in line callback: {e!r}")
 

@@ -97,6 +97,7 @@ class Spawner:
         programs = {name: self._spawn_program(name, spec) for name, spec in workers
                     if spec.cmd}
         reqs = []
+        envs: dict[str, dict[str, str]] = {}  # per group: the same for all its workers
         for name, spec in workers:
             if spec.cmd:
                 continue
@@ -105,7 +106,9 @@ class Spawner:
                                stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
                                peer_timeout=self.peer_timeout, channels=spec.channels,
                                fleet=self.fleet, rlimits=spec.rlimits)
-            env = worker_env(spec)
+            if spec.name not in envs:
+                envs[spec.name] = worker_env(spec)
+            env = dict(envs[spec.name])
             if self.expect is not None:
                 env[SECRET_ENV] = secret = secrets.token_hex(16)
                 self.expect(name, secret)  # before the worker can say hello

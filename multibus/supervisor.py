@@ -177,7 +177,7 @@ class Supervisor:
             self.containment = (Containment.open(arg, self.name) if isinstance(arg, str)
                                 else arg)  # before anything is spawned: all of it is inside
             self.procs = ProcessManager(
-                on_line=self.keeper.on_line, on_exit=self.keeper.on_exit,
+                on_lines=self.keeper.on_lines, on_exit=self.keeper.on_exit,
                 on_adopted=self.keeper.on_adopted,
             )
             self.procs.foreign.add(self.containment.guardian_pid or 0)  # not an orphan of ours

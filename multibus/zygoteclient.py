@@ -145,10 +145,11 @@ class ZygoteClient:
         One ``(child, failure)`` per request, in order; child None: exec it, failure why."""
         out: list[tuple[Any, str]] = []
         sent: list[tuple[str, Any]] = []  # (name, what _collect needs), oldest first
+        state = launch_state()  # once for the requests made together (it reads /proc)
         for req in requests:
             while len(sent) >= window:
                 out.append(self._collect(*sent.pop(0)))
-            pending = self._request(*req)
+            pending = self._request(*req, state=state)
             if pending is None:
                 while sent:  # replies come in order: drain before answering this one
                     out.append(self._collect(*sent.pop(0)))
@@ -160,14 +161,14 @@ class ZygoteClient:
         return out
 
     def _request(self, name: str, args: list[str], env: dict[str, str],
-                 cwd: str | None, umask: int | None = None, fds: tuple[int, ...] = ()
-                 ) -> tuple[int, int, list[str]] | None:
+                 cwd: str | None, umask: int | None = None, fds: tuple[int, ...] = (),
+                 state: dict[str, Any] | None = None) -> tuple[int, int, list[str]] | None:
         """Send one fork request: (stdout fd, stderr fd, argv) to collect, or None (exec:
-        :attr:`failure` says why)."""
+        :attr:`failure` says why). ``state``: :func:`launch_state` (default: now)."""
         if self.dead or self.sock is None:
             self.failure = "zygote unavailable"
             return None
-        state = launch_state()
+        state = launch_state() if state is None else state
         why = exec_reason(env, self.env) or state_reason(state, self.state0)
         if why:
             self.failure = why

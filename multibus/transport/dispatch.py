@@ -139,15 +139,26 @@ class Dispatcher:
     def _logs(self, origin: str, msgs: list[Any]) -> None:
         """A peer's 'log' records: ``peer.log(name, msg, level)`` (as sent) and ``log(name |
         msg)`` with ``msg`` on one line, its control characters escaped (a peer cannot fake
-        other lines or sources on the hub's output)."""
+        other lines or sources on the hub's output); the latter a run of one level at a time
+        (``Bus.log_lines``, where the bus has it)."""
         bus = self.bus
-        for msg, level in msgs:
-            for call, args in ((bus.publish, ("peer.log", origin, msg, level)),
-                               (bus.log, (f"{origin} | {escape_controls(msg)}", level))):
-                try:
-                    call(*args)
-                except Exception:  # noqa: BLE001 - logged by the bus; counted
-                    self.stats.report("dispatch_errors")
+        log_lines = getattr(bus, "log_lines", None)
+        run: list[str] = []
+        for i, (msg, level) in enumerate(msgs):
+            self._call(bus.publish, "peer.log", origin, msg, level)
+            if log_lines is None:
+                self._call(bus.log, f"{origin} | {escape_controls(msg)}", level)
+                continue
+            run.append(escape_controls(msg))
+            if i + 1 == len(msgs) or msgs[i + 1][1] != level:
+                self._call(log_lines, origin, run, level)
+                run = []
+
+    def _call(self, call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception:  # noqa: BLE001 - logged by the bus; counted
+            self.stats.report("dispatch_errors")
 
     def deliver(self, runs: list[list[Any]]) -> None:
         """Publish received messages on the local bus. ``tls.remote`` tells our own mirror
