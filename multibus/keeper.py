@@ -166,8 +166,9 @@ class Keeper:
                 self._joined.discard(w.name)
             if known:  # a previous process's record (and desired state) at the hub
                 self.bridge.forget(w.name)
-        if self.per_peer:
-            self.bridge.command("start", peers=[w.name for w in todo])
+        buses = self.programs.split(todo)[0]  # programs have no bus: no hub record for them
+        if self.per_peer and buses:
+            self.bridge.command("start", peers=[w.name for w in buses])
         children = self.spawner.spawn_many([(w.name, w.spec) for w in todo],
                                            self.bridge.endpoints.to_string())
         for w, child in zip(todo, children, strict=True):

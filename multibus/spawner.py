@@ -67,12 +67,24 @@ class Spawner:
 
     def start_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str]) -> None:
         """Have the manager thread exec the zygote: it preloads while the caller goes on."""
+
+        def started(z: ZygoteClient | None) -> None:
+            self.zygote, self.exec_why = z, "zygote unavailable"
+
+        self._launch_zygote(specs, preload, started)
+
+    def _launch_zygote(self, specs: Iterable[WorkerSpec], preload: Iterable[str],
+                       then: Callable[[ZygoteClient | None], None]) -> None:
+        """Exec a zygote from the manager thread; ``then(it)`` there (None: it could not
+        be started, workers are exec'd)."""
         specs, preload = list(specs), tuple(preload)
 
         def start() -> None:
-            self.zygote = ZygoteClient.launch(self.procs, self.python, specs, preload,
-                                              log=self.log)
-            self.exec_why = "zygote unavailable"
+            z = None
+            try:
+                z = ZygoteClient.launch(self.procs, self.python, specs, preload, log=self.log)
+            finally:
+                then(z)
 
         self.procs.call_soon(start)
 
@@ -184,17 +196,13 @@ class Spawner:
         """A new zygote (from the manager thread; any thread may call), which imports the
         preloads again: what a rolling reload forks its replacements from, never the old
         code. None if it cannot be started (workers are exec'd then)."""
-        specs, preload = list(specs), tuple(preload)
         made: list[ZygoteClient | None] = []
         done = threading.Event()
 
-        def start() -> None:
-            try:
-                made.append(ZygoteClient.launch(self.procs, self.python, specs, preload,
-                                                log=self.log))
-            finally:
-                done.set()
+        def started(z: ZygoteClient | None) -> None:
+            made.append(z)
+            done.set()
 
-        self.procs.call_soon(start)
+        self._launch_zygote(specs, preload, started)
         done.wait(30)
         return made[0] if made else None

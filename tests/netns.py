@@ -13,15 +13,10 @@ import contextlib
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
-
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,40 +107,13 @@ class Hosts:
         self._made = []
 
 
-@contextlib.contextmanager
-def supervisor(argv: list[str], env: dict | None = None) -> Iterator[tuple[subprocess.Popen,
-                                                                           Path]]:
-    """``argv`` (a ``multibus run``) in the background, its output in a file; on the way out
-    SIGTERM (then SIGKILL) to it and any process it left behind."""
-    with tempfile.NamedTemporaryFile("w", prefix="mb-host-", suffix=".log", delete=False) as f:
-        log = Path(f.name)
-    out = open(log, "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, env=env)
-    seen: set[int] = set()
-    try:
-        yield proc, log
-    finally:
-        with contextlib.suppress(psutil.Error):
-            seen.update(p.pid for p in psutil.Process(proc.pid).children(recursive=True))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        out.close()
-        left = []
-        for pid in seen:
-            with contextlib.suppress(psutil.Error):
-                p = psutil.Process(pid)
-                if p.status() != psutil.STATUS_ZOMBIE:
-                    left.append(p)
-        _, alive = psutil.wait_procs(left, timeout=5)
-        for p in alive:
-            p.kill()
-        log.unlink(missing_ok=True)
+def supervisor(argv: list[str], env: dict | None = None
+               ) -> contextlib.AbstractContextManager[tuple[subprocess.Popen, Path]]:
+    """``argv`` (a ``multibus run``, maybe inside a namespace) in the background, its output
+    in a file; on the way out SIGTERM (then SIGKILL) to it and any process it left behind."""
+    from test_cli import supervised
+
+    return supervised(argv, env=env, wait=30, check_left=False)
 
 
 def multibus(*args: str) -> list[str]:
