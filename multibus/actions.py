@@ -35,7 +35,7 @@ def state_of(bus: Any) -> str:
 def _targets(ctl: Any, targets: list[str]) -> list[str]:
     """``targets`` without repeats, in a stable order (so the same ops coalesce); a
     ControlError names an unknown group or worker, as `scale` does."""
-    hosts = getattr(ctl, "hosts", None)  # a parent of hosts: HOST:TARGETs are theirs
+    hosts = ctl.hosts  # a parent of hosts: HOST:TARGETs are theirs
     local = targets if hosts is None else hosts.check_targets(targets)
     why = unknown(local, ctl.sup.specs, lambda: {r["name"] for r in ctl.sup.table()})
     if why:

@@ -124,7 +124,7 @@ def _socket_status(sup: Any) -> list[dict[str, str]]:
     """The supervisor's listening sockets: name and the address bound (the real port when
     the fleet file says port 0)."""
     out = []
-    for name, sock in getattr(sup, "listening", {}).items():
+    for name, sock in sup.listening.items():
         if sock.fileno() >= 0:
             out.append({"name": name, "address": bound_address(sock)})
     return out
@@ -134,8 +134,7 @@ def _reload_status(sup: Any, groups: list[dict[str, Any]]) -> None:
     """Issue 17's keys, once a group has been reloaded (as a worker's ``stuck``, only when
     there is something to say): its code ``generation`` and how many of its running workers
     are on it (``new``) or on an older one (``old``: a reload is under way or failed)."""
-    reloader = getattr(sup, "reloader", None)
-    gens = reloader.generations() if reloader is not None else {}
+    gens = sup.reloader.generations()
     for g in groups:
         gen, new, old = gens.get(g["name"], (0, 0, 0))
         if gen:
@@ -174,9 +173,8 @@ class Control:
         self._warn = RateLimit()
         self.logs = LogRing(log_size, on_record=self._on_record)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
-        reloader = getattr(supervisor, "reloader", None)  # an 'exit' interrupts a reload
         self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log,
-                           interrupt=reloader.interrupt if reloader is not None else None)
+                           interrupt=supervisor.reloader.interrupt)  # 'exit' stops a reload
         self._procs: dict[int, tuple[int, float, float]] = {}  # pid -> (start, cpu s, when)
         self._thread: threading.Thread | None = None
         self._closing = False

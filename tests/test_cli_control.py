@@ -43,6 +43,16 @@ class FakeGroups:
         return []
 
 
+class FakeReloader:
+    """No reload ever ran: no code generations to show, nothing to interrupt."""
+
+    def generations(self) -> dict:
+        return {}
+
+    def interrupt(self, why: str) -> None:
+        pass
+
+
 class FakeSupervisor:
     """Enough of a Supervisor for the Control plugin; its 'stop' can be held."""
 
@@ -60,6 +70,8 @@ class FakeSupervisor:
         self.bridge = None  # no hub: no bridge counters
         self.groupops = FakeGroups()  # every group runs with the fleet (issue 16)
         self.config = None  # not run from a fleet file
+        self.listening: dict = {}  # no [sockets.NAME] (issue 17)
+        self.reloader = FakeReloader()
         bus.subscribe("stop", self.stop)
 
     def stop(self) -> None:
