@@ -33,7 +33,6 @@ from typing import Any
 import psutil
 
 from multibus.fleet import WorkerSlot, WorkerState
-from multibus.procs import stop_children
 from multibus.specs import WorkerSpec
 
 __all__ = ["MEMORY_INTERVAL", "REASONS", "Recycler", "replace"]
@@ -195,10 +194,7 @@ def replace(sup: Any, name: str, pid: int | None = None, reason: str = "max_age"
             new = sup.reloader.replace([w])[0]
             after = f"{new.pid} ({new.name})"
         else:
-            sup.tell("exit", [w])
-            sup._mark_killed(stop_children([child], t0 + w.spec.stop_timeout,
-                                           term_timeout=sup.term_timeout, log=sup.log),
-                             "did not exit")
+            sup.exit_slots([w], peers=True)  # its stop_timeout, then SIGTERM, SIGKILL
             # the keeper respawned it as soon as its process was reaped (Keeper.on_exit)
             keeper.wait_started([w], t0)
             after = str(w.pid)

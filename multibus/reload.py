@@ -213,7 +213,7 @@ class Reloader:
             if child is not None:
                 signal_group(child.pgid, signal.SIGTERM)
         try:
-            self.sup._remove(group, slots)  # exit, escalate, forget at the hub
+            self.sup.remove(slots)  # exit, escalate, forget at the hub
         finally:
             with self.keeper.cond:
                 self._leaving.difference_update(w.name for w in slots)

@@ -524,7 +524,7 @@ class Supervisor:
             removed, added = g.resize(count)
             running = self.keeper.running
         self.log(f"scaling {group} from {before} to {count}")
-        self._remove(g, removed)
+        self.remove(removed)
         if added and running:
             t0 = time.monotonic()
             self.keeper.spawn_missing()
@@ -533,15 +533,10 @@ class Supervisor:
                 self.keeper.wait_started(added, t0, limit)
         self.keeper.changed()
 
-    def _remove(self, g: Group, removed: list[WorkerSlot]) -> None:
-        """Have scaled-away workers exit (then escalate); forget them."""
-        live = [w for w in removed if w.alive]
-        if live:
-            self.tell("exit", live)
-            children = [w.child for w in live if w.child is not None]
-            self._mark_killed(stop_children(
-                children, time.monotonic() + g.spec.stop_timeout,
-                term_timeout=self.term_timeout, log=self.log), "did not exit")
+    def remove(self, removed: list[WorkerSlot]) -> None:
+        """Have workers that leave the fleet (scaled away, replaced) exit, escalating as
+        :meth:`exit_slots` does; then forget them at the hub and in the restart policy."""
+        self.exit_slots([w for w in removed if w.alive], peers=True)
         for w in removed:
             self.bridge.forget(w.name)
             self.restart_policy.forget(w.name)
