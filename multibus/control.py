@@ -130,17 +130,6 @@ def _socket_status(sup: Any) -> list[dict[str, str]]:
     return out
 
 
-def _reload_status(sup: Any, groups: list[dict[str, Any]]) -> None:
-    """Issue 17's keys, once a group has been reloaded (as a worker's ``stuck``, only when
-    there is something to say): its code ``generation`` and how many of its running workers
-    are on it (``new``) or on an older one (``old``: a reload is under way or failed)."""
-    gens = sup.reloader.generations()
-    for g in groups:
-        gen, new, old = gens.get(g["name"], (0, 0, 0))
-        if gen:
-            g.update(generation=gen, new=new, old=old)
-
-
 class Control:
     """Answer control requests for ``supervisor`` (a :class:`~multibus.supervisor.Supervisor`)
     on ``<runtime dir>/<name>.ctl``.
@@ -365,9 +354,6 @@ class Control:
                 **spec.status_fields(),
                 **self.sup.group_status(gname),
             })
-        for g, more in zip(groups, self.sup.groupops.group_rows(), strict=False):  # issue 16
-            g.update((k, v) for k, v in more.items() if k != "name")
-        _reload_status(self.sup, groups)
         return {
             "version": PROTOCOL, "name": self.name, "pid": os.getpid(), "state": state_of(self.bus),
             "uptime": round(time.time() - self.started, 3), "groups": groups,

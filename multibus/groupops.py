@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from multibus import order
 from multibus.fleet import WorkerSlot, WorkerState
@@ -285,8 +285,10 @@ class GroupOps:
             raise FleetError(f"no live worker in {', '.join(sorted(sel))} to signal")
         return f"sent to {', '.join(sent)}"
 
-    def group_rows(self) -> list[dict[str, object]]:
-        """Per group: name, state (STARTED, STOPPED, FATAL...), error (why FATAL), after."""
+    def group_row(self, name: str) -> dict[str, Any]:
+        """Group ``name``'s state (STARTED, STOPPED, FATAL...), error (why FATAL), after."""
         with self.keeper.cond:
-            return [{"name": g.name, "state": g.state(), "error": g.fatal,
-                     "after": list(g.spec.after)} for g in self.fleet.groups.values()]
+            g = self.fleet.groups.get(name)
+            if g is None:
+                return {}
+            return {"state": g.state(), "error": g.fatal, "after": list(g.spec.after)}

@@ -60,16 +60,17 @@ class Reloader:
     def keeper(self) -> Any:
         return self.sup.keeper
 
-    def generations(self) -> dict[str, tuple[int, int, int]]:
-        """Each group's code generation (0 until its first reload) and how many of its
-        running workers are on it and on an older one: {group: (generation, new, old)}."""
-        out = {}
+    def generation(self, name: str) -> dict[str, int]:
+        """Once group ``name`` has been reloaded: its code ``generation`` and how many of its
+        running workers are on it (``new``) or on an older one (``old``: a reload is under
+        way, or failed); nothing before its first reload."""
         with self.keeper.cond:
-            for name, g in self.sup.fleet.groups.items():
-                gens = [w.generation for w in g.slots.values() if w.alive]
-                new = sum(1 for x in gens if x >= g.generation)
-                out[name] = (g.generation, new, len(gens) - new)
-        return out
+            g = self.sup.fleet.groups.get(name)
+            if g is None or not g.generation:
+                return {}
+            gens = [w.generation for w in g.slots.values() if w.alive]
+            new = sum(1 for x in gens if x >= g.generation)
+            return {"generation": g.generation, "new": new, "old": len(gens) - new}
 
     def interrupt(self, why: str) -> None:
         """Stop a reload under way at its next step (any thread): 'exit' was asked for."""

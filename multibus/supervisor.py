@@ -501,12 +501,15 @@ class Supervisor:
         return None if w is None else w.pid
 
     def group_status(self, group: str) -> dict[str, Any]:
-        """What ``status --json`` adds to a group's entry at run time: ``replaced``
-        (replacements so far, by reason) where it sets max_memory or max_age."""
+        """What ``status --json`` adds to a group's entry at run time: its ``state``,
+        ``error`` (why FATAL) and ``after``; ``replaced`` (by reason) where it sets
+        max_memory or max_age; its code ``generation``, ``new`` and ``old`` once reloaded."""
+        out = self.groupops.group_row(group)
         spec = self.specs[group]
-        if not (spec.max_memory or spec.max_age):
-            return {}
-        return {"replaced": dict(self.recycler.replaced.get(group, {}))}
+        if spec.max_memory or spec.max_age:
+            out["replaced"] = dict(self.recycler.replaced.get(group, {}))
+        out.update(self.reloader.generation(group))
+        return out
 
     def scale(self, group: str, count: int, timeout: float | None = None) -> None:
         """Run ``count`` workers of ``group``: spawn new ones or stop the highest-numbered.

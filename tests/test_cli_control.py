@@ -39,15 +39,9 @@ class FakeGroups:
     def release_all(self) -> None:
         pass
 
-    def group_rows(self) -> list[dict]:
-        return []
-
 
 class FakeReloader:
-    """No reload ever ran: no code generations to show, nothing to interrupt."""
-
-    def generations(self) -> dict:
-        return {}
+    """No reload ever runs: nothing to interrupt."""
 
     def interrupt(self, why: str) -> None:
         pass
