@@ -316,7 +316,8 @@ class Control:
                          "max_age_jitter", "replaced": {"max_memory": n, "max_age": n},
                          and, only where set: "cmd" + "ready" (a program's),
                          "limits": {"user", "group", "umask", "rlimits"},
-                         "state" (STARTED, STOPPED, FATAL...), "error" (why FATAL), "after"}],
+                         "state" (STARTED, STOPPED, FATAL...), "error" (why FATAL), "after",
+                         once reloaded: "generation", "new", "old"}],
              "workers": [{"group", "name", "index", "pid", "state", "restarts",
                           "exit_code", "uptime", "cpu_percent", "memory_rss",
                           "launch" ('fork', 'exec (why)', 'cmd'; None before its first spawn)}],
@@ -325,7 +326,8 @@ class Control:
              "counters": {"control": {"invalid", "refused", "followers", "listening",
                                       "paused" (times it stopped listening: fd limit)},
                           "bridge": {BRIDGE_COUNTERS: the hub's; empty without one}},
-             "containment": 'cgroup PATH' | 'scan (marker MULTIBUS_FLEET=ID)' | 'none'}
+             "containment": 'cgroup PATH' | 'scan (marker MULTIBUS_FLEET=ID)' | 'none',
+             "sockets": [{"name", "address"}], a parent of hosts: "hosts" (see downstream)}
         """
         order = {g: i for i, g in enumerate(self.sup.specs)}  # groups in fleet-file order
         rows = self.sup.table()
