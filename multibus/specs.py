@@ -17,6 +17,7 @@ from typing import Any
 from multibus import order
 from multibus.names import WorkerName, valid_group
 from multibus.sockets import parse_address
+from multibus.targets import parse_signal
 
 __all__ = ["ON_FATAL", "RESTART_MODES", "SLOW_PEER_POLICIES", "SocketSpec", "SpecError",
            "WorkerSpec", "Intensity", "parse_size", "signal_name", "check_rlimits",
@@ -307,18 +308,15 @@ RLIM_INFINITY = -1  # resource.RLIM_INFINITY on Linux
 
 
 def signal_name(value: Any, what: str = "signal") -> str:
-    """'TERM' / 'sigterm' / 15 -> 'SIGTERM'; SpecError naming ``what`` otherwise."""
+    """'TERM' / 'sigterm' / 15 -> 'SIGTERM' (:func:`multibus.targets.parse_signal`, named);
+    SpecError naming ``what`` otherwise."""
     import signal
 
     try:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return signal.Signals(value).name
-        if isinstance(value, str):
-            text = value.strip().upper()
-            return signal.Signals[text if text.startswith("SIG") else "SIG" + text].name
-    except (KeyError, ValueError):
-        pass
-    raise SpecError(f"{what}: {value!r} is not a signal; use a name like 'SIGTERM' or 'HUP'")
+        return signal.Signals(parse_signal(value)).name
+    except ValueError:
+        raise SpecError(f"{what}: {value!r} is not a signal; use a name like 'SIGTERM' or "
+                        "'HUP'") from None
 
 
 def check_rlimits(value: Any, where: str) -> dict[str, tuple[int, int]]:

@@ -85,8 +85,9 @@ def only(st: dict[str, Any], targets: Iterable[str]) -> dict[str, Any]:
             "workers": workers}
 
 
-def parse_signal(text: str) -> int:
-    """'HUP', 'SIGHUP', 'hup' or '1' -> 1; ValueError naming the signal otherwise."""
+def parse_signal(value: str | int) -> int:
+    """'HUP', 'SIGHUP', 'hup', '1' or 1 -> 1; ValueError naming the signal otherwise."""
+    text = "" if isinstance(value, bool) else str(value).strip()
     if text.isdigit() and 0 < int(text) < signal.NSIG:
         return int(text)
     name = text.upper()
@@ -94,5 +95,5 @@ def parse_signal(text: str) -> int:
     try:
         return int(signal.Signals[name])
     except KeyError:
-        raise ValueError(f"unknown signal {text!r}; use a name like HUP or TERM, or a "
+        raise ValueError(f"unknown signal {value!r}; use a name like HUP or TERM, or a "
                          f"number from 1 to {signal.NSIG - 1}") from None
