@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from multibus.sockets import parse_address
+
 __all__ = ["ReadyCheck", "ReadyWait", "parse", "wait_ready"]
 
 FIRST_GAP = 0.01  # s between the first attempts
@@ -64,12 +66,14 @@ def parse(text: str) -> ReadyCheck:
     if not sep or not arg:
         raise ValueError(f"ready check {text!r}: {forms}")
     if kind == "tcp":
-        host, sep, port = arg.rpartition(":")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        try:  # the address grammar of [sockets.NAME], without unix: and port 0
+            family, addr = parse_address(arg)
+        except ValueError:
+            family, addr = socket.AF_UNIX, ""
+        if family == socket.AF_UNIX or not addr[1]:
             raise ValueError(f"ready check {text!r}: expected 'tcp:HOST:PORT' with a port "
                              "1-65535 (IPv6: 'tcp:[::1]:PORT')")
-        return ReadyCheck("tcp", host=host, port=int(port))
+        return ReadyCheck("tcp", host=addr[0], port=addr[1])
     if kind == "file":
         return ReadyCheck("file", path=arg)
     if kind == "delay":
