@@ -277,6 +277,11 @@ class SignalHandler:
         self._pending.append(signum)
         if self._defer is not None:
             self._defer(self._dispatch, True)  # ahead of queued work (control ops, ...)
+        if self._wakeup is not None:
+            # and the watcher thread notifies again: the notify above is lost when this
+            # handler runs in the main thread between bus.wait()'s check for deferred calls
+            # and its cond.wait() (it holds the reentrant lock itself then)
+            self._wakeup.wake()
 
     def _say_again(self) -> None:
         """Log ``interrupt_again_message`` once, after ``interrupt_again`` ran (never from
