@@ -60,6 +60,8 @@ class HubBridge(Protocol):
 
     def expect(self, name: str, secret: str) -> None: ...
 
+    def share_with(self, uid: int, gid: int) -> Any: ...  # endpoints for another user's workers
+
     def stats(self) -> dict[str, int]: ...
 
 

@@ -82,7 +82,7 @@ def _die_with_parent(libc: Any, parent_pid: int, sig: int) -> None:
         os._exit(EXIT_PARENT_GONE)
 
 
-def _switch_user(uid: int | None, gid: int | None, groups: list[int] | None) -> None:
+def switch_user(uid: int | None, gid: int | None, groups: list[int] | None) -> None:
     """Supplementary groups first, then the gid, then the uid (after which none can change)."""
     if groups is not None:
         os.setgroups(groups)
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     try:
         apply_rlimits(limits)
-        _switch_user(uid, gid, groups)
+        switch_user(uid, gid, groups)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"multibus.launcher: {e}\n")
         return EXIT_LAUNCH

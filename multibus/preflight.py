@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 from multibus.config import CHECK_TIMEOUT, ConfigError, FleetConfig
-from multibus.specs import WorkerSpec
+from multibus.specs import WorkerSpec, login_env, resolve_ids
 from multibus.worker import worker_env
 
 __all__ = ["check_program", "check_targets"]
@@ -63,11 +63,21 @@ def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
             if spec.cmd:
                 check_program(config, spec)
                 continue
-            p = subprocess.Popen(
-                [sys.executable, "-c", _CHECK, spec.target],
-                env=worker_env(spec), cwd=spec.cwd, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            )
+            uid, gid, groups = resolve_ids(spec.user, spec.group, spec.name)
+            env = worker_env(spec)
+            login_env(env, uid, spec)
+            try:
+                p = subprocess.Popen(  # as the group's user: what its workers can import
+                    [sys.executable, "-c", _CHECK, spec.target],
+                    env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                    user=uid, group=gid, extra_groups=groups,
+                )
+            except PermissionError as e:
+                raise ConfigError(
+                    f"{config.source}: groups.{spec.name}.user: user {spec.user!r} cannot run "
+                    f"{sys.executable} ({e.strerror}); install Python and multibus where "
+                    "that user can read them, or remove user") from None
             procs.append((spec, p))
         for spec, p in procs:
             try:
@@ -80,6 +90,9 @@ def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
                 why = lines[-1] if lines else f"exit status {p.returncode}"
                 hint = "" if ("PYTHONPATH" in why or "pip install" in why) else (
                     " (set pythonpath or cwd in the file, or PYTHONPATH)")
+                if spec.user is not None:
+                    why = f"as user {spec.user!r}: {why}"
+                    hint += "; that user must be able to read the code and the Python it runs"
                 raise ConfigError(f"{config.source}: groups.{spec.name}.target: {why}{hint}")
     finally:
         for _, p in procs:

@@ -10,6 +10,10 @@ Every hub (and so every supervisor) called ``NAME`` lives in one private directo
 * ``NAME.ctl``: a supervisor's control socket (:func:`control_path`);
 * ``NAME.pid``: a supervisor's default PID file (:func:`pid_path`).
 
+A root supervisor whose workers run as another user also binds its hub in the *shared* dir
+(:func:`shared_dir`: root's, 0711, so others may pass through but not list or write it) as
+``NAME.u<UID>.control``/``.down``/``.up``, each socket owned by that user and 0600.
+
 A killed hub leaves its files behind but not its lock (the kernel drops it), so files whose
 lock nobody holds are stale and :func:`sweep_stale` removes them. Claims work on *base* paths
 (``DIR/NAME``), so an explicit ipc address outside the runtime dir is claimed the same way.
@@ -41,8 +45,10 @@ __all__ = [
     "owner",
     "pid_path",
     "release",
+    "remove_sockets",
     "running_supervisors",
     "runtime_dir",
+    "shared_dir",
     "sweep_stale",
 ]
 
@@ -150,6 +156,32 @@ def runtime_dir(create: bool = True) -> Path:
     return path
 
 
+def shared_dir() -> Path:
+    """The directory where a root supervisor's hub also listens for workers that run as
+    another user (they cannot enter the private runtime dir): ``/run/multibus-shared``, or
+    ``/tmp/multibus-<uid>-shared`` without a writable /run. Created 0711 (others may pass
+    through to a socket they own, not list or write); refused (``UnsafeRuntimeDir``) when it
+    is a symlink, not a dir, not ours, or writable by others."""
+    uid = os.getuid()
+    base = "/run" if os.access("/run", os.W_OK | os.X_OK) else "/tmp"
+    path = Path(base) / ("multibus-shared" if base == "/run" else f"multibus-{uid}-shared")
+    try:
+        os.mkdir(path, 0o711)
+        os.chmod(path, 0o711)  # undo a restrictive umask; we just made it
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    remove = f"remove it (rm -r {path})"
+    if not stat.S_ISDIR(st.st_mode):
+        raise _unsafe(path, "it is not a directory (or a symlink)", remove)
+    if st.st_uid != uid:
+        raise _unsafe(path, f"owned by uid {st.st_uid}, not by us (uid {uid})", remove)
+    if stat.S_IMODE(st.st_mode) & 0o022:
+        raise _unsafe(path, f"mode {oct(stat.S_IMODE(st.st_mode))} lets others write in it",
+                      f"run `chmod 711 {path}`")
+    return path
+
+
 def name_path(name: str, create: bool = True) -> Path:
     """``<runtime dir>/<name>``: the base path of the files of the hub called ``name``
     (``ValueError`` for an invalid name)."""
@@ -182,6 +214,12 @@ def _unlink_socket(path: str | os.PathLike[str]) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def remove_sockets(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Unlink each path that is a socket (anything else, or nothing, is left alone)."""
+    for path in paths:
+        _unlink_socket(path)
 
 
 def is_held(base: str | os.PathLike[str]) -> bool:

@@ -17,7 +17,6 @@ A ``cmd`` group's program is never forked: it is exec'd through :mod:`multibus.l
 from __future__ import annotations
 
 import os
-import pwd
 import secrets
 import signal
 import threading
@@ -27,7 +26,7 @@ from typing import Any
 from multibus import launcher
 from multibus import sockets as listening
 from multibus.procs import Child, ProcessManager
-from multibus.specs import WorkerSpec, resolve_ids
+from multibus.specs import WorkerSpec, login_env, resolve_ids
 from multibus.worker import SECRET_ENV, worker_args, worker_env
 from multibus.zygoteclient import ZygoteClient
 
@@ -61,6 +60,9 @@ class Spawner:
         self.exec_why = "zygote disabled"  # why workers are exec'd while there is no zygote
         # the hub's Bridge.expect: each worker gets a fresh secret to prove in its hello
         self.expect: Callable[[str, str], None] | None = None
+        # the hub's Bridge.share_with: where a worker running as another user connects (it
+        # cannot enter our private runtime dir)
+        self.share: Callable[[int, int], Any] | None = None
         # the supervisor's listening sockets by name: a group's `sockets` are passed to
         # each of its workers (fd 3..., LISTEN_FDS; see multibus.sockets)
         self.sockets: dict[str, Any] = {}
@@ -109,18 +111,24 @@ class Spawner:
         programs = {name: self._spawn_program(name, spec) for name, spec in workers
                     if spec.cmd}
         reqs = []
-        envs: dict[str, dict[str, str]] = {}  # per group: the same for all its workers
+        done: dict[str, Child | OSError] = {}
+        groups: dict[str, tuple[Any, ...] | OSError] = {}  # per group: the same for its workers
         for name, spec in workers:
             if spec.cmd:
                 continue
+            if spec.name not in groups:
+                groups[spec.name] = self._bus_identity(spec, endpoints)
+            group = groups[spec.name]
+            if isinstance(group, OSError):
+                done[name] = group
+                continue
+            ids, group_endpoints, group_env = group
             args = worker_args(name, spec.target or "", parent_pid=os.getpid(),
-                               endpoints=endpoints,
+                               endpoints=group_endpoints,
                                stop_timeout=spec.stop_timeout, heartbeat=self.heartbeat,
                                peer_timeout=self.peer_timeout, channels=spec.channels,
-                               fleet=self.fleet, rlimits=spec.rlimits)
-            if spec.name not in envs:
-                envs[spec.name] = worker_env(spec)
-            env = dict(envs[spec.name])
+                               fleet=self.fleet, rlimits=spec.rlimits, ids=ids)
+            env = dict(group_env)
             if self.expect is not None:
                 env[SECRET_ENV] = secret = secrets.token_hex(16)
                 self.expect(name, secret)  # before the worker can say hello
@@ -129,7 +137,6 @@ class Spawner:
         z = self.zygote
         forked = (z.spawn_many(reqs) if z is not None
                   else [(None, self.exec_why)] * len(reqs))
-        done: dict[str, Child | OSError] = {}
         for (name, args, env, cwd, umask, fds), (child, why) in zip(reqs, forked, strict=True):
             if child is not None:
                 child.data["launch"] = "fork"
@@ -153,11 +160,7 @@ class Spawner:
         except ValueError as e:
             return OSError(str(e))
         env = {**os.environ, **spec.env, "MULTIBUS_WORKER": name}  # which one it is, as a worker
-        if uid is not None:  # as a login gives them, unless the group's env says otherwise
-            pw = pwd.getpwuid(uid)
-            for key, value in (("HOME", pw.pw_dir), ("USER", pw.pw_name),
-                               ("LOGNAME", pw.pw_name)):
-                env[key] = spec.env.get(key, value)
+        login_env(env, uid, spec)
         argv = [self.python, "-I", "-S", launcher.__file__, "--parent-pid", str(os.getpid()),
                 "--pdeathsig", str(int(signal.Signals[spec.stop_signal]))]
         for arg in launcher.format_rlimits(dict(spec.rlimits)):
@@ -175,6 +178,23 @@ class Spawner:
         child.data["launch"] = "cmd"
         child.data["program"] = True
         return child
+
+    def _bus_identity(self, spec: WorkerSpec, endpoints: str
+                      ) -> tuple[tuple[Any, ...], str, dict[str, str]] | OSError:
+        """A bus group's (uid, gid, groups), the hub endpoints its workers connect to, and
+        their environment; the OSError that keeps them from starting instead."""
+        try:
+            uid, gid, groups = resolve_ids(spec.user, spec.group, f"group {spec.name!r}")
+            if uid is not None:
+                if self.share is None:
+                    raise ValueError(f"group {spec.name!r}: user: this supervisor's hub cannot "
+                                     "listen for another user's workers")
+                endpoints = self.share(uid, gid).to_string()
+        except Exception as e:  # noqa: BLE001 - a SpecError or BridgeError: this group fails
+            return OSError(str(e))
+        env = worker_env(spec)
+        login_env(env, uid, spec)
+        return (uid, gid, groups), endpoints, env
 
     def _socket_fds(self, spec: WorkerSpec, env: dict[str, str]) -> tuple[int, ...]:
         """The descriptors of ``spec``'s sockets, named in ``env`` for the worker (whose

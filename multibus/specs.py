@@ -21,7 +21,7 @@ from multibus.targets import parse_signal
 
 __all__ = ["ON_FATAL", "RESTART_MODES", "SLOW_PEER_POLICIES", "SocketSpec", "SpecError",
            "WorkerSpec", "Intensity", "parse_size", "signal_name", "check_rlimits",
-           "resolve_ids"]
+           "resolve_ids", "login_env"]
 
 RESTART_MODES = ("permanent", "transient", "temporary")
 SLOW_PEER_POLICIES = ("drop", "restart")
@@ -84,8 +84,8 @@ class WorkerSpec:
         a program without a bus, whose state the supervisor drives (:mod:`multibus.programs`).
         ``ready`` (:mod:`multibus.readiness`) says when it counts as STARTED; ``stop_signal``
         (then SIGKILL after ``stop_timeout``) ends it, ``graceful_signal`` is its reload.
-    user, group: run as that user (its groups) / group; only the root can, and only a
-        ``cmd`` program (a bus worker must reach the supervisor's private sockets).
+    user, group: run as that user (its groups) / group; only the root can. A bus worker
+        then reaches its hub on sockets of that user's (``Bridge.share_with``).
     umask: the workers' umask (None: the supervisor's). rlimits: ``{"nofile": 4096}``
         (``resource.RLIMIT_*`` lower-case -> a limit for soft and hard, ``"unlimited"``, or
         ``[soft, hard]``), set in the child before its code runs.
@@ -269,7 +269,7 @@ class WorkerSpec:
             raise SpecError(f"{where}: umask {self.umask!r} must be an integer 0-0o777 "
                             "(e.g. 0o022)")
         object.__setattr__(self, "rlimits", check_rlimits(self.rlimits, where))
-        resolve_ids(self.user, self.group, where, bus=not cmd)
+        resolve_ids(self.user, self.group, where)
 
     def launch_settings(self) -> dict[str, Any]:
         """user, group, umask (octal text), rlimits (name -> [soft, hard], 'unlimited'): the
@@ -360,12 +360,11 @@ def check_rlimits(value: Any, where: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def resolve_ids(user: Any, group: Any, where: str, *,
-                bus: bool = False) -> tuple[int | None, int | None, list[int] | None]:
+def resolve_ids(user: Any, group: Any,
+                where: str) -> tuple[int | None, int | None, list[int] | None]:
     """(uid, gid, supplementary groups) to switch to for ``user``/``group`` names (None:
     keep ours); the user's own groups, as a login gives them. SpecError if one does not
-    exist, if we are not root, or for a bus worker (``bus``): it must reach the supervisor's
-    private sockets, which only the supervisor's user can."""
+    exist, or if we are not root."""
     import grp
     import os
     import pwd
@@ -392,12 +391,19 @@ def resolve_ids(user: Any, group: Any, where: str, *,
         raise SpecError(f"{where}: user/group: the supervisor must be root to run a group as "
                         f"another user or group (it runs as {me!r}); remove user/group or "
                         "start it as root")
-    if bus:
-        raise SpecError(f"{where}: user/group: a bus worker (target) runs as the supervisor's "
-                        "user, since only it can reach the supervisor's private sockets; run "
-                        "the supervisor as that user, or make the group a cmd program")
     groups = os.getgrouplist(pw.pw_name, gid) if pw else [gid]
     return uid, gid, sorted(set(groups))
+
+
+def login_env(env: dict[str, str], uid: int | None, spec: WorkerSpec) -> None:
+    """HOME, USER and LOGNAME as a login as ``uid`` gives them (None: leave ``env`` as it
+    is), unless the group's ``env`` sets them."""
+    if uid is not None:
+        import pwd
+
+        pw = pwd.getpwuid(uid)
+        for key, value in (("HOME", pw.pw_dir), ("USER", pw.pw_name), ("LOGNAME", pw.pw_name)):
+            env[key] = spec.env.get(key, value)
 
 
 @dataclass(frozen=True)

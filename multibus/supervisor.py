@@ -189,6 +189,7 @@ class Supervisor:
                 self.spawner.exec_why = "zygote needs subreaper=True"
             self.bridge = self._make_bridge()
             self.spawner.expect = self.bridge.expect  # each worker proves a secret in its hello
+            self.spawner.share = self.bridge.share_with  # for workers run as another user
             self.spawner.sockets = self.listening
             self.keeper.attach(self.spawner, self.bridge)
             if self.use_zygote:

@@ -5,7 +5,9 @@ Order matters and is the point of this module:
 1. ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, then exit if the parent pid we were given is no longer
    our parent (it died before the prctl took effect). Nothing else is imported first. Then
    the group's listening sockets go to fd 3... with ``LISTEN_PID`` = our pid
-   (:func:`multibus.sockets.adopt`), before anything else opens a descriptor.
+   (:func:`multibus.sockets.adopt`), before anything else opens a descriptor. Then the
+   group's rlimits and user (``--uid/--gid/--groups``; the parent-death signal, which a
+   change of ids clears, is set again).
 2. Build a Bus, load the target (``package.module:callable`` called with the bus so it can
    subscribe its plugins, and return) — *before* connecting, so the supervisor's 'start' can
    never reach a bus whose plugins are not subscribed yet. What the target logs on the bus
@@ -124,8 +126,10 @@ def _parse(argv: list[str]) -> dict[str, object]:
             opts["channels"].append(value)  # type: ignore[union-attr]
         elif key == "rlimit":
             opts.setdefault("rlimits", []).append(value)  # type: ignore[union-attr]
-        elif key in ("parent_pid",):
+        elif key in ("parent_pid", "uid", "gid"):
             opts[key] = int(value)
+        elif key == "groups":
+            opts[key] = [int(g) for g in value.split(",") if g]
         elif key == "heartbeat" and value.lower() in ("none", "off"):
             opts[key] = None  # no heartbeats: the supervisor watches our pidfd instead
         elif key in ("stop_timeout", "heartbeat", "peer_timeout"):
@@ -139,7 +143,8 @@ def _parse(argv: list[str]) -> dict[str, object]:
             raise SystemExit(
                 "usage: python -m multibus.worker --name NAME --target pkg.mod:callable "
                 "[--parent-pid PID] [--endpoints E] [--channel C]... [--stop-timeout S] "
-                "[--heartbeat S] [--peer-timeout S] [--fleet NAME] [--rlimit NAME=SOFT:HARD]..."
+                "[--heartbeat S] [--peer-timeout S] [--fleet NAME] [--rlimit NAME=SOFT:HARD]... "
+                "[--uid UID] [--gid GID] [--groups G,G...]"
             )
     return opts
 
@@ -156,10 +161,12 @@ def worker_args(
     channels: Iterable[str] = (),
     fleet: str | None = None,
     rlimits: Mapping[str, tuple[int, int]] | None = None,
+    ids: tuple[int | None, int | None, list[int] | None] = (None, None, None),
 ) -> list[str]:
     """The command line (after ``python -m multibus.worker``) that :func:`_parse` reads;
     ``fleet``, the supervisor's name, goes into the process title; ``rlimits`` (name ->
-    (soft, hard)) are set before the target is loaded."""
+    (soft, hard)) are set, and ``ids`` (uid, gid, supplementary groups; None: keep ours)
+    switched to, before the target is loaded."""
     argv = [
         "--parent-pid", str(parent_pid),
         "--name", name,
@@ -178,6 +185,12 @@ def worker_args(
 
         for arg in format_rlimits(dict(rlimits)):
             argv += ["--rlimit", arg]
+    uid, gid, groups = ids
+    for opt, value in (("--uid", uid), ("--gid", gid)):
+        if value is not None:
+            argv += [opt, str(value)]
+    if groups is not None:
+        argv += ["--groups", ",".join(map(str, groups))]
     return argv
 
 
@@ -266,6 +279,15 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as e:
             sys.stderr.write(f"multibus.worker {name}: {e}\n")
             return EXIT_BAD_TARGET
+    if "uid" in opts or "gid" in opts or "groups" in opts:  # the group's user, before its code
+        from multibus.launcher import switch_user
+
+        try:
+            switch_user(opts.get("uid"), opts.get("gid"), opts.get("groups"))  # type: ignore[arg-type]
+        except OSError as e:
+            sys.stderr.write(f"multibus.worker {name}: cannot switch to the group's user: {e}\n")
+            return EXIT_BAD_TARGET
+        die_with_parent(parent_pid)  # a change of ids cleared the parent-death signal
     set_title(name, opts.get("fleet"))  # type: ignore[arg-type]
     # the target (and anything it starts) can tell which worker it is, e.g. to pick a port
     os.environ["MULTIBUS_WORKER"] = name

@@ -34,9 +34,9 @@ What a fork cannot give is decided by the supervisor before asking (:func:`exec_
 
 A group's ``umask`` replaces the supervisor's in its request; its ``rlimits`` come as the
 worker's ``--rlimit`` arguments, which ``multibus.worker`` applies first thing, forked or
-exec'd. User and group: a bus worker keeps the supervisor's ids (only they reach its private
-sockets; see :func:`multibus.specs.resolve_ids`); a forked worker has them as an exec'd one
-would (checked per request, see above). Forked workers share the zygote's
+exec'd. A group's user and group come the same way (``--uid/--gid/--groups``), switched to
+before the target is imported; otherwise a forked worker has the supervisor's ids as an
+exec'd one would (checked per request, see above). Forked workers share the zygote's
 ``__main__`` module (``multibus.zygote``), not ``multibus.worker``'s.
 The supervisor's end is :class:`multibus.zygoteclient.ZygoteClient`.
 """
@@ -73,7 +73,8 @@ BATCH = 16  # fork requests one intermediate process serves
 # PYTHONSAFEPATH, PYTHONNOUSERSITE, PYTHONDEVMODE, ... and any later one) except those in
 # RUNTIME_PYTHON_VARS; LD_* (the dynamic loader: LD_PRELOAD, LD_LIBRARY_PATH...), MALLOC_* and
 # GLIBC_TUNABLES (glibc), LANG and LC_* (the locale, hence stdio and file name encodings).
-# TZ is honoured in the worker (time.tzset()); HOME only matters for the user site-packages.
+# TZ is honoured in the worker (time.tzset()); HOME only matters for the user site-packages
+# (when either HOME has them).
 STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "LC_")
 STARTUP_VARS = frozenset({"LANG", "GLIBC_TUNABLES"})
 RUNTIME_PYTHON_VARS = frozenset({
@@ -84,21 +85,24 @@ RUNTIME_PYTHON_VARS = frozenset({
 })
 
 
-def _acts_at_startup(key: str) -> bool:
+def _acts_at_startup(key: str, *homes: str | None) -> bool:
     if key in RUNTIME_PYTHON_VARS:
         return False
-    if key == "HOME":  # where the user site-packages directory is, if it is used
+    if key == "HOME":  # only where the user site-packages are, if used and either one exists
         import site
 
-        return bool(site.ENABLE_USER_SITE)
+        tail = os.path.join(".local", "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                            "site-packages")
+        return bool(site.ENABLE_USER_SITE) and any(
+            h and os.path.isdir(os.path.join(h, tail)) for h in homes)
     return key in STARTUP_VARS or key.startswith(STARTUP_PREFIXES)
 
 
 def exec_reason(env: dict[str, str], base_env: dict[str, str]) -> str | None:
     """Why a worker with environment ``env`` must be exec'd rather than forked from a zygote
     started with ``base_env`` (e.g. 'PYTHONHASHSEED set'); None: it can be forked."""
-    keys = sorted(k for k in set(env) | set(base_env)
-                  if env.get(k) != base_env.get(k) and _acts_at_startup(k))
+    keys = sorted(k for k in set(env) | set(base_env) if env.get(k) != base_env.get(k)
+                  and _acts_at_startup(k, env.get(k), base_env.get(k)))
     if not keys:
         return None
     said = [f"{k} {'set' if k not in base_env else 'unset' if k not in env else 'changed'}"

@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import stat
+import subprocess
 import sys
 
 import pytest
-from test_cli import mb, output, running, status, unique, wait_for
+import reachable
+from test_cli import mb, output, running, status, supervised, unique, wait_for
 from test_cmd_groups import assert_refused, started, toml_cmd, write_fleet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,8 +97,6 @@ pythonpath = [{TESTS!r}]
 
 
 @pytest.mark.parametrize("body, expected", [
-    ('[groups.x]\ntarget = "a:b"\nuser = "nobody"\n', "a bus worker (target) runs as the "
-                                                      "supervisor's user"),
     ('[groups.x]\ncmd = ["sleep", "1"]\nuser = "no-such-user-xyz"\n',
      "no user 'no-such-user-xyz'"),
     ('[groups.x]\ncmd = ["sleep", "1"]\ngroup = "no-such-group-xyz"\n',
@@ -138,3 +139,73 @@ def test_changing_user_needs_root():
     if "Permission denied" in r.stderr or "No module named" in r.stderr:
         pytest.skip(f"user 'nobody' cannot import multibus here: {r.stderr.strip()[-200:]}")
     assert "the supervisor must be root to run a group as another user" in r.stdout, r
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+@pytest.mark.parametrize("zygote", [True, False], ids=["forked", "exec"])
+def test_a_bus_worker_runs_as_another_user_and_still_reaches_its_hub(tmp_path, zygote):
+    """A target group with ``user``: the worker switches before its code runs and connects
+    to the hub's sockets in the shared dir, which only that user may open; lifecycle comes
+    down (graceful) and its bus log goes up; the shared sockets are gone after exit."""
+    from multibus.rundir import shared_dir
+
+    nobody = pwd.getpwnam("nobody")
+    name = unique("bu")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f"""[supervisor]
+name = "{name}"
+zygote = {str(zygote).lower()}
+[groups.low]
+target = "targets.limits_probe:identity"
+pythonpath = [{TESTS!r}]
+user = "nobody"
+count = 2
+""")
+    shared = [shared_dir() / f"{name}.u{nobody.pw_uid}.{s}" for s in ("control", "down", "up")]
+    argv = reachable.argv_for([sys.executable, "-m", "multibus", "run", str(fleet)])
+    with supervised(argv) as (proc, log):
+        rows = wait_for(lambda: started(name, "low", 2), 30, "both workers STARTED")
+        for row in rows:
+            st = proc_status(row["pid"])
+            assert st["Uid"].split() == [str(nobody.pw_uid)] * 4
+            assert st["Gid"].split() == [str(nobody.pw_gid)] * 4
+            assert "0" not in st["Groups"].split()
+            assert row["launch"] == ("fork" if zygote else "exec (zygote disabled)")
+        assert stat.S_IMODE(os.stat(shared_dir()).st_mode) == 0o711
+        for path in shared:
+            st = os.stat(path)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (nobody.pw_uid, 0o600), path
+        wait_for(lambda: output(log).count("started as uid 65534") >= 2, 30, "bus logs")
+        assert (f"IDENTITY low.0 uid={nobody.pw_uid} gid={nobody.pw_gid} "
+                f"groups=[{nobody.pw_gid}] home={nobody.pw_dir} user=nobody") in output(log)
+        assert mb("graceful", "low", "--name", name).returncode == 0
+        wait_for(lambda: output(log).count("graceful as uid 65534") >= 2, 30, "graceful")
+        assert mb("exit", "--name", name).returncode == 0
+        assert proc.wait(30) == 0
+    assert not [p for p in shared if os.path.lexists(p)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing user needs root")
+def test_a_target_the_user_cannot_read_is_refused_up_front(tmp_path):
+    """The import check runs as the group's user: code only root can read is a config error
+    (exit 2, one line naming the group, the user and the fix), and nothing starts."""
+    private = tmp_path / "private"  # under pytest's 0700 temp dir: root's alone
+    private.mkdir()
+    (private / "secretjob.py").write_text("def job(bus):\n    pass\n")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f"""[supervisor]
+name = "{unique("bur")}"
+[groups.low]
+target = "secretjob:job"
+pythonpath = [{str(private)!r}]
+user = "nobody"
+""")
+    argv = reachable.argv_for([sys.executable, "-m", "multibus", "run", str(fleet)])
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert ("groups.low.target: as user 'nobody': cannot import target 'secretjob:job': "
+            "ModuleNotFoundError: No module named 'secretjob'") in r.stderr
+    assert "that user must be able to read the code" in r.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 
 import psutil
@@ -312,6 +313,22 @@ def test_exec_reason_names_the_start_up_variables():
     assert exec_reason(dict(base, MALLOC_ARENA_MAX="2", LC_ALL="C", PYTHONMALLOC="malloc",
                             PYTHONWARNINGS="error"), base) == \
         "LC_ALL set, MALLOC_ARENA_MAX set, PYTHONMALLOC set and 1 more"
+
+
+def test_a_changed_home_forks_unless_either_home_has_user_site_packages(tmp_path):
+    """A group run as another user gets that user's HOME; Python reads HOME at start-up only
+    for the user site-packages, so the worker is forked unless either HOME has them."""
+    import site
+
+    from multibus.zygote import exec_reason
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    base = {"PATH": "/bin", "HOME": str(old)}
+    assert exec_reason(dict(base, HOME=str(new)), base) is None
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    (new / ".local" / "lib" / ver / "site-packages").mkdir(parents=True)
+    expected = "HOME changed" if site.ENABLE_USER_SITE else None
+    assert exec_reason(dict(base, HOME=str(new)), base) == expected
 
 
 @pytest.mark.timeout(60)

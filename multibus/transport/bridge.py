@@ -89,10 +89,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from multibus.rundir import remove_sockets
 from multibus.transport import wire
 from multibus.transport.applier import Applier
 from multibus.transport.dispatch import DISPATCH_BACKLOG, Dispatcher
-from multibus.transport.endpoints import Endpoints, private_ipc, remove_ipc
+from multibus.transport.endpoints import Endpoints, private_ipc, remove_ipc, shared_ipc
 from multibus.transport.hub import ACTIONS, HubSession, nonzero_u63
 from multibus.transport.iothread import LINGER_MS, IOThread
 from multibus.transport.keys import CurveConfig, require_security
@@ -189,6 +190,7 @@ class Bridge:
         self.epoch = nonzero_u63()
         self._hub = role == "hub"
         self._owns_ipc = False
+        self._shared: dict[int, Endpoints] = {}  # uid -> where peers running as it connect
         self._listeners: list[tuple[str, Any]] = []
         self._lifecycle_lock = threading.Lock()
         self._started = False
@@ -299,8 +301,41 @@ class Bridge:
             thread.join(LINGER_MS / 1000 + self.send_timeout + 2)
         self._dispatch.stop()
 
+    def share_with(self, uid: int, gid: int) -> Endpoints:
+        """(hub, once subscribed) Endpoints where peers running as user ``uid`` (group
+        ``gid``) can connect to this hub, which only this process's user can reach at its own
+        ipc endpoints: the hub also listens in the shared dir, on sockets only ``uid`` may
+        open (:func:`multibus.transport.endpoints.shared_ipc`). Made once per uid; removed
+        when the hub closes. Raises ``BridgeError`` if they cannot be bound."""
+        if not self._hub or not self._started or not self._owns_ipc:
+            raise BridgeError(f"Bridge.share_with() is for a started hub on its own ipc "
+                              f"endpoints; {self.name!r} is not one")
+        with self._lifecycle_lock:
+            if uid in self._shared:
+                return self._shared[uid]
+            ep = shared_ipc(self.name, uid)
+            done = threading.Event()
+            failed: list[BaseException] = []
+
+            def bind() -> None:
+                try:
+                    self._session.share(ep, uid, gid)  # type: ignore[union-attr]
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    failed.append(e)
+                done.set()
+
+            self._io.call(bind)
+            if not done.wait(10) or failed:
+                raise BridgeError(f"hub {self.name!r} could not listen for user {uid} at {ep}: "
+                                  f"{failed[0] if failed else 'its I/O thread did not answer'}")
+            self._shared[uid] = ep
+            return ep
+
     def _remove_ipc(self) -> None:
-        """(I/O thread, its sockets closed) Give back the ipc name, if we chose it."""
+        """(I/O thread, its sockets closed) Give back the ipc name, if we chose it, and the
+        shared endpoints."""
+        for ep in self._shared.values():
+            remove_sockets(ep.ipc_paths())
         if self._owns_ipc and self.endpoints is not None:
             try:
                 remove_ipc(self.endpoints)

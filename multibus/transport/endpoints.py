@@ -36,6 +36,7 @@ __all__ = [
     "ipc_owner",
     "private_ipc",
     "remove_ipc",
+    "shared_ipc",
 ]
 
 IPC_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, including the NUL
@@ -248,6 +249,16 @@ def private_ipc(name: str) -> Endpoints:
     endpoints = _ipc_for(check_name(name), directory)
     claim_ipc(endpoints)
     sweep_stale(directory)
+    return endpoints
+
+
+def shared_ipc(name: str, uid: int) -> Endpoints:
+    """Endpoints in :func:`multibus.rundir.shared_dir` where the hub ``name`` (whose private
+    endpoints this process has claimed) also listens for peers running as user ``uid``:
+    ``NAME.u<UID>.control``/``.down``/``.up``. Stale sockets there are removed (the name's
+    lock is ours, so they are a dead hub's)."""
+    endpoints = _ipc_for(f"{check_name(name)}.u{int(uid)}", rundir.shared_dir())
+    rundir.remove_sockets(endpoints.ipc_paths())
     return endpoints
 
 

@@ -19,6 +19,7 @@ with EHOSTUNREACH for the gone peer.
 from __future__ import annotations
 
 import hmac
+import os
 import random
 import threading
 import time
@@ -136,6 +137,7 @@ class HubSession:
         self._probe_start = 0.0
         self._next_hb = 0.0
         self._auth: Any = None
+        self._bound: tuple[zmq.Socket, ...] = ()  # control, down, up: what share() binds too
         self.fanout: Fanout | None = None
         self.secrets: dict[str, str] = {}  # name -> the secret its hello must carry
 
@@ -168,11 +170,21 @@ class HubSession:
                              up.last_endpoint.decode())
         if resolved != ep:
             cfg.endpoints = resolved
+        self._bound = (control, down, up)
         self.fanout = Fanout(down, self.stats, cfg.send_timeout,
                              log=lambda text, level: io.emit(
                                  "log", f"multibus bridge {cfg.name!r}: {text}", level),
                              on_slow=self._slow)
         return control, up, self.fanout, down
+
+    def share(self, ep: Endpoints, uid: int, gid: int) -> None:
+        """(I/O thread) Listen on ``ep`` too, for peers running as ``uid``: each socket file
+        is made theirs and 0600, so only they (and we) can connect; their hello still has to
+        prove its secret."""
+        for sock, url, path in zip(self._bound, ep.urls(), ep.ipc_paths(), strict=True):
+            sock.bind(url)
+            os.chown(path, uid, gid)
+            os.chmod(path, 0o600)
 
     def opened(self) -> None:
         self._next_hb = time.monotonic()
