@@ -209,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-exec", action="store_true", help="skip multibus without zygote")
     ap.add_argument("--no-logs", action="store_true", help="skip the log throughput run")
     args = ap.parse_args(argv)
+    # A stop is SIGINT to the supervisor: started in the background of a shell without job
+    # control, this driver (and so every child) inherits SIGINT ignored, and a stop would wait
+    # out the 60 s limit. A handled signal is reset to the default at exec: children get it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sizes = [int(x) for x in args.sizes.split(",")]
     tmp = tempfile.mkdtemp(prefix="bench-fleet-")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
