@@ -26,6 +26,7 @@ systems taking turns (idle and respawn: the first launch of 10):
   a file (multibus: the LogPrinter of ``multibus run``; Circus: its stream redirector to a
   FileStream); first to last line seen in the file, with lines lost and out of order per worker.
 
+multibus's bytecode is compiled first (``compileall``), as an installed package has it.
 Targets (issue 18) are checked at the end. Circus is the ``bench`` extra
 (``pip install circus==0.19.0``).
 """
@@ -209,7 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-exec", action="store_true", help="skip multibus without zygote")
     ap.add_argument("--no-logs", action="store_true", help="skip the log throughput run")
     args = ap.parse_args(argv)
+    # A stop is SIGINT to the supervisor: started in the background of a shell without job
+    # control, this driver (and so every child) inherits SIGINT ignored, and a stop would wait
+    # out the 60 s limit. A handled signal is reset to the default at exec: children get it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sizes = [int(x) for x in args.sizes.split(",")]
+    # Bytecode, as an installed package has it: with PYTHONDONTWRITEBYTECODE set and no
+    # __pycache__ (a fresh checkout), every exec'd worker (Circus's, bare's, mb-exec's)
+    # would compile multibus from source at each start, which no deployment does.
+    import compileall
+
+    for d in (os.path.join(ROOT, "multibus"), HERE):
+        compileall.compile_dir(d, quiet=1)
     tmp = tempfile.mkdtemp(prefix="bench-fleet-")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, ROOT]))
     circus = None if args.no_circus else shutil.which("circusd")

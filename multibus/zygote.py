@@ -304,6 +304,10 @@ def _shrink() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (AttributeError, OSError):  # not glibc
         pass
+    # What is left is the workers' shared heap: out of the collector's reach, a worker's
+    # collections never write to it (each write copies a page on write: more to fault in at
+    # start and to free at exit, per worker)
+    gc.freeze()
 
 
 def _fork_workers(sock: socket.socket, batch: list[tuple[dict[str, Any], list[int]]]

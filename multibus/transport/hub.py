@@ -18,7 +18,6 @@ with EHOSTUNREACH for the gone peer.
 
 from __future__ import annotations
 
-import hmac
 import os
 import random
 import threading
@@ -313,6 +312,8 @@ class HubSession:
 
     def _hello(self, ident: bytes, name: str, msg: dict[str, Any], now: float) -> None:
         if self.secrets:
+            import hmac  # here: a worker importing the bridge skips OpenSSL's _hashlib (~3 ms)
+
             expected = self.secrets.get(name)
             if expected is None or not hmac.compare_digest(
                     msg.get("secret", "").encode(), expected.encode()):
