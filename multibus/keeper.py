@@ -79,6 +79,7 @@ class Keeper:
         self.policy = policy
         self.log = log
         self.log_output = log_output
+        self.speaking: Child | None = None  # the process whose output on_lines is logging
         self.term_timeout = term_timeout
         self.cond = threading.Condition(threading.RLock())
         self.running = False  # spawns and restarts allowed (between start and stop)
@@ -321,11 +322,15 @@ class Keeper:
         if self.log_output:
             level = 20 if stream == "stdout" else 30
             log_lines = getattr(self.bus, "log_lines", None)
-            if log_lines is not None:
-                log_lines(child.name, lines, level)
-            else:  # another bus (cherrypy.engine): a line at a time
-                for line in lines:
-                    self.bus.log(f"{child.name} | {line}", level)
+            self.speaking = child  # whose lines these are, before its slot may know its pid
+            try:
+                if log_lines is not None:
+                    log_lines(child.name, lines, level)
+                else:  # another bus (cherrypy.engine): a line at a time
+                    for line in lines:
+                        self.bus.log(f"{child.name} | {line}", level)
+            finally:
+                self.speaking = None
 
     def on_adopted(self, pid: int, rc: int) -> None:
         self.log(f"reaped orphaned process {pid} (exit status {rc})", 20)

@@ -497,7 +497,11 @@ class Supervisor:
         return _replace(self, name, pid, reason)
 
     def pid_of(self, name: str) -> int | None:
-        """The pid of worker ``name``'s process (None: no such worker or process)."""
+        """The pid of worker ``name``'s process (None: no such worker or process); while its
+        output is being logged, of the process that wrote it (its slot may not know it yet)."""
+        child = self.keeper.speaking
+        if child is not None and child.name == name:
+            return child.pid
         w = self.fleet.get(name)
         return None if w is None else w.pid
 
