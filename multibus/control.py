@@ -75,7 +75,7 @@ __all__ = [
 MAX_REQUEST = 64 * 1024
 #: The bridge counters ``status`` shows under "counters" -> "bridge": trouble, not traffic.
 BRIDGE_COUNTERS = ("invalid", "gaps", "lost", "stale", "dropped", "handshake_failed",
-                   "zap_refused")
+                   "zap_refused", "name_refused")
 _HZ = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time and start time in ticks
 _PAGE = os.sysconf("SC_PAGE_SIZE")  # ... and RSS in pages
 

@@ -1,7 +1,8 @@
 """A parent supervisor's child supervisors, one per host (``[downstream]``).
 
 The parent binds a hub-role :class:`~multibus.transport.Bridge` on ``listen`` (tcp, CURVE,
-a ZAP allow-list of the hosts' public keys) next to its local workers' hub; each child
+a ZAP allow-list of the hosts' public keys, each bound to its host's name: a host can join
+only under its own) next to its local workers' hub; each child
 supervisor joins it as a peer named by its host (:mod:`multibus.upstream`). Fleet-wide
 lifecycle is the bridge's desired state: the parent bus's ``start``, ``stop`` and ``exit``
 command every host (and every host that joins later) and wait until each connected host's
@@ -79,8 +80,9 @@ class Downstream:
             ("hosts.status", self._status, 50), ("hosts.done", self._op_done, 50),
         ):
             self.bus.subscribe(channel, cb, prio)
-        self.bus.log(f"downstream: hosts join at {self.cfg.listen} "
-                     f"({len(self.cfg.curve.allowed)} keys allowed)")
+        hosts = sorted(name for _, name in self.cfg.curve.names)
+        self.bus.log(f"downstream: hosts join at {self.cfg.listen} (allowed: "
+                     f"{', '.join(hosts) or f'{len(self.cfg.curve.allowed)} keys'})")
         return self
 
     # -- events (the bridge's dispatch thread) ----------------------------------------

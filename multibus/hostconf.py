@@ -4,6 +4,12 @@ A child supervisor joins a parent (``[upstream]``, or ``multibus run --join ADDR
 parent takes children whose CURVE public keys it lists (``[downstream]``). Both need tcp with
 CURVE keys, loaded here, when the file is read, so a missing, malformed or world-readable
 key refuses the run with one line (exit 2) before anything starts.
+
+A host's name is bound to its key: each ``allow`` entry names the one host its key may join
+as, a key file by its stem (``"keys/host-b.key"``: host ``host-b``) or a table ``{ host-b =
+"keys/b.key" }``. The child's host name (``upstream.host``, else its supervisor's name) must
+be that name: the parent's hub refuses every frame a host sends under another name, so one
+host cannot pass itself off as another (claim its name, get its commands, report its status).
 :mod:`multibus.upstream` and :mod:`multibus.downstream` use these values.
 """
 
@@ -49,8 +55,9 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class DownstreamConfig:
     """Where this supervisor takes child supervisors: ``listen`` (tcp://ADDR:PORT, ports
-    PORT..PORT+2), its CURVE keys with the allow-list of child public keys, and ``timeout``
-    (seconds of silence after which a host is LOST)."""
+    PORT..PORT+2), its CURVE keys with the allow-list of child public keys, each bound to
+    the host name it may join as, and ``timeout`` (seconds of silence after which a host is
+    LOST)."""
 
     listen: str
     curve: CurveConfig
@@ -87,16 +94,54 @@ def _timeout(c: Any, key: str, table: Mapping[str, Any]) -> float:
     return timeout
 
 
+def _host_name(c: Any, key: str, host: Any) -> str:
+    if not valid_name(host) or WorkerName.parse(host) is not None:
+        raise c.fail(key, "a host name of [A-Za-z0-9_.-], not shaped like a worker name "
+                     "(group.N)", host)
+    return host
+
+
+ALLOW_HINT = 'allow = ["keys/host-b.key"] (host-b: the file\'s stem) or [{ host-b = "b.key" }]'
+
+
+def _allow(c: Any, entries: Any, base: Path) -> dict[bytes, str]:
+    """``downstream.allow``: each host's public key -> that host's name. An entry is a key
+    file, allowed for the host named by its stem (``keys/host-b.key``: ``host-b``), or a
+    table ``{ HOST = "FILE" }``."""
+    key = "downstream.allow"
+    if not isinstance(entries, list) or not entries:
+        raise c.fail(key, f"the public key files of the hosts allowed to join: {ALLOW_HINT}",
+                     entries, got=not isinstance(entries, list))
+    pairs: list[tuple[str, str]] = []
+    for entry in entries:
+        if isinstance(entry, str) and entry:
+            pairs.append((_host_name(c, key, Path(entry).stem), entry))
+        elif isinstance(entry, dict) and entry:
+            pairs += [(_host_name(c, key, h), c.string(key, f)) for h, f in entry.items()]
+        else:
+            raise c.fail(key, f"key files or {{ HOST = FILE }} tables: {ALLOW_HINT}", entry)
+    allowed: dict[bytes, str] = {}
+    files: dict[str, str] = {}
+    for host, path in pairs:
+        public = _keys(c, key, base / path, True).public
+        if host in files:
+            raise c.fail(key, f"one key per host, but host {host!r} is given {files[host]} "
+                         f"and {path}", got=False)
+        if public in allowed:
+            raise c.fail(key, f"one host per key, but {path} is the key of host "
+                         f"{allowed[public]!r} too; make each host its own key", got=False)
+        files[host] = path
+        allowed[public] = host
+    return allowed
+
+
 def parse_upstream(c: Any, table: Mapping[str, Any], base: Path) -> UpstreamConfig:
     """``[upstream]`` (``c``: the config's checker, whose ``fail`` makes a ConfigError)."""
     c.keys("upstream", table, UPSTREAM_KEYS)
     address = _tcp(c, "upstream.address", table["address"]) if "address" in table else None
     host = None
     if "host" in table:
-        host = c.string("upstream.host", table["host"])
-        if not valid_name(host) or WorkerName.parse(host) is not None:
-            raise c.fail("upstream.host", "a host name of [A-Za-z0-9_.-], not shaped like a "
-                         "worker name (group.N)", host)
+        host = _host_name(c, "upstream.host", c.string("upstream.host", table["host"]))
     for k in ("key", "server_key"):
         if k not in table:
             raise c.fail(f"upstream.{k}", "a key file: key = this host's NAME.key_secret, "
@@ -119,10 +164,6 @@ def parse_downstream(c: Any, table: Mapping[str, Any], base: Path) -> Downstream
     if "key" not in table:
         raise c.fail("downstream.key", "this supervisor's NAME.key_secret", got=False)
     keys = _keys(c, "downstream.key", base / c.string("downstream.key", table["key"]))
-    allow = c.strings("downstream.allow", table.get("allow", []))
-    if not allow:
-        raise c.fail("downstream.allow", "the public key files of the hosts allowed to join "
-                     '(allow = ["keys/host-b.key"])', got=False)
-    public = [_keys(c, "downstream.allow", base / p, True).public for p in allow]
-    return DownstreamConfig(listen, CurveConfig.hub(keys, public),
+    allowed = _allow(c, table.get("allow", []), base)
+    return DownstreamConfig(listen, CurveConfig.hub(keys, allowed),
                             _timeout(c, "downstream.timeout", table))

@@ -93,7 +93,8 @@ _TROUBLE = (("control", "invalid", "invalid control request"),
             ("bridge", "lost", "lost message"), ("bridge", "stale", "stale batch"),
             ("bridge", "dropped", "dropped message"),
             ("bridge", "handshake_failed", "failed handshake"),
-            ("bridge", "zap_refused", "refused CURVE key"))
+            ("bridge", "zap_refused", "refused CURVE key"),
+            ("bridge", "name_refused", "refused peer name"))
 
 
 def _trouble(counters: dict[str, dict[str, int]]) -> str:

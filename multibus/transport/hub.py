@@ -14,6 +14,12 @@ Commands are desired state, resent until acked; a peer
 that says hello again gets the current desired state. Lost: heartbeat silence, a 'bye', or
 (``heartbeat=None``) a control disconnect followed by probes that ROUTER_MANDATORY answers
 with EHOSTUNREACH for the gone peer.
+
+Names and keys (CURVE, an allow-list that binds keys to names: see ``CurveConfig``): a
+peer's name is its routing id, so every frame on 'control' and 'up' is checked against the
+ZAP User-Id of its connection (the client's public key): a peer whose key was allowed under
+another name is refused (``name_refused``, warned about rate-limited) and gets no answer.
+Without CURVE (ipc: the local workers) nothing is checked and frames are read as before.
 """
 
 from __future__ import annotations
@@ -139,6 +145,10 @@ class HubSession:
         self._bound: tuple[zmq.Socket, ...] = ()  # control, down, up: what share() binds too
         self.fanout: Fanout | None = None
         self.secrets: dict[str, str] = {}  # name -> the secret its hello must carry
+        # (CURVE, some keys bound to a name) User-Id (z85 key) -> the routing id it may use
+        # (None: any); the I/O thread calls name_check on each frame of 'control' and 'up'
+        self._key_names: dict[str, bytes | None] = {}
+        self.name_check: Any = None
 
     # ---------------------------------------------------------------- sockets
 
@@ -148,6 +158,10 @@ class HubSession:
         if cfg.curve is not None:
             self._auth = start_authenticator(io._ctx, cfg.curve.allowed,
                                              lambda: self.stats.report("zap_refused"))
+            if cfg.curve.names:
+                self._key_names = {k.decode(): None if n is None else n.encode()
+                                   for k, n in cfg.curve.key_names().items()}
+                self.name_check = self._name_ok
         control = io.make_socket(zmq.ROUTER, "control")
         control.router_mandatory = 1
         # no handover: a second connection naming a connected peer is refused by libzmq, so
@@ -187,6 +201,31 @@ class HubSession:
 
     def opened(self) -> None:
         self._next_hb = time.monotonic()
+
+    def _name_ok(self, ident: bytes, frame: zmq.Frame, label: str) -> bool:
+        """(CURVE) Whether the connection a frame came on may use the name ``ident``: its
+        key (the ZAP User-Id) is allowed under that name, or under none. Else the frame is
+        refused, counted, warned about (rate-limited), and not answered; a link of that
+        name loses its connection (the routing id is the other peer's now: the ROUTER hands
+        a name to one connection at a time)."""
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:  # no ZAP User-Id: not a CURVE connection we let in
+            user = ""
+        bound = self._key_names.get(user, b"")
+        if bound is None or bound == ident:
+            return True
+        self.stats.name_refused += 1
+        name = ident.decode("ascii", "replace")
+        self.io.warn("name", f"refused a {label} frame from a peer calling itself {name!r} "
+                     f"whose CURVE key was allowed as {bound.decode()!r}" if bound else
+                     f"refused a {label} frame from a peer calling itself {name!r} without "
+                     "an allowed CURVE key", 30)
+        with self.lock:
+            link = self.links.get(name)
+        if link is not None and link.connected and link.ident == ident:
+            self._lose(link, "disconnected")
+        return False
 
     def after_close(self) -> None:
         if self._auth is not None:

@@ -6,7 +6,9 @@ it (zmq sockets are not thread-safe). Other threads hand it work through the
 logs), and wake its ``poll()`` through the one :class:`~multibus.wakeup.Wakeup`.
 
 It is role-agnostic: the role's session (``hub.HubSession`` or ``peer.PeerSession``) sets
-up the sockets, handles control frames, monitor events and timers. What is the same for both
+up the sockets, handles control frames, monitor events and timers (and, where it has a
+``name_check``, vets each frame's sender by its connection's ZAP User-Id: read as
+``zmq.Frame`` objects only then, so the ipc path is unchanged). What is the same for both
 roles lives here: validating every frame, mirrored batches in (sequence gaps, no echo, relay)
 and out (the outbox), pausing input while the dispatch thread is behind, and closing with a
 bounded LINGER.
@@ -239,6 +241,8 @@ class IOThread:
         self._seqs: dict[tuple[str, int], int] = {}
         self._own_prefix = wire.origin_prefix("pub", self.cfg.name)
         self._hub = self.cfg.role == "hub"
+        # (hub, CURVE with names bound to keys) may this connection use this name?
+        self._name_check = getattr(session, "name_check", None)
         self.next_tick = time.monotonic()
         session.opened()
 
@@ -314,14 +318,21 @@ class IOThread:
         session = self.session
         parts = session.CONTROL_PARTS
         outbox = self.outbox
+        check = self._name_check
         for _ in range(256):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                if check is None:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                else:  # frames, to read their connection's User-Id
+                    zframes = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = [f.bytes for f in zframes]
             except zmq.Again:
                 return
             self.stats.frames_in += 1
             if len(frames) != parts:
                 self.invalid("frames", f"control message of {len(frames)} frames")
+                continue
+            if check is not None and not check(frames[0], zframes[-1], "control"):
                 continue
             try:
                 kind, msg = wire.decode(frames[-1], outbox.frame_limit)
@@ -337,17 +348,24 @@ class IOThread:
         outbox = self.outbox
         session = self.session
         parts = session.DATA_PARTS
+        check = self._name_check
         for _ in range(64):
             if disp.put_count - disp.done >= DISPATCH_BACKLOG or \
                     len(outbox.pending) >= PENDING_FRAMES:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                if check is None:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+                else:
+                    zframes = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = [f.bytes for f in zframes]
             except zmq.Again:
                 return
             st.frames_in += 1
             if len(frames) != parts:
                 self.invalid("frames", f"data message of {len(frames)} frames")
+                continue
+            if check is not None and not check(frames[0], zframes[-1], "up"):
                 continue
             frame = frames[-1]
             if frame.startswith(self._own_prefix, 1):

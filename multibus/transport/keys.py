@@ -15,7 +15,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KEYGEN_HINT",
+    "AllowList",
     "CurveConfig",
     "CurveKeys",
     "TransportSecurityError",
@@ -94,32 +95,50 @@ class CurveKeys(_Value):
         return f"CurveKeys(public={self.public.decode()!r}, secret={hidden})"
 
 
+#: A hub's allowed client keys: a list, or a mapping key -> the peer name it may use (None: any).
+AllowList = Iterable[bytes | str | CurveKeys] | Mapping[bytes | str | CurveKeys, str | None]
+
+
 class CurveConfig(_Value):
     """What a bridge needs for CURVE: its own ``keys``; on a hub the ``allowed`` client public
     keys (an allow-list, enforced by ``start_authenticator``); on a peer the hub's public key
-    ``server_public``."""
+    ``server_public``.
 
-    __slots__ = ("keys", "server_public", "allowed")
+    A hub's allow-list may bind a key to a peer name: ``allowed`` given as a mapping {public
+    key: name or None}. A peer whose key is bound may use only that name (the hub refuses,
+    and counts as ``name_refused``, every frame it sends under another one), so one allowed
+    peer cannot pass itself off as another; a key bound to None (or given in a plain list)
+    may use any name. ``names`` holds the bound (key, name) pairs, sorted."""
+
+    __slots__ = ("keys", "server_public", "allowed", "names")
     keys: CurveKeys
     server_public: bytes | None
     allowed: frozenset[bytes]
+    names: tuple[tuple[bytes, str], ...]
 
     def __init__(
         self,
         keys: CurveKeys,
         server_public: bytes | str | None = None,
-        allowed: Iterable[bytes | str | CurveKeys] = frozenset(),
+        allowed: AllowList = frozenset(),
     ) -> None:
+        allowed_keys, names = _allow_list(allowed, require=False)
         self._init(
             keys=keys,
             server_public=(None if server_public is None
                            else _z85_key(server_public, "server public key")),
-            allowed=_allow_list(allowed, require=False),
+            allowed=allowed_keys,
+            names=names,
         )
 
     @classmethod
-    def hub(cls, keys: CurveKeys, allowed: Iterable[bytes | str | CurveKeys]) -> CurveConfig:
-        return cls(keys, allowed=_allow_list(allowed, require=True))
+    def hub(cls, keys: CurveKeys, allowed: AllowList) -> CurveConfig:
+        """A hub's config: ``allowed`` a list of client keys, or a mapping key -> the peer
+        name that key may use (None: any)."""
+        cfg = cls(keys, allowed=allowed)
+        if not cfg.allowed:
+            _allow_list((), require=True)  # raises, saying why
+        return cfg
 
     @classmethod
     def peer(cls, keys: CurveKeys, server_public: bytes | str | CurveKeys) -> CurveConfig:
@@ -127,26 +146,41 @@ class CurveConfig(_Value):
             server_public = server_public.public
         return cls(keys, server_public=_z85_key(server_public, "server public key"))
 
+    def key_names(self) -> dict[bytes, str | None]:
+        """Every allowed key -> the one peer name it may use (None: any name)."""
+        bound = dict(self.names)
+        return {key: bound.get(key) for key in self.allowed}
+
     def __repr__(self) -> str:
         server = self.server_public.decode() if self.server_public else None
         return (
             f"CurveConfig(keys={self.keys!r}, server_public={server!r}, "
-            f"allowed={len(self.allowed)} keys)"
+            f"allowed={len(self.allowed)} keys, {len(self.names)} bound to a name)"
         )
 
 
-def _allow_list(keys: Iterable[bytes | str | CurveKeys], require: bool) -> frozenset[bytes]:
+def _allow_list(keys: AllowList, require: bool
+                ) -> tuple[frozenset[bytes], tuple[tuple[bytes, str], ...]]:
+    """The allowed keys and the (key, name) pairs of those bound to a name."""
     if isinstance(keys, (bytes, str, CurveKeys)):
         keys = [keys]
-    out = frozenset(
-        _z85_key(k.public if isinstance(k, CurveKeys) else k, "allowed public key") for k in keys
-    )
+    names: dict[bytes, str] = {}
+    out: set[bytes] = set()
+    for k, name in (keys.items() if isinstance(keys, Mapping) else ((k, None) for k in keys)):
+        key = _z85_key(k.public if isinstance(k, CurveKeys) else k, "allowed public key")
+        out.add(key)
+        if name is not None:
+            try:
+                check_name(name, "peer name for an allowed key")
+            except ValueError as exc:
+                raise TransportSecurityError(str(exc)) from None
+            names[key] = name
     if require and not out:
         raise TransportSecurityError(
             "empty CURVE allow-list: a hub must name the client public keys it accepts "
             f"(make a keypair per client with `{KEYGEN_HINT}`)"
         )
-    return out
+    return frozenset(out), tuple(sorted(names.items()))
 
 
 def make_keys(
@@ -227,6 +261,7 @@ def dump_curve(curve: CurveConfig) -> bytes:
         "secret": curve.keys.secret.decode() if curve.keys.secret else None,
         "server_public": curve.server_public.decode() if curve.server_public else None,
         "allowed": sorted(k.decode() for k in curve.allowed),
+        "names": {k.decode(): n for k, n in curve.names},
     }
     return json.dumps(doc).encode()
 
@@ -234,12 +269,13 @@ def dump_curve(curve: CurveConfig) -> bytes:
 def load_curve(data: bytes) -> CurveConfig:
     try:
         doc = json.loads(data)
+        names = doc.get("names", {})
         return CurveConfig(
             CurveKeys(doc["public"], doc["secret"]),
             server_public=doc["server_public"],
-            allowed=frozenset(doc["allowed"]),
+            allowed={k: names.get(k) for k in doc["allowed"]},
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TransportSecurityError(f"malformed CURVE key data: {exc}") from None
 
 
@@ -362,7 +398,7 @@ class _AllowList:
 
 
 def start_authenticator(
-    ctx: zmq.Context, allowed_public_keys: Iterable[bytes | str | CurveKeys],
+    ctx: zmq.Context, allowed_public_keys: AllowList,
     on_refused: Callable[[], Any] | None = None,
 ) -> ThreadAuthenticator:
     """Start a ZAP handler on ``ctx`` that admits only CURVE clients whose public key is in
@@ -374,7 +410,7 @@ def start_authenticator(
 
     from zmq.auth.thread import ThreadAuthenticator
 
-    allowed = _allow_list(allowed_public_keys, require=True)
+    allowed = _allow_list(allowed_public_keys, require=True)[0]
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("multibus.transport.auth"))
     auth.configure_curve_callback(
         "*", _AllowList(allowed, logging.getLogger("multibus.transport.keys"), on_refused)

@@ -49,6 +49,7 @@ COUNTERS = (
     "disconnects",
     "accepted",
     "zap_refused",  # (hub, CURVE) clients refused by the ZAP allow-list
+    "name_refused",  # (hub, CURVE) frames from a peer whose key is allowed under another name
     "internal_errors",  # a bug caught in the I/O or dispatch thread (logged with traceback)
     "dispatch_errors",  # a local listener failed on a received message or event
 )
