@@ -31,7 +31,7 @@ from multibus.actions import (
     _targets,
     state_of,
 )
-from multibus.names import WorkerName, valid_group
+from multibus.names import valid_group, valid_name
 from multibus.statustext import format_status
 from multibus.targets import is_host_target, is_targets, only, parse_signal, qualified, unknown
 
@@ -57,8 +57,9 @@ def is_int(v: Any, lo: int, hi: int) -> bool:
 
 
 def is_source(v: Any) -> bool:
-    """A log filter: a group, a worker (``group.index``) or 'supervisor'."""
-    return valid_group(v) or WorkerName.parse(v) is not None
+    """A log filter: a group, a worker (``group.index``) or 'supervisor'; on a parent of
+    hosts a host (a name), ``HOST:GROUP`` or ``HOST:GROUP.N``."""
+    return valid_group(v) or valid_name(v) or is_host_target(v)
 
 
 U32 = (0, 2**32 - 1)
@@ -319,9 +320,11 @@ class Logs(Command):
                     waiting: argparse.ArgumentParser) -> None:
         lg = sub.add_parser("logs", parents=[ctl], help="show recent log lines (of GROUP)",
                             description="Show the supervisor's recent log lines (it keeps the "
-                            "last 5000): every worker's, or those of GROUP")
+                            "last 5000): every worker's, or those of GROUP; on a parent of "
+                            "hosts also theirs, or those of HOST, HOST:GROUP or HOST:GROUP.N")
         lg.add_argument("group", nargs="?", metavar="GROUP",
-                        help="a group, a worker (group.index) or 'supervisor'")
+                        help="a group, a worker (group.index) or 'supervisor'; a host, "
+                        "HOST:GROUP or HOST:GROUP.N")
         lg.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
         lg.add_argument("-n", "--lines", type=int, default=100, metavar="N",
                         help="how many recent lines (default 100, at most 1000)")

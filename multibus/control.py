@@ -51,12 +51,13 @@ from multibus.commands import (
 from multibus.containment import Containment
 from multibus.controlclient import PROTOCOL, ControlClient, refuse_ext, resolve_name
 from multibus.logring import LogRing
-from multibus.logview import SUPERVISOR, Record
+from multibus.logview import SUPERVISOR, Record, split_source
 from multibus.names import WorkerName
 from multibus.opqueue import CANCELLED, Op, OpQueue
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
 from multibus.sockets import bound_address
+from multibus.targets import split_host
 from multibus.transport.stats import RateLimit
 from multibus.wakeup import Wakeup
 
@@ -221,18 +222,45 @@ class Control:
     def records(self, since: int = 0, group: str | None = None,
                 limit: int = 1000) -> tuple[list[Record], int]:
         """Records with seq > ``since`` (of ``group``: a group or worker name, or
-        'supervisor'), at most ``limit`` (the latest when ``since`` is 0); and the next seq."""
-        return self.logs.records(since, limit, lambda source: _matches(source, group))
+        'supervisor'; on a parent of hosts also a host, ``HOST:GROUP``, ``HOST:GROUP.N`` or
+        ``HOST:supervisor``), at most ``limit`` (the latest when ``since`` is 0); and the
+        next seq."""
+        host, rest = split_host(group) if group else (None, group)
+        if host is None and group and self._is_host(group):
+            host, rest = group, None
+        if host is None:
+            return self.logs.records(since, limit, lambda source: _matches(source, group))
+        # a host's records: source = the host, text = its own record ("job.0 | text")
+        return self.logs.records(since, limit, lambda source: source == host,
+                                 lambda source, text: _matches(split_source(text)[0], rest))
+
+    def _is_host(self, name: str) -> bool:
+        """Whether a bare 'logs' filter names a host rather than a group here: it is not a
+        local group, worker or 'supervisor', and this supervisor takes hosts."""
+        return (self.hosts is not None and name != SUPERVISOR and name not in self.sup.specs
+                and WorkerName.parse(name) is None)
 
     def check_source(self, source: str | None) -> None:
         """Raise ControlError unless ``source`` (a 'logs' filter) names 'supervisor', a group
-        of this fleet, or a worker that runs or has logged."""
+        of this fleet, or a worker that runs or has logged; on a parent of hosts, or a host
+        that joined (``HOST``, or its group, worker or 'supervisor': ``HOST:job.2``)."""
         if not source or source == SUPERVISOR or source in self.sup.specs:
+            return
+        host, rest = split_host(source)
+        if host is not None:
+            if self.hosts is None:
+                raise ControlError(f"no host {host!r}: supervisor {self.name!r} takes no "
+                                   "hosts (no [downstream] table)")
+            self.hosts.check_log_source(host, rest)
+            return
+        if self._is_host(source) and self.hosts.has_host(source):
             return
         worker = WorkerName.parse(source)
         group = worker.group if worker is not None else source
         if group not in self.sup.specs:
-            raise ControlError(f"no group {group!r}; groups: {', '.join(self.sup.specs)}")
+            hosts = "" if self.hosts is None else f"; hosts: {self.hosts.names()}"
+            raise ControlError(f"no group {group!r}; groups: {', '.join(self.sup.specs)}"
+                               f"{hosts}")
         known = {r["name"] for r in self.sup.table() if r["group"] == group}
         if source in known or source in self.logs.sources():
             return

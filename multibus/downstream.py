@@ -30,6 +30,7 @@ from typing import Any
 from multibus.actions import TRANSITIONS, ControlError
 from multibus.control import BRIDGE_COUNTERS
 from multibus.hostconf import DownstreamConfig
+from multibus.logview import SUPERVISOR
 from multibus.targets import split_host, unknown
 from multibus.transport.bridge import Bridge
 from multibus.upstream import CHANNELS
@@ -256,6 +257,31 @@ class Downstream:
             if why:
                 raise ControlError(f"host {host}: {why}")
         return local
+
+    def names(self) -> str:
+        """The hosts that joined, for an error message ('none has joined': none)."""
+        with self._cond:
+            return ", ".join(sorted(self.hosts)) or "none has joined"
+
+    def has_host(self, name: str) -> bool:
+        with self._cond:
+            return name in self.hosts
+
+    def check_log_source(self, host: str, rest: str | None) -> None:
+        """ControlError unless ``host`` joined (LOST or not: its records stay) and ``rest``
+        (if given) is 'supervisor', one of its groups, or one of its workers."""
+        with self._cond:
+            h = self.hosts.get(host)
+            if h is None:
+                raise ControlError(f"no host {host!r}; hosts: "
+                                   f"{', '.join(sorted(self.hosts)) or 'none has joined'}")
+            doc = h.doc
+        if rest in (None, SUPERVISOR) or doc is None:
+            return
+        why = unknown([rest], [g["name"] for g in doc["groups"]],
+                      lambda: {w["name"] for w in doc["workers"]})
+        if why:
+            raise ControlError(f"host {host}: {why}")
 
     def routes(self, op: Any) -> bool:
         """Whether op goes (partly) to hosts: a HOST:TARGET, or scale HOST:GROUP."""

@@ -70,13 +70,16 @@ class LogRing:
             return frozenset(self._sources)
 
     def records(self, since: int = 0, limit: int = 1000,
-                keep: Callable[[str], bool] | None = None) -> tuple[list[Record], int]:
-        """Records with seq > ``since`` whose source passes ``keep``, at most ``limit`` (the
-        latest when ``since`` is 0); and the seq to ask from next time."""
+                keep: Callable[[str], bool] | None = None,
+                where: Callable[[str, str], bool] | None = None) -> tuple[list[Record], int]:
+        """Records with seq > ``since`` whose source passes ``keep`` (and whose source and
+        text pass ``where``: a host's records are told apart by their text), at most
+        ``limit`` (the latest when ``since`` is 0); and the seq to ask from next time."""
         with self._lock:
             recs = list(self._records)
         last = max(recs[-1][0] if recs else 0, since)
-        picked = [r for r in recs if r[0] > since and (keep is None or keep(r[3]))]
+        picked = [r for r in recs if r[0] > since and (keep is None or keep(r[3]))
+                  and (where is None or where(r[3], r[4]))]
         if since == 0:
             return picked[-limit:], last
         if len(picked) > limit:
