@@ -121,6 +121,12 @@ def _exit(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     return None
 
 
+def _exit_host(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
+    """(a parent of hosts) Routed to multibus.downstream before it gets here."""
+    raise ControlError(f"supervisor {ctl.name!r} takes no hosts: `exit HOST` is for a parent "
+                       "of hosts ([downstream])")
+
+
 def _replace(ctl: Any, state: str, args: dict[str, Any]) -> str | None:
     """Queued by the supervisor itself (max_memory / max_age: multibus.recycle)."""
     return ctl.sup.replace(args["worker"], args["pid"], args["reason"])
@@ -183,7 +189,9 @@ TRANSITIONS: dict[str, Action] = {a.name: a for a in (
     Action("restart", "stop, then start every worker bus, or those of TARGETs", _restart),
     Action("graceful", "reload every worker bus, or those of TARGETs (bus 'graceful')",
            _graceful),
-    Action("exit", "stop every worker, then the supervisor exits", _exit),
+    Action("exit", "stop every worker, then the supervisor exits; on a parent of hosts, "
+           "exit HOST: only that host's supervisor (its workers first)", _exit),
+    Action("exit_host", "a host's supervisor exits (its workers first)", _exit_host, op=False),
     Action("scale", "run N workers of GROUP", _scale, op=False),
     Action("replace", "replace a worker gracefully (max_memory, max_age)", _replace, op=False),
     Action("signal", "send SIGNAL to the process group of each worker of TARGET", _signal,

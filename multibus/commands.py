@@ -31,9 +31,17 @@ from multibus.actions import (
     _targets,
     state_of,
 )
-from multibus.names import valid_group, valid_name
+from multibus.names import WorkerName, valid_group, valid_name
 from multibus.statustext import format_status
-from multibus.targets import is_host_target, is_targets, only, parse_signal, qualified, unknown
+from multibus.targets import (
+    MAX_TARGETS,
+    is_host_target,
+    is_targets,
+    only,
+    parse_signal,
+    qualified,
+    unknown,
+)
 
 __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunning",
            "TRANSITIONS", "format_status", "say_error", "state_of"]
@@ -60,6 +68,12 @@ def is_source(v: Any) -> bool:
     """A log filter: a group, a worker (``group.index``) or 'supervisor'; on a parent of
     hosts a host (a name), ``HOST:GROUP`` or ``HOST:GROUP.N``."""
     return valid_group(v) or valid_name(v) or is_host_target(v)
+
+
+def is_hosts(v: Any) -> bool:
+    """A list of at most MAX_TARGETS host names."""
+    return isinstance(v, list) and len(v) <= MAX_TARGETS and all(
+        valid_name(h) and WorkerName.parse(h) is None for h in v)
 
 
 U32 = (0, 2**32 - 1)
@@ -136,13 +150,23 @@ class OpCommand(Command):
 
     name = "op"
     schema = {"action": lambda v: v in ACTIONS}
-    optional = {"targets": is_targets}
+    optional = {"targets": is_targets, "hosts": is_hosts}
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("hosts"):  # exit HOST: one host's supervisor (a parent of hosts)
+            if req["action"] != "exit" or req.get("targets"):
+                raise ControlError(f"{req['action']} takes TARGETs (HOST:GROUP), not HOSTs")
+            if ctl.hosts is None:
+                raise ControlError(f"supervisor {ctl.name!r} takes no hosts (no [downstream] "
+                                   f"table); `{PROG} exit` alone exits this supervisor")
+            hosts = sorted(set(req["hosts"]))
+            ctl.hosts.check_hosts(hosts)
+            return _queued(ctl, ctl.queue("exit_host", hosts=hosts))
         if req.get("targets"):
             if req["action"] == "exit":
                 raise ControlError("exit takes no TARGET: it stops every group, then the "
-                                   "supervisor (stop TARGET stops only those)")
+                                   "supervisor (stop TARGET stops only those; on a parent "
+                                   "of hosts, exit HOST exits that host's supervisor)")
             op = ctl.queue(req["action"], targets=_targets(ctl, req["targets"]))
         else:
             op = ctl.queue(req["action"])
@@ -158,10 +182,22 @@ class OpCommand(Command):
             if action != "exit":
                 p.add_argument("targets", nargs="*", metavar="TARGET",
                                help="a group (job) or a worker (job.2); none: every group")
+            else:
+                p.add_argument("hosts", nargs="*", metavar="HOST",
+                               help="on a parent of hosts: only these hosts' supervisors "
+                               "exit; none: this supervisor and every host")
             p.set_defaults(control=self)
 
     def run(self, args: argparse.Namespace, connect: Callable[[], Any]) -> int:
         client = connect()
+        hosts = getattr(args, "hosts", None) or []
+        if hosts:
+            if "hosts" not in client.status():  # a usage error, as before there were hosts
+                say_error(f"exit takes no HOST here: supervisor {client.name!r} takes no hosts "
+                          f"(no [downstream] table); `{PROG} exit` alone exits it")
+                return EXIT_USAGE
+            reply = client.request("op", action="exit", hosts=list(hosts))
+            return _finish(client, reply, " ".join(["exit", *hosts]), args)
         targets = getattr(args, "targets", None) or []
         return _finish(client, client.op(args.command, targets),
                        " ".join([args.command, *targets]), args)

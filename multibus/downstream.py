@@ -10,7 +10,9 @@ link reports the state, i.e. until its fleet got there. On Ctrl-C the parent's s
 opens an exit) tells every host to exit at once, waits until each has left, then stops its
 own workers. ``graceful``, targeted ops (``HOST:GROUP``, ``HOST:GROUP.N``), ``scale
 HOST:GROUP N`` and ``reload [HOST:GROUP...]`` are requests on the mirrored ``hosts.op``
-channel, answered on ``hosts.done``.
+channel, answered on ``hosts.done``. ``exit HOST`` commands that host's link alone to exit
+(its supervisor stops its workers and exits); once it has left, its link record is forgotten,
+so the host started again joins at the fleet's desired state.
 
 Each host reports its status on ``hosts.status``; :meth:`Downstream.extend_status` adds it to
 the parent's status document: a ``hosts`` list (name, state: the host's fleet state or
@@ -283,8 +285,44 @@ class Downstream:
         if why:
             raise ControlError(f"host {host}: {why}")
 
+    def check_hosts(self, names: list[str]) -> None:
+        """ControlError naming the first of ``names`` that is not a connected host."""
+        with self._cond:
+            for name in names:
+                h = self.hosts.get(name)
+                if h is None:
+                    raise ControlError(f"no host {name!r}; hosts: "
+                                       f"{', '.join(sorted(self.hosts)) or 'none has joined'}")
+                if not h.connected:
+                    raise ControlError(f"host {name!r} is not connected ({h.lost}); nothing "
+                                       "to exit there")
+
+    def exit_hosts(self, names: list[str]) -> str:
+        """``exit HOST``: tell these hosts' supervisors to exit (each stops its workers
+        first) and wait until each has left. Their records are then forgotten by the
+        bridge, so one that is started again joins at the fleet's desired state (its last
+        one, EXITING, would make it exit at once)."""
+        assert self.bridge is not None
+        self.bridge.command("exit", names)
+        deadline = time.monotonic() + WAIT
+        with self._cond:
+            while True:
+                late = [n for n in names if self._host_up(n)]
+                left = deadline - time.monotonic()
+                if not late or left <= 0:
+                    break
+                self._cond.wait(min(left, 1.0))
+        for name in names:
+            if name not in late:
+                self.bridge.forget(name)
+        if late:
+            raise ControlError(f"{', '.join(late)} did not exit within {WAIT:g}s")
+        return f"{', '.join(names)} exited"
+
     def routes(self, op: Any) -> bool:
-        """Whether op goes (partly) to hosts: a HOST:TARGET, or scale HOST:GROUP."""
+        """Whether op goes (partly) to hosts: a HOST:TARGET, scale HOST:GROUP, exit HOST."""
+        if op.action == "exit_host":
+            return True
         if op.action == "reload" and not op.args.get("groups"):
             return bool(self._connected())  # every group here and on every host
         names = op.args.get("targets") or op.args.get("groups") or [op.args.get("group")]
@@ -294,6 +332,8 @@ class Downstream:
         """Run ``op``: its local targets here (as the local op would), the others on their
         hosts (all at once); a failure on any host fails the op, naming it."""
         args = dict(op.args)
+        if op.action == "exit_host":
+            return self.exit_hosts(args["hosts"])
         asks: dict[str, tuple[str, dict[str, Any]]] = {}
         notes = []
         if op.action == "scale":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from test_cli_control import served  # noqa: F401 - the fixture
 
+from multibus.actions import ControlError
 from multibus.cli import main
 from multibus.downstream import Downstream, Host
 
@@ -84,3 +85,14 @@ def test_a_host_target_on_a_supervisor_without_hosts(served, capsys):  # noqa: F
     err = capsys.readouterr().err
     assert err == (f"multibus: no host 'host-b': supervisor {client.name!r} takes no hosts "
                    "(no [downstream] table)\n")
+
+
+def test_exit_host_is_for_a_parent_of_hosts(served, capsys):  # noqa: F811
+    bus, sup, control, client = served
+    assert main(["exit", "host-b", "--name", client.name]) == 2  # a usage error here
+    assert "takes no hosts (no [downstream] table)" in capsys.readouterr().err
+    with pytest.raises(ControlError, match="takes no hosts"):
+        client.request("op", action="exit", hosts=["host-b"])
+    with pytest.raises(ControlError, match="stop takes TARGETs"):
+        client.request("op", action="stop", hosts=["host-b"])
+    assert bus.state.name == "STARTED"  # nothing was queued
