@@ -63,7 +63,10 @@ def test_log_records_name_their_worker():
 @pytest.mark.parametrize("cmd, group, ok", [
     ("scale", "job", True), ("scale", "job.1", False), ("scale", "a b", False),
     ("logs", "job", True), ("logs", "job.1", True), ("logs", "supervisor", True),
-    ("logs", "job.1.2", False), ("logs", "a b", False),
+    ("logs", "h:job.1", True),  # a worker of host h, on a parent of hosts
+    # "job.1.2" is well-formed: it could name a host; unknown names fail when looked up
+    ("logs", "job.1.2", True), ("logs", "a b", False), ("logs", "h:job.1.2", False),
+    ("logs", ":job", False),
 ])
 def test_control_requests_take_group_and_worker_names(cmd, group, ok):
     import msgpack
