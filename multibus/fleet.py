@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multibus.bus import state_name
+from multibus.child import Child
 from multibus.names import WorkerName
-from multibus.procs import Child
 from multibus.specs import WorkerSpec
 from multibus.wakeup import Handle
 

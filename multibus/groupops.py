@@ -19,10 +19,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from multibus import order
+from multibus.child import Child, signal_group
 from multibus.fleet import WorkerSlot, WorkerState
 from multibus.keeper import FleetError
 from multibus.names import WorkerName
-from multibus.procs import Child, signal_group
 from multibus.specs import SpecError
 
 if TYPE_CHECKING:

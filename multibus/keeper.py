@@ -22,8 +22,9 @@ from contextlib import contextmanager
 from typing import Any, Protocol
 
 from multibus.bus import state_name
+from multibus.child import Child, signal_group
 from multibus.fleet import Fleet, WorkerSlot, WorkerState
-from multibus.procs import Child, ProcessManager, signal_group
+from multibus.procs import ProcessManager
 from multibus.programs import Programs
 from multibus.restart import GiveUp, RestartPolicy
 from multibus.spawner import Spawner

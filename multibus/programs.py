@@ -10,7 +10,7 @@ signals and its ready check:
   and the process is stopped, then restarted as its ``restart`` mode says;
 - stop (``multibus stop``, the fleet's exit, a scale down): its ``stop_signal`` goes to the
   process, which is STOPPING until it exits; still alive after ``stop_timeout``, its process
-  group gets SIGKILL (:func:`~multibus.procs.stop_children`). There is no "stopped but
+  group gets SIGKILL (:func:`~multibus.child.stop_children`). There is no "stopped but
   running" for a program: ``stop`` ends it and ``start`` spawns it again;
 - graceful (``multibus graceful``, SIGHUP when detached): its ``graceful_signal`` goes to the
   process; its state stays STARTED.
@@ -28,8 +28,8 @@ import signal
 from collections.abc import Iterable
 from typing import Any
 
+from multibus.child import Child
 from multibus.fleet import WorkerSlot, WorkerState
-from multibus.procs import Child
 from multibus.readiness import parse, wait_ready
 
 __all__ = ["Programs", "is_program"]
@@ -121,7 +121,7 @@ class Programs:
 
     def stop(self, slots: Iterable[WorkerSlot]) -> list[Child]:
         """Send each live program of ``slots`` its stop signal; return their processes (for
-        :func:`~multibus.procs.stop_children`, which kills them at their deadline)."""
+        :func:`~multibus.child.stop_children`, which kills them at their deadline)."""
         k = self.keeper
         out = []
         with k.cond:

@@ -33,8 +33,8 @@ from collections.abc import Iterable
 from dataclasses import replace as with_fields
 from typing import Any
 
+from multibus.child import signal_group
 from multibus.fleet import Group, WorkerSlot, WorkerState
-from multibus.procs import signal_group
 
 __all__ = ["ReloadError", "Reloader"]
 

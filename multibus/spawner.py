@@ -2,7 +2,7 @@
 
 Either way the worker runs ``multibus.worker`` with the command line and environment that
 module defines (:func:`~multibus.worker.worker_args`, :func:`~multibus.worker.worker_env`),
-and becomes a :class:`~multibus.procs.Child` of the :class:`~multibus.procs.ProcessManager`,
+and becomes a :class:`~multibus.child.Child` of the :class:`~multibus.procs.ProcessManager`,
 whose thread is the only one that spawns (PDEATHSIG follows the spawning thread).
 How it was started is kept in ``child.data["launch"]``: ``"fork"``, or ``"exec (why)"``, which
 ``multibus status`` shows (e.g. ``exec (PYTHONHASHSEED set)``, ``exec (zygote disabled)``).
@@ -25,7 +25,8 @@ from typing import Any
 
 from multibus import launcher
 from multibus import sockets as listening
-from multibus.procs import Child, ProcessManager
+from multibus.child import Child
+from multibus.procs import ProcessManager
 from multibus.specs import WorkerSpec, login_env, resolve_ids
 from multibus.worker import SECRET_ENV, worker_args, worker_env
 from multibus.zygoteclient import ZygoteClient

@@ -30,11 +30,12 @@ from typing import Any
 
 from multibus import fdbudget
 from multibus import sockets as listening
+from multibus.child import Child, stop_children
 from multibus.containment import Containment
 from multibus.fleet import Fleet, Group, WorkerSlot, WorkerState
 from multibus.groupops import GroupOps
 from multibus.keeper import FleetError, HubBridge, Keeper
-from multibus.procs import Child, ProcessManager, set_child_subreaper, stop_children
+from multibus.procs import ProcessManager, set_child_subreaper
 from multibus.recycle import Recycler
 from multibus.recycle import replace as _replace
 from multibus.reload import Reloader

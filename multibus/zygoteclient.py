@@ -27,7 +27,7 @@ READY_TIMEOUT = 5.0  # seconds the zygote gets to preload before workers are exe
 REPLY_TIMEOUT = 10.0
 
 class ForkedProcess:
-    """What :class:`~multibus.procs.Child` needs of a Popen, for a worker the zygote forked."""
+    """What :class:`~multibus.child.Child` needs of a Popen, for a worker the zygote forked."""
 
     def __init__(self, pid: int, stdout: Any, stderr: Any, args: list[str]) -> None:
         self.pid = pid

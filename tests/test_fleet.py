@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import msgpack
 
 from multibus.bus import states
+from multibus.child import Child
 from multibus.fleet import Fleet, Group, WorkerState
-from multibus.procs import Child
 from multibus.specs import WorkerSpec
 
 

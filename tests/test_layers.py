@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("bus", "__init__"),
     ("plugins",),
     ("transport",),
-    ("order", "specs", "restart", "procs", "zygote", "zygoteclient", "worker", "launcher"),
+    ("order", "specs", "restart", "child", "procs", "zygote", "zygoteclient", "worker", "launcher"),
     ("fleet", "spawner", "keeper", "groupops", "reconcile", "config", "preflight", "supervisor",
      "recycle", "programs", "reload", "hostconf"),
     ("actions", "statustext", "commands", "opqueue", "controlclient", "control", "upstream",

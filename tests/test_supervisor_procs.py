@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from progs.procio import wait_for
 
-from multibus.procs import ProcessManager, signal_group, stop_children
+from multibus.child import signal_group, stop_children
+from multibus.procs import ProcessManager
 
 HERE = Path(__file__).resolve().parent
 PY = sys.executable
