@@ -2,12 +2,14 @@
 
 The link is a peer-role :class:`~multibus.transport.Bridge` over tcp + CURVE, named by the
 host, on a small bus of its own (the *link bus*), not on the supervisor's: its lifecycle is
-the parent's desired state for this host. The parent's ``start``/``stop``/``exit`` commands
-move the link bus (epochs, sequence numbers, acks and resends are the bridge's), and its
-listeners queue the matching operation on this supervisor's op queue (so they are serialized
-with local commands) and wait for it; the link bus therefore reports STARTED/STOPPED to the
-parent only once this fleet is. ``graceful``, targeted ops and ``scale`` come as requests on
-the mirrored ``hosts.op`` channel and are answered on ``hosts.done``.
+the parent's desired state for this host. The parent's ``start``/``stop``/``exit`` and
+``graceful`` commands move the link bus (epochs, sequence numbers, acks and resends are the
+bridge's, so a command is never lost), and its listeners queue the matching operation on
+this supervisor's op queue (so they are serialized with local commands) and wait for it; the
+link bus therefore reports STARTED/STOPPED to the parent only once this fleet is, and a
+graceful that failed here is reported to the parent (the bridge's ``failed``). Targeted ops,
+``scale`` and ``reload`` come as requests on the mirrored ``hosts.op`` channel and are
+answered on ``hosts.done``.
 
 Upstream this host sends its status (on the ``hosts.status`` channel: at each change of its
 state table, at most 10 times a second, and every ``REPORT_EVERY`` s) and its log records
@@ -113,7 +115,7 @@ class Upstream:
         """A fresh link bus, in this fleet's state, and its bridge (a new peer epoch)."""
         lb = _LinkBus()
         for channel, cb in (("start", self._cmd_start), ("stop", self._cmd_stop),
-                            ("exit", self._cmd_exit)):
+                            ("graceful", self._cmd_graceful), ("exit", self._cmd_exit)):
             lb.subscribe(channel, lambda cb=cb: lb.retired or cb())
         for channel, cb in (("hub.joined", self._on_joined), ("hub.lost", self._on_lost),
                             ("hosts.op", self._on_op)):
@@ -196,6 +198,11 @@ class Upstream:
             return  # a stop on the way to exit: _cmd_exit stops and exits in one round
         if state_of(self.bus) != "STOPPED":
             self._transition("stop", "STOPPED")
+
+    def _cmd_graceful(self) -> None:
+        op = self._run_op("graceful")
+        if op.state == "failed":  # the link's applier reports it to the parent
+            raise RuntimeError(f"graceful failed on host {self.host}: {op.error}")
 
     def _cmd_exit(self) -> None:
         if self._closing:
