@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from multibus.actions import _targets, state_of
-from multibus.bus import Bus
+from multibus.bus import Bus, states
 from multibus.hostconf import UpstreamConfig
 from multibus.transport.bridge import Bridge
 
@@ -56,6 +56,12 @@ class _LinkBus(Bus):
 
     def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
         self.publish("log", f"link: {msg}", 10)
+
+    def follow(self, state: Any) -> None:
+        """Take ``state`` without running listeners: the link mirrors this supervisor's
+        first start, which runs without it (the bridge reports the state it logs)."""
+        self.state = state
+        self.log(f"Bus {state.name}")
 
 
 class Upstream:
@@ -84,21 +90,35 @@ class Upstream:
     # -- plugin -----------------------------------------------------------------------
 
     def subscribe(self) -> Upstream:
-        """Listen on the supervisor's bus; the link opens once the fleet first started."""
+        """Listen on the supervisor's bus and open the link now, before the fleet's first
+        start, so joining (tcp, CURVE, hello, sync) overlaps that start. Until the start
+        ends the link bus says STARTING, so a command from the parent waits for it (the
+        bridge's applier waits while its bus is STARTING) and then applies to the fleet as
+        it is: STARTED, or STOPPED if the start failed."""
         bus = self.bus
-        bus.subscribe("start", self._first_start, 101)
+        bus.subscribe("start", self._first_started, 101)  # after the Supervisor's (75)
+        bus.subscribe("stop", self._first_stopped, 1)  # the first start failed
         bus.subscribe("workers", self._on_workers, 50)
         bus.subscribe("log", self._on_log, 3)
         bus.subscribe("exit", self._on_exit, 20)  # after the Supervisor's: workers are gone
-        return self
-
-    def _first_start(self) -> None:
-        bus = self.bus
-        bus.unsubscribe("start", self._first_start)
-        self._open_link()
+        self._open_link(hold=True)
         self._thread = threading.Thread(target=self._run, name=f"multibus-upstream {self.host}",
                                         daemon=True)
         self._thread.start()
+        return self
+
+    def _first_started(self, state: Any = states.STARTED) -> None:
+        """The fleet's first start ended (its last start listener), or failed (its stop,
+        ``state`` STOPPED): the link bus, held STARTING, takes that state."""
+        bus = self.bus
+        bus.unsubscribe("start", self._first_started)
+        bus.unsubscribe("stop", self._first_stopped)
+        lb = self.link_bus
+        if lb is not None and lb.state is states.STARTING:
+            lb.follow(state)
+
+    def _first_stopped(self) -> None:
+        self._first_started(states.STOPPED)
 
     def _on_exit(self) -> None:
         self._gone.set()
@@ -111,8 +131,9 @@ class Upstream:
 
     # -- the link ---------------------------------------------------------------------
 
-    def _open_link(self) -> None:
-        """A fresh link bus, in this fleet's state, and its bridge (a new peer epoch)."""
+    def _open_link(self, hold: bool = False) -> None:
+        """A fresh link bus, in this fleet's state (``hold``: STARTING, until the first
+        start ends), and its bridge (a new peer epoch)."""
         lb = _LinkBus()
         for channel, cb in (("start", self._cmd_start), ("stop", self._cmd_stop),
                             ("graceful", self._cmd_graceful), ("exit", self._cmd_exit)):
@@ -120,7 +141,9 @@ class Upstream:
         for channel, cb in (("hub.joined", self._on_joined), ("hub.lost", self._on_lost),
                             ("hosts.op", self._on_op)):
             lb.subscribe(channel, lambda *a, cb=cb: lb.retired or cb(*a))
-        if state_of(self.bus) == "STARTED":
+        if hold:
+            lb.follow(states.STARTING)
+        elif state_of(self.bus) == "STARTED":
             lb.start()  # nothing to do here: the fleet is STARTED already
         timeout = self.cfg.timeout
         link = Bridge(lb, role="peer", name=self.host, endpoints=self.cfg.endpoints(),

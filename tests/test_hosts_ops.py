@@ -1,7 +1,8 @@
 """Several hosts through the CLI, over tcp on loopback (no namespaces, no root): a
 fleet-wide graceful is a lifecycle command that reaches a host that was away when it was
 given, once it is back; `reload HOST:GROUP` and `signal HOST:GROUP.N SIGNAL` reach that
-host's workers only."""
+host's workers only; a child joins while its own fleet is still starting and then
+converges to the parent's state."""
 
 from __future__ import annotations
 
@@ -120,3 +121,33 @@ def test_reload_and_signal_reach_the_named_hosts_workers_only(tmp_path):
             r = mb(*argv, "--name", name)
             assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, r.stderr
             assert said in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(150)
+def test_a_child_joins_while_it_starts_then_converges_to_the_parent(tmp_path):
+    name, parent, (h0,), files, join = children(tmp_path, 1, 2)
+    gate = tmp_path / "gate"
+    gate.touch()  # its workers wait (STARTING) until gate.open exists
+    text = Path(files[0]).read_text().replace("targets.hostjobs:job", "targets.jobs:gated")
+    Path(files[0]).write_text(text.replace("env = {", f'env = {{ MB_GATE = "{gate}", '))
+    with ExitStack() as stack:
+        stack.enter_context(supervisor(multibus("run", parent)))
+        wait_for(lambda: status(name), 30, "the parent up")
+        r = mb("stop", "--name", name)  # the fleet's desired state: STOPPED
+        assert r.returncode == 0, r.stderr
+        stack.enter_context(supervisor(multibus("run", files[0], "--join", join)))
+
+        def joined_starting() -> dict | None:
+            st = status(name)
+            hosts = {h["name"]: h for h in st["hosts"]} if st else {}
+            return st if hosts.get(h0, {}).get("state") == "STARTING" else None
+
+        wait_for(joined_starting, 30, f"{h0} joined while its fleet is STARTING")
+        assert fleet_state(h0, "STARTED") is None
+        (tmp_path / "gate.open").touch()
+        # its start ends, then the parent's desired state applies
+        wait_for(lambda: hosts_in(name, {h0: "STOPPED"}), 30, f"{h0} STOPPED")
+        assert fleet_state(h0, "STOPPED")
+        r = mb("start", "--name", name)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: hosts_in(name, {h0: "STARTED"}), 30, f"{h0} STARTED")
