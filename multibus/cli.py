@@ -49,7 +49,7 @@ from multibus.config import (
     valid_module,
 )
 from multibus.controlclient import ControlClient, resolve_name
-from multibus.preflight import check_targets
+from multibus.preflight import start_checks
 from multibus.rundir import RunDirError
 
 __all__ = ["build_parser", "console", "main"]
@@ -96,12 +96,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--exec: cannot be combined with --zygote, --preload or the "
                               "fleet file's zygote_preload; drop one of them")
         cfg = _joining(cfg, args.join)
-        check_targets(cfg)
+        checks = start_checks(cfg)
     except ConfigError as e:
         say_error(str(e))
         return EXIT_USAGE
-
-    from multibus.runner import FleetRefused, run_fleet
+    try:
+        # imported while the targets are checked (each check is an interpreter start)
+        from multibus.runner import FleetRefused, run_fleet
+    except BaseException:
+        checks.close()
+        raise
+    try:
+        checks.wait()
+    except ConfigError as e:
+        say_error(str(e))
+        return EXIT_USAGE
 
     cfg = replace(cfg, log_level=level, log_format=fmt,
                   zygote=zygote,

@@ -17,7 +17,7 @@ from multibus.config import CHECK_TIMEOUT, ConfigError, FleetConfig
 from multibus.specs import WorkerSpec, login_env, resolve_ids
 from multibus.worker import worker_env
 
-__all__ = ["check_program", "check_targets"]
+__all__ = ["TargetChecks", "check_program", "check_targets", "start_checks"]
 
 
 def check_program(config: FleetConfig, spec: WorkerSpec) -> None:
@@ -48,13 +48,53 @@ except TargetError as e:
 """
 
 
-def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
-    """Import every group's target in a child interpreter with that group's env and cwd.
+class TargetChecks:
+    """The running checks of one fleet file's targets (:func:`start_checks`); :meth:`wait`
+    for their verdict. Meanwhile the caller can go on (``multibus run`` imports the rest of
+    the supervisor): a check is a whole interpreter start (~60 ms of CPU, more wall)."""
 
-    Runs the checks in parallel; raises ConfigError naming the first group that fails. The
-    target's module is executed in the checker, never in the supervisor.
-    """
-    procs = []
+    def __init__(self, config: FleetConfig, timeout: float) -> None:
+        self.config = config
+        self.timeout = timeout
+        self.procs: list[tuple[WorkerSpec, subprocess.Popen]] = []
+
+    def wait(self) -> None:
+        """Raise ConfigError naming the first group whose target failed; the checkers are
+        always reaped."""
+        config = self.config
+        try:
+            for spec, p in self.procs:
+                try:
+                    _, err = p.communicate(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    raise ConfigError(f"{config.source}: groups.{spec.name}.target: importing "
+                                      f"{spec.target!r} took over {self.timeout:g}s") from None
+                if p.returncode != 0:
+                    lines = [ln for ln in (err or "").splitlines() if ln.strip()]
+                    why = lines[-1] if lines else f"exit status {p.returncode}"
+                    hint = "" if ("PYTHONPATH" in why or "pip install" in why) else (
+                        " (set pythonpath or cwd in the file, or PYTHONPATH)")
+                    if spec.user is not None:
+                        why = f"as user {spec.user!r}: {why}"
+                        hint += "; that user must be able to read the code and the Python it runs"
+                    raise ConfigError(f"{config.source}: groups.{spec.name}.target: {why}{hint}")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill and reap the checkers still running (the caller gave up)."""
+        for _, p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def start_checks(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> TargetChecks:
+    """Start importing every group's target in a child interpreter with that group's env and
+    cwd (and check each ``cmd`` group's program now); :meth:`TargetChecks.wait` for the
+    verdict. The target's module is executed in the checker, never in the supervisor.
+    ConfigError at once for a missing cwd or program, or a user who cannot run Python."""
+    checks = TargetChecks(config, timeout)
     try:
         for spec in config.specs:
             if spec.cwd is not None and not os.path.isdir(spec.cwd):
@@ -78,24 +118,17 @@ def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
                     f"{config.source}: groups.{spec.name}.user: user {spec.user!r} cannot run "
                     f"{sys.executable} ({e.strerror}); install Python and multibus where "
                     "that user can read them, or remove user") from None
-            procs.append((spec, p))
-        for spec, p in procs:
-            try:
-                _, err = p.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise ConfigError(f"{config.source}: groups.{spec.name}.target: importing "
-                                  f"{spec.target!r} took over {timeout:g}s") from None
-            if p.returncode != 0:
-                lines = [ln for ln in (err or "").splitlines() if ln.strip()]
-                why = lines[-1] if lines else f"exit status {p.returncode}"
-                hint = "" if ("PYTHONPATH" in why or "pip install" in why) else (
-                    " (set pythonpath or cwd in the file, or PYTHONPATH)")
-                if spec.user is not None:
-                    why = f"as user {spec.user!r}: {why}"
-                    hint += "; that user must be able to read the code and the Python it runs"
-                raise ConfigError(f"{config.source}: groups.{spec.name}.target: {why}{hint}")
-    finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+            checks.procs.append((spec, p))
+    except BaseException:
+        checks.close()
+        raise
+    return checks
+
+
+def check_targets(config: FleetConfig, timeout: float = CHECK_TIMEOUT) -> None:
+    """Import every group's target in a child interpreter with that group's env and cwd.
+
+    Runs the checks in parallel; raises ConfigError naming the first group that fails. The
+    target's module is executed in the checker, never in the supervisor.
+    """
+    start_checks(config, timeout).wait()
