@@ -12,7 +12,8 @@ graceful that failed here is reported to the parent (the bridge's ``failed``). T
 answered on ``hosts.done``.
 
 Upstream this host sends its status (on the ``hosts.status`` channel: at each change of its
-state table, at most 10 times a second, and every ``REPORT_EVERY`` s) and its log records
+state table, at most 10 times a second, at once when its fleet got STARTED or STOPPED, and
+every ``REPORT_EVERY`` s) and its log records
 (at most ``LOG_RATE`` a second while joined, none while the parent is lost: the excess is
 dropped and counted, and the count said once the link is back), so its backlog is bounded.
 
@@ -44,6 +45,7 @@ REPORT_EVERY = 2.0  # seconds between status reports when nothing changes
 REPORT_MIN = 0.1  # ... and at least this long between two
 LOG_RATE = 5000  # log records forwarded per second at most
 OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
+SETTLED = ("Bus STARTED", "Bus STOPPED")  # the bus's lines once it is in that state
 
 
 class _LinkBus(Bus):
@@ -82,6 +84,7 @@ class Upstream:
         self._wake = threading.Condition(self._lock)
         self._lost_at: float | None = None  # policy due at this monotonic time
         self._changed = True
+        self._urgent = False  # report now: the fleet just got STARTED or STOPPED
         self._closing = False
         self._gone = threading.Event()  # this fleet's workers have all exited
         self._window = (0.0, 0)  # (second, records forwarded in it)
@@ -263,6 +266,10 @@ class Upstream:
             self._wake.notify_all()
 
     def _on_log(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
+        if msg in SETTLED:  # this fleet got there: the parent hears it now, not REPORT_MIN on
+            with self._lock:
+                self._changed = self._urgent = True
+                self._wake.notify_all()
         lb = self.link_bus
         if lb is None or not self.joined:
             self.dropped_logs += self._ever_joined  # before the first join: not news
@@ -293,7 +300,9 @@ class Upstream:
             with self._lock:
                 now = time.monotonic()
                 due = [last + REPORT_EVERY]
-                if self._changed:
+                if self._urgent:
+                    due.append(now)
+                elif self._changed:
                     due.append(last + REPORT_MIN)
                 if self._lost_at is not None:
                     due.append(self._lost_at)
@@ -306,8 +315,10 @@ class Upstream:
                 policy = self._lost_at is not None and now >= self._lost_at
                 if policy:
                     self._lost_at = None
-                report = self.joined and (now >= last + REPORT_EVERY or (
+                report = self.joined and (now >= last + REPORT_EVERY or self._urgent or (
                     self._changed and now >= last + REPORT_MIN))
+                if report:
+                    self._urgent = False
             if policy:
                 self._apply_policy()
             if report:
