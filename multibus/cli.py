@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--exec: cannot be combined with --zygote, --preload or the "
                               "fleet file's zygote_preload; drop one of them")
         cfg = _joining(cfg, args.join)
-        checks = start_checks(cfg)
+        checks = start_checks(cfg, fork=zygote)  # its workers are forked: so are the checks
     except ConfigError as e:
         say_error(str(e))
         return EXIT_USAGE
