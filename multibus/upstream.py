@@ -46,6 +46,9 @@ REPORT_MIN = 0.1  # ... and at least this long between two
 LOG_RATE = 5000  # log records forwarded per second at most
 OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
 SETTLED = ("Bus STARTED", "Bus STOPPED")  # the bus's lines once it is in that state
+# seconds the link is held STARTING at most before it joins again (the bridge's applier
+# waits 30 s at most for a bus to leave STARTING)
+HOLD_LIMIT = 25.0
 
 
 class _LinkBus(Bus):
@@ -85,6 +88,7 @@ class Upstream:
         self._lost_at: float | None = None  # policy due at this monotonic time
         self._changed = True
         self._urgent = False  # report now: the fleet just got STARTED or STOPPED
+        self._held_at = 0.0  # when the link opened, held STARTING (the first start)
         self._closing = False
         self._gone = threading.Event()  # this fleet's workers have all exited
         self._window = (0.0, 0)  # (second, records forwarded in it)
@@ -104,6 +108,7 @@ class Upstream:
         bus.subscribe("workers", self._on_workers, 50)
         bus.subscribe("log", self._on_log, 3)
         bus.subscribe("exit", self._on_exit, 20)  # after the Supervisor's: workers are gone
+        self._held_at = time.monotonic()
         self._open_link(hold=True)
         self._thread = threading.Thread(target=self._run, name=f"multibus-upstream {self.host}",
                                         daemon=True)
@@ -117,8 +122,18 @@ class Upstream:
         bus.unsubscribe("start", self._first_started)
         bus.unsubscribe("stop", self._first_stopped)
         lb = self.link_bus
-        if lb is not None and lb.state is states.STARTING:
+        if lb is None or lb.state is not states.STARTING:
+            return
+        if time.monotonic() - self._held_at < HOLD_LIMIT:
             lb.follow(state)
+            return
+        # The link's applier waits this long at most for STARTING to end: a command it took
+        # meanwhile may have come to nothing. A fresh link (a new peer epoch) is given the
+        # parent's desired state again, and applies it to this fleet as it is now.
+        self.bus.log(f"upstream: the first start took over {HOLD_LIMIT:g}s; joining again so "
+                     "the parent's current state applies", 20)
+        self._close_link()
+        self._open_link(state=state)
 
     def _first_stopped(self) -> None:
         self._first_started(states.STOPPED)
@@ -134,9 +149,10 @@ class Upstream:
 
     # -- the link ---------------------------------------------------------------------
 
-    def _open_link(self, hold: bool = False) -> None:
+    def _open_link(self, hold: bool = False, state: Any = None) -> None:
         """A fresh link bus, in this fleet's state (``hold``: STARTING, until the first
-        start ends), and its bridge (a new peer epoch)."""
+        start ends; ``state``: that one, the fleet's while it is still moving), and its
+        bridge (a new peer epoch)."""
         lb = _LinkBus()
         for channel, cb in (("start", self._cmd_start), ("stop", self._cmd_stop),
                             ("graceful", self._cmd_graceful), ("exit", self._cmd_exit)):
@@ -144,8 +160,8 @@ class Upstream:
         for channel, cb in (("hub.joined", self._on_joined), ("hub.lost", self._on_lost),
                             ("hosts.op", self._on_op)):
             lb.subscribe(channel, lambda *a, cb=cb: lb.retired or cb(*a))
-        if hold:
-            lb.follow(states.STARTING)
+        if hold or state is not None:
+            lb.follow(states.STARTING if hold else state)
         elif state_of(self.bus) == "STARTED":
             lb.start()  # nothing to do here: the fleet is STARTED already
         timeout = self.cfg.timeout

@@ -125,11 +125,34 @@ def test_reload_and_signal_reach_the_named_hosts_workers_only(tmp_path):
 
 @pytest.mark.timeout(150)
 def test_a_child_joins_while_it_starts_then_converges_to_the_parent(tmp_path):
+    joins_while_starting_then_converges(tmp_path)
+
+
+@pytest.mark.soak  # (-m soak) a first start of 33 s
+@pytest.mark.timeout(150)
+def test_a_child_whose_first_start_is_long_joins_again_and_converges(tmp_path):
+    """The bridge's applier gives up waiting for a STARTING bus after 30 s (a command it
+    took meanwhile comes to nothing): a child whose first start takes longer than HOLD_LIMIT
+    joins again, so the parent's state (STOPPED) still applies."""
+    joins_while_starting_then_converges(tmp_path, slow=33.0)
+
+
+def joins_while_starting_then_converges(tmp_path: Path, slow: float | None = None) -> None:
+    """A child joins a STOPPED parent while its workers start (they wait for a gate, or
+    for ``slow`` s): it shows STARTING there; once started, it converges to STOPPED, then
+    starts with the parent."""
     name, parent, (h0,), files, join = children(tmp_path, 1, 2)
     gate = tmp_path / "gate"
-    gate.touch()  # its workers wait (STARTING) until gate.open exists
-    text = Path(files[0]).read_text().replace("targets.hostjobs:job", "targets.jobs:gated")
-    Path(files[0]).write_text(text.replace("env = {", f'env = {{ MB_GATE = "{gate}", '))
+    text = Path(files[0]).read_text()
+    if slow is None:
+        gate.touch()  # its workers wait (STARTING) until gate.open exists
+        text = text.replace("targets.hostjobs:job", "targets.jobs:gated").replace(
+            "env = {", f'env = {{ MB_GATE = "{gate}", ')
+    else:
+        text = text.replace('"targets.hostjobs:job"\n',
+                            '"targets.jobs:slow_start"\nstart_timeout = 120\n').replace(
+            "env = {", f'env = {{ MB_START_SECONDS = "{slow}", ')
+    Path(files[0]).write_text(text)
     with ExitStack() as stack:
         stack.enter_context(supervisor(multibus("run", parent)))
         wait_for(lambda: status(name), 30, "the parent up")
@@ -146,8 +169,8 @@ def test_a_child_joins_while_it_starts_then_converges_to_the_parent(tmp_path):
         assert fleet_state(h0, "STARTED") is None
         (tmp_path / "gate.open").touch()
         # its start ends, then the parent's desired state applies
-        wait_for(lambda: hosts_in(name, {h0: "STOPPED"}), 30, f"{h0} STOPPED")
+        wait_for(lambda: hosts_in(name, {h0: "STOPPED"}), 30 + (slow or 0), f"{h0} STOPPED")
         assert fleet_state(h0, "STOPPED")
         r = mb("start", "--name", name)
         assert r.returncode == 0, r.stderr
-        wait_for(lambda: hosts_in(name, {h0: "STARTED"}), 30, f"{h0} STARTED")
+        wait_for(lambda: hosts_in(name, {h0: "STARTED"}), 30 + (slow or 0), f"{h0} STARTED")
