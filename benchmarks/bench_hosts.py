@@ -6,7 +6,11 @@ same 200 workers under one local supervisor.
 Measures, for each set-up: cold ready (supervisors launched -> every worker STARTED, as the
 parent's status shows), and through the control socket: ``stop``, ``start`` (ready again,
 fleet-wide) and ``graceful`` (each op until done, median of ``--rounds``), and ``status``
-latency (median of 20). Prints a table with the ratio hosts/local (target: <= 1.5).
+latency (median of 20). Prints a table with the ratio hosts/local (target: <= 1.5), then
+the CPU time each role used over the whole run (supervisors; workers, with what they
+reaped), read just before the fleet stops. multibus's bytecode is compiled first
+(``compileall``), as an installed package has it: with PYTHONDONTWRITEBYTECODE set, every
+supervisor and worker would compile it from source at each start.
 Root only (network namespaces, see tests/netns.py).
 """
 
@@ -77,15 +81,41 @@ def measure(name: str, n: int, rounds: int) -> dict[str, float]:
     return res
 
 
+def cpu(pid: int) -> tuple[float, float]:
+    """(CPU s of the supervisor ``pid`` itself, CPU s of everything under it: its live
+    descendants and what it and they reaped). ``ip netns exec`` execs its command, so a
+    namespaced supervisor's pid is its own."""
+    import psutil
+
+    def total(p: psutil.Process) -> tuple[float, float]:
+        t = p.cpu_times()
+        return t.user + t.system, t.children_user + t.children_system
+
+    try:
+        sup = psutil.Process(pid)
+        own, reaped = total(sup)
+        below = reaped
+        for child in sup.children(recursive=True):
+            try:
+                mine, theirs = total(child)
+                below += mine + theirs
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        return 0.0, 0.0
+    return own, below
+
+
 def local(tmp: Path, n: int, rounds: int) -> dict[str, float]:
     name = f"bhl{os.getpid()}"
     f = tmp / "local.toml"
     f.write_text(f'[supervisor]\nname = "{name}"\npythonpath = ["{ROOT / "tests"}"]\n'
                  f'[groups.job]\ntarget = "targets.hostjobs:job"\ncount = {n}\n')
     t0 = time.monotonic()
-    with supervisor(multibus("run", str(f))):
+    with supervisor(multibus("run", str(f))) as (proc, _):
         wait_started(name, n)
         res = {"ready": time.monotonic() - t0, **measure(name, n, rounds)}
+        res["cpu_sup"], res["cpu_workers"] = cpu(proc.pid)
     return res
 
 
@@ -105,7 +135,9 @@ def hosts(tmp: Path, h: int, per: int, rounds: int) -> dict[str, float]:
     try:
         with contextlib.ExitStack() as stack:
             t0 = time.monotonic()
-            stack.enter_context(supervisor(multibus("run", str(tmp / "parent.toml"))))
+            parent, _ = stack.enter_context(supervisor(multibus("run",
+                                                                str(tmp / "parent.toml"))))
+            procs = []
             for i, hn in enumerate(names):
                 f = tmp / f"{hn}.toml"
                 f.write_text(f'[supervisor]\nname = "{hn}"\npythonpath = ["{ROOT / "tests"}"]\n'
@@ -113,10 +145,16 @@ def hosts(tmp: Path, h: int, per: int, rounds: int) -> dict[str, float]:
                              f'server_key = "keys/parent.key"\n'
                              f'[groups.job]\ntarget = "targets.hostjobs:job"\ncount = {per}\n')
                 join = f"tcp://{ns.parent_ip(i)}:{port}"
-                stack.enter_context(supervisor(ns.argv(i, multibus("run", str(f), "--join",
-                                                                   join))))
+                proc, _ = stack.enter_context(supervisor(ns.argv(i, multibus(
+                    "run", str(f), "--join", join))))
+                procs.append(proc)
             wait_started(name, h * per)
-            return {"ready": time.monotonic() - t0, **measure(name, h * per, rounds)}
+            res = {"ready": time.monotonic() - t0, **measure(name, h * per, rounds)}
+            res["cpu_parent"] = sum(cpu(parent.pid))
+            children = [cpu(p.pid) for p in procs]
+            res["cpu_sup"] = sum(c[0] for c in children)
+            res["cpu_workers"] = sum(c[1] for c in children)
+            return res
     finally:
         ns.close()
 
@@ -132,6 +170,13 @@ def main() -> int:
         print(f"bench_hosts: {why}", file=sys.stderr)
         return 2
     n = args.hosts * args.workers
+    import compileall
+
+    for d in (ROOT / "multibus", ROOT / "tests" / "targets"):
+        compileall.compile_dir(str(d), quiet=1)
+    # this checkout's multibus in every process (a worker is `python -m multibus.worker`)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     with tempfile.TemporaryDirectory(prefix="bench-hosts-") as d:
         os.environ.setdefault("XDG_RUNTIME_DIR", d)
         lo = local(Path(d), n, args.rounds)
@@ -145,6 +190,12 @@ def main() -> int:
         scale = 1000 if key == "status" else 1
         a, b = lo[key] * scale, hi[key] * scale
         print(f"{label:24}{a:10.3f}{b:10.3f}{b / a:8.2f}")
+    print(f"\nCPU s over the whole run (user+system): local: supervisor "
+          f"{lo['cpu_sup']:.2f}, workers {lo['cpu_workers']:.2f}; hosts: parent "
+          f"{hi['cpu_parent']:.2f}, {args.hosts} child supervisors {hi['cpu_sup']:.2f}, "
+          f"workers {hi['cpu_workers']:.2f}")
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"load average at the end: {' '.join(load)} (on {os.cpu_count()} CPUs)")
     return 0
 
 

@@ -49,7 +49,7 @@ from multibus.config import (
     valid_module,
 )
 from multibus.controlclient import ControlClient, resolve_name
-from multibus.preflight import check_targets
+from multibus.preflight import start_checks
 from multibus.rundir import RunDirError
 
 __all__ = ["build_parser", "console", "main"]
@@ -96,12 +96,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--exec: cannot be combined with --zygote, --preload or the "
                               "fleet file's zygote_preload; drop one of them")
         cfg = _joining(cfg, args.join)
-        check_targets(cfg)
+        checks = start_checks(cfg, fork=zygote)  # its workers are forked: so are the checks
     except ConfigError as e:
         say_error(str(e))
         return EXIT_USAGE
-
-    from multibus.runner import FleetRefused, run_fleet
+    try:
+        # imported while the targets are checked (each check is an interpreter start)
+        from multibus.runner import FleetRefused, run_fleet
+    except BaseException:
+        checks.close()
+        raise
+    try:
+        checks.wait()
+    except ConfigError as e:
+        say_error(str(e))
+        return EXIT_USAGE
 
     cfg = replace(cfg, log_level=level, log_format=fmt,
                   zygote=zygote,
@@ -177,6 +186,21 @@ def version() -> str:
         return __version__
 
 
+class _Version(argparse.Action):
+    """``--version``: the version is looked up only when asked for (the package metadata
+    scan costs ~20 ms, which every command, ``multibus run`` included, paid at start)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show program's version number and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        parser._print_message(f"{parser.prog} {version()}\n", sys.stdout)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog=PROG,
@@ -184,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit status: 0 ok, 1 failure (or no such supervisor), 2 bad usage or "
                "configuration.",
     )
-    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    ap.add_argument("--version", action=_Version)
     ap.add_argument("--name", dest="global_name", metavar="NAME", help=argparse.SUPPRESS)
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

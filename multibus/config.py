@@ -4,8 +4,9 @@
 settings + :class:`~multibus.specs.WorkerSpec` list). Every unknown key, wrong type or bad
 value raises :class:`ConfigError` with ONE line naming the file, the dotted key and what was
 expected, so ``multibus run`` can refuse before anything is started. ``check_targets`` then
-imports each group's target in a throwaway interpreter with the worker's environment, so an
-unimportable target is also refused up front (and the supervisor never executes user code).
+imports each group's target in a throwaway process (an interpreter, or a fork as the zygote's:
+:mod:`multibus.preflight`) with the worker's environment, so an unimportable target is also
+refused up front (and the supervisor never executes user code).
 
 Layout (every key optional except ``groups.<name>.target``, or ``cmd`` instead for a program
 that is not Python: see the README; paths are relative to the file)::

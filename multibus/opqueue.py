@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from multibus.commands import ControlError
@@ -39,6 +39,8 @@ class Op:
     note: str | None = None
     queued_at: float = 0.0
     ended_at: float | None = None
+    #: set once it is done, failed or cancelled: for a thread that waits for it
+    ended: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"op": self.id, "action": self.action, "args": self.args, "state": self.state,
@@ -114,6 +116,7 @@ class OpQueue:
         for op in ops:
             op.state, op.error, op.ended_at = "failed", reason, time.monotonic()
             self._finished(op)
+            op.ended.set()
         return len(ops)
 
     def _finished(self, op: Op) -> None:
@@ -145,3 +148,4 @@ class OpQueue:
             op.ended_at = time.monotonic()
             with self._lock:
                 self._finished(op)
+            op.ended.set()

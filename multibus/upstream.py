@@ -2,15 +2,18 @@
 
 The link is a peer-role :class:`~multibus.transport.Bridge` over tcp + CURVE, named by the
 host, on a small bus of its own (the *link bus*), not on the supervisor's: its lifecycle is
-the parent's desired state for this host. The parent's ``start``/``stop``/``exit`` commands
-move the link bus (epochs, sequence numbers, acks and resends are the bridge's), and its
-listeners queue the matching operation on this supervisor's op queue (so they are serialized
-with local commands) and wait for it; the link bus therefore reports STARTED/STOPPED to the
-parent only once this fleet is. ``graceful``, targeted ops and ``scale`` come as requests on
-the mirrored ``hosts.op`` channel and are answered on ``hosts.done``.
+the parent's desired state for this host. The parent's ``start``/``stop``/``exit`` and
+``graceful`` commands move the link bus (epochs, sequence numbers, acks and resends are the
+bridge's, so a command is never lost), and its listeners queue the matching operation on
+this supervisor's op queue (so they are serialized with local commands) and wait for it; the
+link bus therefore reports STARTED/STOPPED to the parent only once this fleet is, and a
+graceful that failed here is reported to the parent (the bridge's ``failed``). Targeted ops,
+``scale`` and ``reload`` come as requests on the mirrored ``hosts.op`` channel and are
+answered on ``hosts.done``.
 
 Upstream this host sends its status (on the ``hosts.status`` channel: at each change of its
-state table, at most 10 times a second, and every ``REPORT_EVERY`` s) and its log records
+state table, at most 10 times a second, at once when its fleet got STARTED or STOPPED, and
+every ``REPORT_EVERY`` s) and its log records
 (at most ``LOG_RATE`` a second while joined, none while the parent is lost: the excess is
 dropped and counted, and the count said once the link is back), so its backlog is bounded.
 
@@ -30,7 +33,7 @@ import time
 from typing import Any
 
 from multibus.actions import _targets, state_of
-from multibus.bus import Bus
+from multibus.bus import Bus, states
 from multibus.hostconf import UpstreamConfig
 from multibus.transport.bridge import Bridge
 
@@ -42,6 +45,10 @@ REPORT_EVERY = 2.0  # seconds between status reports when nothing changes
 REPORT_MIN = 0.1  # ... and at least this long between two
 LOG_RATE = 5000  # log records forwarded per second at most
 OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
+SETTLED = ("Bus STARTED", "Bus STOPPED")  # the bus's lines once it is in that state
+# seconds the link is held STARTING at most before it joins again (the bridge's applier
+# waits 30 s at most for a bus to leave STARTING)
+HOLD_LIMIT = 25.0
 
 
 class _LinkBus(Bus):
@@ -54,6 +61,12 @@ class _LinkBus(Bus):
 
     def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
         self.publish("log", f"link: {msg}", 10)
+
+    def follow(self, state: Any) -> None:
+        """Take ``state`` without running listeners: the link mirrors this supervisor's
+        first start, which runs without it (the bridge reports the state it logs)."""
+        self.state = state
+        self.log(f"Bus {state.name}")
 
 
 class Upstream:
@@ -74,6 +87,8 @@ class Upstream:
         self._wake = threading.Condition(self._lock)
         self._lost_at: float | None = None  # policy due at this monotonic time
         self._changed = True
+        self._urgent = False  # report now: the fleet just got STARTED or STOPPED
+        self._held_at = 0.0  # when the link opened, held STARTING (the first start)
         self._closing = False
         self._gone = threading.Event()  # this fleet's workers have all exited
         self._window = (0.0, 0)  # (second, records forwarded in it)
@@ -82,21 +97,46 @@ class Upstream:
     # -- plugin -----------------------------------------------------------------------
 
     def subscribe(self) -> Upstream:
-        """Listen on the supervisor's bus; the link opens once the fleet first started."""
+        """Listen on the supervisor's bus and open the link now, before the fleet's first
+        start, so joining (tcp, CURVE, hello, sync) overlaps that start. Until the start
+        ends the link bus says STARTING, so a command from the parent waits for it (the
+        bridge's applier waits while its bus is STARTING) and then applies to the fleet as
+        it is: STARTED, or STOPPED if the start failed."""
         bus = self.bus
-        bus.subscribe("start", self._first_start, 101)
+        bus.subscribe("start", self._first_started, 101)  # after the Supervisor's (75)
+        bus.subscribe("stop", self._first_stopped, 1)  # the first start failed
         bus.subscribe("workers", self._on_workers, 50)
         bus.subscribe("log", self._on_log, 3)
         bus.subscribe("exit", self._on_exit, 20)  # after the Supervisor's: workers are gone
-        return self
-
-    def _first_start(self) -> None:
-        bus = self.bus
-        bus.unsubscribe("start", self._first_start)
-        self._open_link()
+        self._held_at = time.monotonic()
+        self._open_link(hold=True)
         self._thread = threading.Thread(target=self._run, name=f"multibus-upstream {self.host}",
                                         daemon=True)
         self._thread.start()
+        return self
+
+    def _first_started(self, state: Any = states.STARTED) -> None:
+        """The fleet's first start ended (its last start listener), or failed (its stop,
+        ``state`` STOPPED): the link bus, held STARTING, takes that state."""
+        bus = self.bus
+        bus.unsubscribe("start", self._first_started)
+        bus.unsubscribe("stop", self._first_stopped)
+        lb = self.link_bus
+        if lb is None or lb.state is not states.STARTING:
+            return
+        if time.monotonic() - self._held_at < HOLD_LIMIT:
+            lb.follow(state)
+            return
+        # The link's applier waits this long at most for STARTING to end: a command it took
+        # meanwhile may have come to nothing. A fresh link (a new peer epoch) is given the
+        # parent's desired state again, and applies it to this fleet as it is now.
+        self.bus.log(f"upstream: the first start took over {HOLD_LIMIT:g}s; joining again so "
+                     "the parent's current state applies", 20)
+        self._close_link()
+        self._open_link(state=state)
+
+    def _first_stopped(self) -> None:
+        self._first_started(states.STOPPED)
 
     def _on_exit(self) -> None:
         self._gone.set()
@@ -109,16 +149,20 @@ class Upstream:
 
     # -- the link ---------------------------------------------------------------------
 
-    def _open_link(self) -> None:
-        """A fresh link bus, in this fleet's state, and its bridge (a new peer epoch)."""
+    def _open_link(self, hold: bool = False, state: Any = None) -> None:
+        """A fresh link bus, in this fleet's state (``hold``: STARTING, until the first
+        start ends; ``state``: that one, the fleet's while it is still moving), and its
+        bridge (a new peer epoch)."""
         lb = _LinkBus()
         for channel, cb in (("start", self._cmd_start), ("stop", self._cmd_stop),
-                            ("exit", self._cmd_exit)):
+                            ("graceful", self._cmd_graceful), ("exit", self._cmd_exit)):
             lb.subscribe(channel, lambda cb=cb: lb.retired or cb())
         for channel, cb in (("hub.joined", self._on_joined), ("hub.lost", self._on_lost),
                             ("hosts.op", self._on_op)):
             lb.subscribe(channel, lambda *a, cb=cb: lb.retired or cb(*a))
-        if state_of(self.bus) == "STARTED":
+        if hold or state is not None:
+            lb.follow(states.STARTING if hold else state)
+        elif state_of(self.bus) == "STARTED":
             lb.start()  # nothing to do here: the fleet is STARTED already
         timeout = self.cfg.timeout
         link = Bridge(lb, role="peer", name=self.host, endpoints=self.cfg.endpoints(),
@@ -176,8 +220,10 @@ class Upstream:
         """Queue ``action`` on this supervisor's op queue; return the op once it ended."""
         op = self.control.queue(action, **args)
         deadline = time.monotonic() + OP_TIMEOUT
-        while op.state in ("queued", "running") and time.monotonic() < deadline:
-            if self._gone.wait(0.02):
+        # woken as it ends (a 20 ms poll here was up to 20 ms on every fleet-wide start
+        # and stop); looks at _gone (this process exits) now and then
+        while not op.ended.wait(0.25):
+            if self._gone.is_set() or time.monotonic() >= deadline:
                 break
         return op
 
@@ -196,6 +242,11 @@ class Upstream:
             return  # a stop on the way to exit: _cmd_exit stops and exits in one round
         if state_of(self.bus) != "STOPPED":
             self._transition("stop", "STOPPED")
+
+    def _cmd_graceful(self) -> None:
+        op = self._run_op("graceful")
+        if op.state == "failed":  # the link's applier reports it to the parent
+            raise RuntimeError(f"graceful failed on host {self.host}: {op.error}")
 
     def _cmd_exit(self) -> None:
         if self._closing:
@@ -231,6 +282,10 @@ class Upstream:
             self._wake.notify_all()
 
     def _on_log(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
+        if msg in SETTLED:  # this fleet got there: the parent hears it now, not REPORT_MIN on
+            with self._lock:
+                self._changed = self._urgent = True
+                self._wake.notify_all()
         lb = self.link_bus
         if lb is None or not self.joined:
             self.dropped_logs += self._ever_joined  # before the first join: not news
@@ -261,7 +316,9 @@ class Upstream:
             with self._lock:
                 now = time.monotonic()
                 due = [last + REPORT_EVERY]
-                if self._changed:
+                if self._urgent:
+                    due.append(now)
+                elif self._changed:
                     due.append(last + REPORT_MIN)
                 if self._lost_at is not None:
                     due.append(self._lost_at)
@@ -274,8 +331,10 @@ class Upstream:
                 policy = self._lost_at is not None and now >= self._lost_at
                 if policy:
                     self._lost_at = None
-                report = self.joined and (now >= last + REPORT_EVERY or (
+                report = self.joined and (now >= last + REPORT_EVERY or self._urgent or (
                     self._changed and now >= last + REPORT_MIN))
+                if report:
+                    self._urgent = False
             if policy:
                 self._apply_policy()
             if report:

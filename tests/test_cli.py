@@ -556,3 +556,21 @@ def test_second_ctrl_c_kills_a_stuck_stop():
         assert proc.wait(20) == 1  # workers had to be killed
         assert time.monotonic() - t0 < 4  # not stop_timeout (5 s) + term_timeout (2 s)
         assert "interrupted again" in output(log)
+
+
+@pytest.mark.timeout(60)
+def test_run_refuses_a_target_that_does_not_import_before_anything_starts(tmp_path):
+    """The targets are checked while `multibus run` imports the rest of the supervisor: a
+    group whose target does not import still fails with one line, exit 2, before the
+    supervisor starts (no control socket, no PID file)."""
+    name = unique("tbad")
+    f = tmp_path / "bad.toml"
+    f.write_text(f'[supervisor]\nname = "{name}"\n[groups.ok]\ntarget = "targets.jobs:job"\n'
+                 f'[groups.web]\ntarget = "nosuchmodule_xyz:serve"\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    r = mb("run", str(f), env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "groups.web.target" in lines[0], r.stderr
+    assert "No module named 'nosuchmodule_xyz'" in lines[0] and "Traceback" not in r.stderr
+    assert status(name) is None

@@ -191,3 +191,59 @@ def test_cwd_must_exist(tmp_path):
     path = write(tmp_path, '[groups.w]\ntarget = "m:f"\ncwd = "nowhere"\n')
     with pytest.raises(ConfigError, match="groups.w.cwd: no such directory"):
         check_targets(load(path))
+
+
+_FORKED = """\
+import json, sys
+from multibus.config import ConfigError, load
+from multibus.preflight import start_checks
+
+out = {}
+for path in sys.argv[1:]:
+    checks = start_checks(load(path), fork=True)
+    kinds = [type(p).__name__ for _, p in checks.procs]
+    try:
+        checks.wait()
+        out[path] = [kinds, None]
+    except ConfigError as e:
+        out[path] = [kinds, str(e)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_check_targets_forked_as_the_zygote_forks_workers(tmp_path):
+    """`multibus run` with the zygote checks by forking (no interpreter start): the same
+    verdicts and messages; the group's cwd and pythonpath apply in the child; a group a
+    zygote would exec (a start-up variable of its own) is checked in an interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "here_only.py").write_text("def serve(bus):\n    pass\n")
+    files = {}
+    for key, groups in {
+        "good": '[groups.a]\ntarget = "targets.jobs:job"\n'
+                f'[groups.c]\ntarget = "here_only:serve"\ncwd = "{app}"\n'
+                '[groups.e]\ntarget = "targets.jobs:job"\nenv = { PYTHONHASHSEED = "1" }\n',
+        "module": '[groups.a]\ntarget = "targets.jobs:job"\n'
+                  '[groups.b]\ntarget = "nosuchmodule_xyz:job"\n',
+        "attr": '[groups.b]\ntarget = "targets.jobs:nothere"\n',
+        "notcwd": '[groups.b]\ntarget = "here_only:serve"\n',
+    }.items():
+        files[key] = tmp_path / f"{key}.toml"
+        files[key].write_text(f'[supervisor]\npythonpath = ["{TARGETS}"]\n{groups}')
+    r = subprocess.run([sys.executable, "-c", _FORKED, *map(str, files.values())],
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    kinds, error = got[str(files["good"])]
+    assert error is None and kinds == ["_ForkedCheck", "_ForkedCheck", "Popen"]
+    for key, said in (("module", "No module named 'nosuchmodule_xyz'"),
+                      ("attr", "has no 'nothere'"), ("notcwd", "No module named 'here_only'")):
+        kinds, error = got[str(files[key])]
+        assert set(kinds) == {"_ForkedCheck"}, key
+        assert error.startswith(f"{files[key]}: groups.b.target: ") and said in error, error
+        assert "\n" not in error
