@@ -26,6 +26,7 @@ from multibus.transport.stats import BridgeStats
 __all__ = ["PENDING_FRAMES", "Outbox", "ThreadState"]
 
 PENDING_FRAMES = 16  # frames waiting for a socket before we stop building/reading more
+STREAM_GAP = 0.02  # s: a batch this soon after the previous one is a stream (see flush)
 
 
 class BridgeError(RuntimeError):
@@ -66,6 +67,7 @@ class Outbox:
         self.pending_since = 0.0
         self.seq = 0
         self.streaming_until = 0.0  # I/O thread: until then, poll every 1 ms, no wake-ups
+        self._last_batch = float("-inf")
         self._room = threading.Condition()
         self.waiting_room = 0
 
@@ -190,7 +192,13 @@ class Outbox:
         them all to its :class:`~multibus.transport.fanout.Fanout`)."""
         if self.out or self.logs:
             self._build_frames()
-            self.streaming_until = time.monotonic() + 0.02
+            # a second batch within STREAM_GAP: a stream is flowing, poll for the next
+            # instead of being woken per message; a lone batch (a worker's start, a state
+            # change) goes back to sleep at once, not through 20 polls of 1 ms
+            now = time.monotonic()
+            if now - self._last_batch < STREAM_GAP:
+                self.streaming_until = now + STREAM_GAP
+            self._last_batch = now
         pending = self.pending
         if not pending:
             return
