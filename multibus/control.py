@@ -79,6 +79,7 @@ BRIDGE_COUNTERS = ("invalid", "gaps", "lost", "stale", "dropped", "handshake_fai
                    "zap_refused", "name_refused")
 _HZ = os.sysconf("SC_CLK_TCK")  # /proc/PID/stat counts CPU time and start time in ticks
 _PAGE = os.sysconf("SC_PAGE_SIZE")  # ... and RSS in pages
+USAGE_REFRESH = 0.5  # s: a worker's CPU % and RSS read this recently are shown again as they were
 
 
 def _uptime() -> float:
@@ -178,7 +179,8 @@ class Control:
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
         self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log,
                            interrupt=supervisor.reloader.interrupt)  # 'exit' stops a reload
-        self._procs: dict[int, tuple[int, float, float]] = {}  # pid -> (start, cpu s, when)
+        # pid -> (start, CPU s, when read, CPU %, RSS bytes)
+        self._procs: dict[int, tuple[int, float, float, float, int]] = {}
         self._thread: threading.Thread | None = None
         self._closing = False
         self._wakeup = Wakeup()
@@ -313,11 +315,16 @@ class Control:
     # -- status ---------------------------------------------------------------------------
 
     def _usage(self, pid: int | None) -> tuple[float | None, int | None]:
-        """(CPU %, RSS bytes) of ``pid``: CPU since the previous status call, or averaged over
-        the process's life the first time it is seen. One read of ``/proc/PID/stat`` (a
-        status of 1,000 workers stays well under 0.3 s; psutil reads several files)."""
+        """(CPU %, RSS bytes) of ``pid``: CPU since the previous read, or averaged over the
+        process's life the first time it is seen. One read of ``/proc/PID/stat`` (psutil
+        reads several files), and none within USAGE_REFRESH of the last one: status asked
+        over and over while 1,000 workers start costs no 3,000 system calls each time."""
         if not pid:
             return None, None
+        prev = self._procs.get(pid)
+        now = time.monotonic()
+        if prev is not None and now - prev[2] < USAGE_REFRESH:
+            return prev[3], prev[4]
         try:  # three system calls (open() adds fstat, ioctl and a read to EOF): each one
             # gives the GIL away, and the start of a large fleet keeps the others busy
             fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
@@ -329,15 +336,15 @@ class Control:
             self._procs.pop(pid, None)
             return None, None
         ticks = (int(fields[11]) + int(fields[12])) / _HZ
-        start, now = int(fields[19]), time.monotonic()
-        prev = self._procs.get(pid)
+        start = int(fields[19])
         if prev is None or prev[0] != start:  # first seen (or the pid was reused)
             life = max(_uptime() - start / _HZ, 1e-3)
             cpu = 100.0 * ticks / life
         else:
             cpu = 100.0 * (ticks - prev[1]) / max(now - prev[2], 1e-3)
-        self._procs[pid] = (start, ticks, now)
-        return round(cpu, 1), int(fields[21]) * _PAGE
+        cpu, rss = round(cpu, 1), int(fields[21]) * _PAGE
+        self._procs[pid] = (start, ticks, now, cpu, rss)
+        return cpu, rss
 
     def status(self) -> dict[str, Any]:
         """The status document (see :meth:`_status`), from any thread; on a parent of hosts

@@ -511,3 +511,30 @@ def test_a_scale_past_the_descriptor_budget_is_refused_naming_the_limit(served, 
     assert sup.scaled == [] and client.status()["queue"] == []
     done = client.wait_op(client.scale("job", 179)["op"], 10)  # what fits is queued and run
     assert done["state"] == "done" and sup.scaled == [("job", 179)]
+
+
+def test_worker_usage_is_read_once_per_refresh_interval(monkeypatch):
+    """Status asked again within USAGE_REFRESH shows the same reading without reading
+    /proc again (status polled while 1,000 workers start); after it, a fresh one."""
+    import types
+
+    import multibus.control as control
+
+    clock = [1000.0]
+    monkeypatch.setattr(control, "time", types.SimpleNamespace(
+        monotonic=lambda: clock[0], clock_gettime=time.clock_gettime,
+        CLOCK_BOOTTIME=time.CLOCK_BOOTTIME))
+    reads = []
+    monkeypatch.setattr(control, "os", types.SimpleNamespace(
+        open=lambda path, *a: (reads.append(path), os.open(path, *a))[1],
+        read=os.read, close=os.close, O_RDONLY=os.O_RDONLY))
+    ctl = types.SimpleNamespace(_procs={})
+    cpu, rss = Control._usage(ctl, os.getpid())
+    assert rss > 1_000_000 and cpu is not None and cpu >= 0
+    clock[0] += control.USAGE_REFRESH / 2
+    assert Control._usage(ctl, os.getpid()) == (cpu, rss)
+    assert len(reads) == 1
+    clock[0] += control.USAGE_REFRESH
+    Control._usage(ctl, os.getpid())
+    assert len(reads) == 2
+    assert Control._usage(ctl, 0) == (None, None)
