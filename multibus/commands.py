@@ -31,7 +31,7 @@ from multibus.actions import (
     _targets,
     state_of,
 )
-from multibus.names import WorkerName, valid_group, valid_name
+from multibus.names import valid_group, valid_host, valid_name
 from multibus.statustext import format_status
 from multibus.targets import (
     MAX_TARGETS,
@@ -72,8 +72,7 @@ def is_source(v: Any) -> bool:
 
 def is_hosts(v: Any) -> bool:
     """A list of at most MAX_TARGETS host names."""
-    return isinstance(v, list) and len(v) <= MAX_TARGETS and all(
-        valid_name(h) and WorkerName.parse(h) is None for h in v)
+    return isinstance(v, list) and len(v) <= MAX_TARGETS and all(map(valid_host, v))
 
 
 U32 = (0, 2**32 - 1)

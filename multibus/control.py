@@ -26,7 +26,6 @@ Reply: ``{"v": 1, "id": <request id>, "ok": true, ...}`` or ``{..., "ok": false,
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
 from multibus.sockets import bound_address
 from multibus.targets import split_host
+from multibus.transport.iothread import monitor_event
 from multibus.transport.stats import RateLimit
 from multibus.wakeup import Wakeup
 
@@ -130,19 +130,6 @@ def _socket_status(sup: Any) -> list[dict[str, str]]:
         if sock.fileno() >= 0:
             out.append({"name": name, "address": bound_address(sock)})
     return out
-
-
-
-_MONITOR_HEAD = struct.Struct("=hi")  # libzmq monitor event: u16 event, i32 value (+ address)
-
-
-def _monitor_event(frames: list[bytes]) -> tuple[int, int]:
-    """(event, value) of a socket-monitor message: zmq.utils.monitor without its import,
-    which pulls in asyncio (~25 ms of every supervisor's start-up)."""
-    if len(frames) != 2 or len(frames[0]) != _MONITOR_HEAD.size:
-        raise ValueError(f"not a socket-monitor message: {frames!r:.200}")
-    event, value = _MONITOR_HEAD.unpack(frames[0])
-    return event, value
 
 
 class Control:
@@ -498,7 +485,7 @@ class Control:
         cap = fdbudget.connections_cap()
         for _ in range(1000):
             try:
-                event, fd = _monitor_event(monitor.recv_multipart(zmq.NOBLOCK))
+                event, fd = monitor_event(monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 break
             if (self._listening and event == zmq.EVENT_ACCEPTED

@@ -272,6 +272,9 @@ class Downstream:
         with self._cond:
             return ", ".join(sorted(self.hosts)) or "none has joined"
 
+    def _no_host(self, name: str) -> ControlError:
+        return ControlError(f"no host {name!r}; hosts: {self.names()}")
+
     def has_host(self, name: str) -> bool:
         with self._cond:
             return name in self.hosts
@@ -282,8 +285,7 @@ class Downstream:
         with self._cond:
             h = self.hosts.get(host)
             if h is None:
-                raise ControlError(f"no host {host!r}; hosts: "
-                                   f"{', '.join(sorted(self.hosts)) or 'none has joined'}")
+                raise self._no_host(host)
             doc = h.doc
         if rest in (None, SUPERVISOR) or doc is None:
             return
@@ -298,8 +300,7 @@ class Downstream:
             for name in names:
                 h = self.hosts.get(name)
                 if h is None:
-                    raise ControlError(f"no host {name!r}; hosts: "
-                                       f"{', '.join(sorted(self.hosts)) or 'none has joined'}")
+                    raise self._no_host(name)
                 if not h.connected:
                     raise ControlError(f"host {name!r} is not connected ({h.lost}); nothing "
                                        "to exit there")

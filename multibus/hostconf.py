@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from multibus.names import WorkerName, valid_name
+from multibus.names import valid_host
 from multibus.transport.endpoints import EndpointError, Endpoints
 from multibus.transport.keys import CurveConfig, load_keys
 
@@ -95,7 +95,7 @@ def _timeout(c: Any, key: str, table: Mapping[str, Any]) -> float:
 
 
 def _host_name(c: Any, key: str, host: Any) -> str:
-    if not valid_name(host) or WorkerName.parse(host) is not None:
+    if not valid_host(host):
         raise c.fail(key, "a host name of [A-Za-z0-9_.-], not shaped like a worker name "
                      "(group.N)", host)
     return host

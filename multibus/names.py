@@ -19,6 +19,7 @@ __all__ = [
     "WorkerName",
     "check_name",
     "valid_group",
+    "valid_host",
     "valid_name",
 ]
 
@@ -66,3 +67,9 @@ class WorkerName(NamedTuple):
             return None
         m = _WORKER.match(name)
         return None if m is None else cls(m.group(1), int(m.group(2)))
+
+
+def valid_host(name: object) -> bool:
+    """A host's name (several hosts): a valid name not shaped like a worker's (``group.N``),
+    so that ``HOST:job.2`` and ``logs NAME`` cannot be read two ways."""
+    return valid_name(name) and WorkerName.parse(name) is None

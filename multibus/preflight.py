@@ -131,9 +131,9 @@ def _forked_check(r: int, w: int, target: str, env: dict[str, str], cwd: str | N
         os.environ.update(env)
         if cwd:
             os.chdir(cwd)
-        # what `python -m` gives a worker: cwd, then PYTHONPATH and the rest (as the zygote)
-        sys.path[:] = [os.getcwd(), *_abs_unique(
-            [*env.get("PYTHONPATH", "").split(os.pathsep), *tail])]
+        from multibus.zygote import worker_sys_path  # loaded already by start_checks
+
+        sys.path[:] = worker_sys_path(env, tail)  # as the zygote gives a worker
         import importlib
 
         importlib.invalidate_caches()
@@ -159,17 +159,6 @@ def _forked_check(r: int, w: int, target: str, env: dict[str, str], cwd: str | N
     except BaseException:  # noqa: BLE001
         pass
     os._exit(code)
-
-
-def _abs_unique(paths: list[str]) -> list[str]:
-    return list(dict.fromkeys(os.path.abspath(p) for p in paths if p))
-
-
-def _path_tail() -> list[str]:
-    """This process's sys.path after its first entry and its PYTHONPATH: the rest (stdlib,
-    site-packages) that a worker's ``python -m`` gets too."""
-    pp = _abs_unique(os.environ.get("PYTHONPATH", "").split(os.pathsep))
-    return sys.path[1 + len(pp):]
 
 
 def _can_fork_here() -> bool:
@@ -232,11 +221,11 @@ def start_checks(config: FleetConfig, timeout: float = CHECK_TIMEOUT,
     ``fork``: the workers will be forked from a zygote, so check those a zygote would fork
     in a forked child (see the module docstring). ConfigError at once for a missing cwd or
     program, or a user who cannot run Python."""
-    from multibus.zygote import can_fork
+    from multibus.zygote import can_fork, path_tail
 
     checks = TargetChecks(config, timeout)
     fork = fork and _can_fork_here()
-    tail = _path_tail() if fork else []
+    tail = path_tail() if fork else []
     try:
         for spec in config.specs:
             if spec.cwd is not None and not os.path.isdir(spec.cwd):

@@ -186,14 +186,26 @@ def _record_inherited() -> None:
         initial = dict(os.environ)
     INHERITED["environ"] = initial
     INHERITED["startup_env"] = {k: v for k, v in os.environ.items() if initial.get(k) != v}
-    # sys.path of `python -m`: cwd, PYTHONPATH (absolute, deduplicated), then the rest
-    pp = _abs_unique(os.environ.get("PYTHONPATH", "").split(os.pathsep))
-    INHERITED["path_tail"] = sys.path[1 + len(pp):]
+    INHERITED["path_tail"] = path_tail()
 
 
 def _abs_unique(paths: Iterable[str]) -> list[str]:
     """As ``site.removeduppaths`` leaves them: absolute, first occurrence only."""
     return list(dict.fromkeys(os.path.abspath(p) for p in paths if p))
+
+
+def path_tail() -> list[str]:
+    """This process's sys.path after its first entry and its PYTHONPATH: the rest (stdlib,
+    site-packages) that a ``python -m`` of the same interpreter gets too."""
+    pp = _abs_unique(os.environ.get("PYTHONPATH", "").split(os.pathsep))
+    return sys.path[1 + len(pp):]
+
+
+def worker_sys_path(env: dict[str, str], tail: list[str]) -> list[str]:
+    """The sys.path `python -m` would give a process with ``env`` in this cwd: cwd first
+    (added after site's deduplication), then PYTHONPATH and ``tail``, absolute and
+    deduplicated."""
+    return [os.getcwd(), *_abs_unique([*env.get("PYTHONPATH", "").split(os.pathsep), *tail])]
 
 
 def _restore_signals() -> None:
@@ -268,10 +280,7 @@ def _become_worker(sock: socket.socket, req: dict[str, Any], fds: list[int],
         _apply_limits(req["umask"], req["rlimits"])
         if req.get("cwd"):
             os.chdir(req["cwd"])
-        # what `python -m` would have: cwd first (added after site's deduplication), then
-        # PYTHONPATH and the rest, absolute and deduplicated
-        sys.path[:] = [os.getcwd(), *_abs_unique(
-            [*env.get("PYTHONPATH", "").split(os.pathsep), *INHERITED["path_tail"]])]
+        sys.path[:] = worker_sys_path(env, INHERITED["path_tail"])  # as `python -m` has it
         import importlib
 
         importlib.invalidate_caches()

@@ -67,12 +67,12 @@ def retry_interval(heartbeat: float | None) -> float:
     return 0.25 if heartbeat is None else max(0.05, min(0.25, heartbeat / 2))
 
 
-def monitor_event(frames: list[bytes]) -> int:
-    """The event number of a socket-monitor message (zmq.utils.monitor.parse_monitor_message
-    without its import, which pulls in asyncio: ~30 ms of every worker's start-up)."""
-    if len(frames) != 2 or len(frames[0]) != 6:
+def monitor_event(frames: list[bytes]) -> tuple[int, int]:
+    """(event, value) of a socket-monitor message: zmq.utils.monitor.parse_monitor_message
+    without its import, which pulls in asyncio (~30 ms of every process's start-up)."""
+    if len(frames) != 2 or len(frames[0]) != _MONITOR_HEAD.size:
         raise ValueError(f"not a socket-monitor message: {frames!r:.200}")
-    return _MONITOR_HEAD.unpack(frames[0])[0]
+    return _MONITOR_HEAD.unpack(frames[0])
 
 
 class IOThread:
@@ -429,7 +429,7 @@ class IOThread:
                 frames = mon.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ev = monitor_event(frames)  # a bad one is a bug: the loop logs it, every time
+            ev = monitor_event(frames)[0]  # a bad one is a bug: the loop logs it, every time
             if ev & _HANDSHAKE_FAILED:
                 st.handshake_failed += 1
                 if ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
