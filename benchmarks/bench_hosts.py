@@ -57,7 +57,7 @@ def wait_started(name: str, n: int, timeout: float = 120) -> float:
 def op_time(name: str, action: str) -> float:
     client = ControlClient(name, timeout=30)
     t0 = time.monotonic()
-    done = client.wait_op(int(client.op(action)["op"]), 300, poll=0.01)
+    done = client.wait_op(int(client.op(action)["op"]), 300)
     if done["state"] != "done":
         raise RuntimeError(f"{action}: {done}")
     return time.monotonic() - t0

@@ -48,7 +48,8 @@ __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunni
 
 PROG = "multibus"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-MAX_FOLLOWERS = 64  # 'logs' requests waiting for new records at once
+MAX_FOLLOWERS = 64  # requests held at once: 'logs' waiting for records, 'op_status' for an end
+MAX_WAIT = 5.0  # the longest a request may ask to be held (s)
 LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
 
 Check = Callable[[Any], bool]
@@ -91,7 +92,13 @@ class Command:
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
         """The reply (``ok`` and the command's keys), or None when the Control will answer
-        later (a waiting 'logs'). Raise ControlError for a refusal."""
+        later (a waiting 'logs' or 'op_status', see :meth:`later`). Raise ControlError for a
+        refusal."""
+        raise NotImplementedError
+
+    def later(self, ctl: Any, req: dict[str, Any], final: bool) -> dict[str, Any] | None:
+        """For a request the Control holds: its reply once there is something to say, else
+        None; ``final`` (its wait is over): the reply as it stands."""
         raise NotImplementedError
 
     def add_parsers(self, sub: Any, ctl: argparse.ArgumentParser,
@@ -303,17 +310,33 @@ class Scale(Command):
                        f"scale {args.group} to {args.count}", args)
 
 
+def _is_wait(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= MAX_WAIT
+
+
 class OpStatus(Command):
-    """Where a queued operation is: queued, running, done or failed (clients poll it)."""
+    """Where a queued operation is: queued, running, done or failed. With ``wait`` > 0 an
+    operation not ended yet is answered when it ends (or the wait is over), so a client
+    learns of the end at once instead of at its next poll."""
 
     name = "op_status"
     schema = {"op": lambda v: is_int(v, *U32)}
+    optional = {"wait": _is_wait}
 
-    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
         found = ctl.op(req["op"])
         if found is None:
             raise ControlError(f"no operation {req['op']} (finished long ago?)")
-        return {"ok": True, **found.as_dict()}
+        if found.ended.is_set() or req.get("wait", 0) <= 0 or not ctl.follow(
+                ident, req, MAX_FOLLOWERS):  # held: answered by later()
+            return {"ok": True, **found.as_dict()}
+        return None
+
+    def later(self, ctl: Any, req: dict[str, Any], final: bool) -> dict[str, Any] | None:
+        found = ctl.op(req["op"])
+        if found is None:
+            return {"ok": False, "error": f"no operation {req['op']} (finished long ago?)"}
+        return {"ok": True, **found.as_dict()} if final or found.ended.is_set() else None
 
 
 class Logs(Command):
@@ -324,7 +347,7 @@ class Logs(Command):
         "since": lambda v: is_int(v, 0, 2**63 - 1),
         "group": lambda v: v is None or is_source(v),
         "limit": lambda v: is_int(v, 1, 1000),
-        "wait": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 5,
+        "wait": _is_wait,
     }
 
     def answer(self, ctl: Any, ident: bytes, req: dict[str, Any]) -> dict[str, Any] | None:
@@ -337,6 +360,10 @@ class Logs(Command):
             raise ControlError(f"{MAX_FOLLOWERS} `{PROG} logs -f` are following already, the "
                                "most at once; stop one of them (or use `logs` without -f)")
         return None
+
+    def later(self, ctl: Any, req: dict[str, Any], final: bool) -> dict[str, Any] | None:
+        reply = self.reply(ctl, req)
+        return reply if final or reply["records"] else None
 
     @staticmethod
     def reply(ctl: Any, req: dict[str, Any]) -> dict[str, Any]:

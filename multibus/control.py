@@ -42,7 +42,6 @@ from multibus.commands import (
     TRANSITIONS,
     U32,
     ControlError,
-    Logs,
     NotRunning,
     is_int,
     state_of,
@@ -162,10 +161,11 @@ class Control:
         self._listening = False
         self._fds = 0  # descriptors open when it started listening
         self._warn = RateLimit()
-        self.logs = LogRing(log_size, on_record=self._on_record)
+        self.logs = LogRing(log_size, on_record=self._wake_followers)
         self._followers: list[tuple[bytes, dict[str, Any], float]] = []
         self.ops = OpQueue(self._perform, getattr(bus, "defer", None), bus.log,
-                           interrupt=supervisor.reloader.interrupt)  # 'exit' stops a reload
+                           interrupt=supervisor.reloader.interrupt,  # 'exit' stops a reload
+                           ended=lambda op: self._wake_followers())
         # pid -> (start, CPU s, when read, CPU %, RSS bytes)
         self._procs: dict[int, tuple[int, float, float, float, int]] = {}
         self._thread: threading.Thread | None = None
@@ -216,8 +216,9 @@ class Control:
     def _on_exit(self) -> None:
         self.unsubscribe()
 
-    def _on_record(self) -> None:
-        """A record was kept (on the thread that logged it): serve waiting followers."""
+    def _wake_followers(self) -> None:
+        """A record was kept or an op ended (on the thread that did it): serve the requests
+        waiting for one (``logs -f``, an op's end)."""
         if self._followers:
             self._wakeup.wake()
 
@@ -270,8 +271,8 @@ class Control:
         raise ControlError(f"no worker {source!r}; workers of {group}: {names}")
 
     def follow(self, ident: bytes, req: dict[str, Any], most: int) -> bool:
-        """Answer the 'logs' request ``req`` once records come or its wait is over; False if
-        ``most`` requests are waiting already (answer it now)."""
+        """Hold request ``req`` until its command's ``later`` has a reply or its wait is
+        over; False if ``most`` requests are held already (answer it now)."""
         if len(self._followers) >= most:
             return False
         self._followers.append((ident, req, time.monotonic() + float(req["wait"])))
@@ -549,8 +550,8 @@ class Control:
         now = time.monotonic()
         keep = []
         for ident, req, deadline in self._followers:
-            reply = Logs.reply(self, req)
-            if reply["records"] or now >= deadline or self._closing:
+            reply = COMMANDS[req["cmd"]].later(self, req, now >= deadline or self._closing)
+            if reply is not None:
                 reply.update(v=PROTOCOL, id=req["id"])
                 self._send(sock, ident, reply)
             else:

@@ -18,6 +18,7 @@ import msgpack
 import zmq
 
 from multibus.actions import ControlError, NotRunning
+from multibus.commands import MAX_WAIT
 from multibus.logview import Record
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
@@ -53,6 +54,7 @@ class ControlClient:
         self.name = name
         self.timeout = timeout
         self._ids = itertools.count(1)
+        self._holds = True  # the supervisor holds a request until its op ends (op_status wait)
 
     def pid(self) -> int | None:
         """The live supervisor's pid (from the hub lock), or None."""
@@ -117,17 +119,30 @@ class ControlClient:
     def scale(self, group: str, count: int) -> dict[str, Any]:
         return self.request("scale", group=group, count=count)
 
-    def wait_op(self, op_id: int, timeout: float, poll: float = 0.05) -> dict[str, Any]:
-        """Poll until operation ``op_id`` is done or failed; ControlError on timeout."""
+    def wait_op(self, op_id: int, timeout: float) -> dict[str, Any]:
+        """Return operation ``op_id``'s status once it is done or failed; ControlError on
+        timeout. The supervisor holds each request until the op ends (up to MAX_WAIT s);
+        one that cannot hold it (an older supervisor, or too many held) is polled."""
         deadline = time.monotonic() + timeout
         while True:
-            reply = self.request("op_status", op=op_id)
+            left = deadline - time.monotonic()
+            wait = min(MAX_WAIT, max(0.0, left)) if self._holds else 0.0
+            asked = time.monotonic()
+            try:
+                reply = self.request("op_status", timeout=self.timeout + wait, op=op_id,
+                                     **({"wait": wait} if wait else {}))
+            except ControlError as e:
+                if not (self._holds and "op_status: expected keys" in str(e)):
+                    raise
+                self._holds = False  # a supervisor from before 'wait': poll it
+                continue
             if reply["state"] in ("done", "failed"):
                 return reply
             if time.monotonic() >= deadline:
                 raise ControlError(f"{reply['action']} is still {reply['state']} after "
                                    f"{timeout:g}s (it stays queued; check `multibus status`)")
-            time.sleep(poll)
+            if time.monotonic() - asked < min(wait, 0.05) or not wait:
+                time.sleep(0.05)  # answered without waiting: do not spin
 
     def logs(self, since: int = 0, group: str | None = None, limit: int = 1000,
              wait: float = 0.0) -> tuple[list[Record], int]:

@@ -54,10 +54,12 @@ class OpQueue:
 
     def __init__(self, perform: Callable[[Op], str | None],
                  defer: Callable[..., Any] | None, log: Callable[..., Any],
-                 interrupt: Callable[[str], Any] | None = None) -> None:
+                 interrupt: Callable[[str], Any] | None = None,
+                 ended: Callable[[Op], Any] | None = None) -> None:
         # interrupt(why): an 'exit' was queued or the waiting ops cancelled: a long op that
         # is running (a rolling reload) stops at its next step instead of finishing first
         self._interrupt = interrupt
+        self._ended = ended  # ended(op), on the thread that ended it: e.g. wake a waiting client
         self._perform = perform
         self._defer = defer
         self._log = log
@@ -116,7 +118,7 @@ class OpQueue:
         for op in ops:
             op.state, op.error, op.ended_at = "failed", reason, time.monotonic()
             self._finished(op)
-            op.ended.set()
+            self._end(op)
         return len(ops)
 
     def _finished(self, op: Op) -> None:
@@ -148,4 +150,9 @@ class OpQueue:
             op.ended_at = time.monotonic()
             with self._lock:
                 self._finished(op)
-            op.ended.set()
+            self._end(op)
+
+    def _end(self, op: Op) -> None:
+        op.ended.set()
+        if self._ended is not None:
+            self._ended(op)

@@ -213,6 +213,41 @@ def test_logs_buffer_and_long_poll(served):
     assert recs == []
 
 
+def test_an_ops_end_is_answered_when_it_ends_not_at_the_next_poll(served, monkeypatch):
+    """'op_status' with 'wait' is held until the op ends, so `multibus stop` returns as
+    soon as the stop is done; a client of an older supervisor (no 'wait') polls."""
+    bus, sup, control, client = served
+    sup.hold.clear()
+    stop = client.op("stop")
+    assert sup.stopping.wait(5)
+    held = client.request("op_status", op=stop["op"], wait=0.2)  # not ended: after the wait
+    assert held["state"] == "running"
+    ended = []
+    waiter = threading.Thread(target=lambda: ended.append(
+        (client.wait_op(stop["op"], 10), time.monotonic())))
+    waiter.start()
+    try:
+        assert wait_for(lambda: control.counters()["control"]["followers"] == 1, 5)
+        released = time.monotonic()
+        sup.hold.set()
+    finally:
+        sup.hold.set()
+        waiter.join(10)
+    (reply, at), = ended
+    assert reply["state"] == "done"
+    assert at - released < 1.0  # not the 5 s the request may be held
+    assert control.counters()["control"]["followers"] == 0
+    # an ended op is answered at once, waiting or not
+    assert client.request("op_status", op=stop["op"], wait=5)["state"] == "done"
+
+    from multibus import commands
+
+    monkeypatch.setattr(commands.OpStatus, "optional", {})  # a supervisor from before 'wait'
+    old = ControlClient(client.name, timeout=5)
+    assert old.wait_op(client.op("start")["op"], 10)["state"] == "done"
+    assert not old._holds
+
+
 def test_logs_of_an_unknown_name_fail_as_scale_does(served, capsys):
     """`multibus logs nosuch` and `logs job.9` fail (one line, exit 1) as `scale nosuch 3`
     does, instead of printing nothing with exit 0 (issue 15)."""
@@ -284,6 +319,7 @@ def test_invalid_requests_are_answered_and_counted(served):
 def test_decode_request_accepts_each_command():
     for req in ({"cmd": "status"}, {"cmd": "op", "action": "graceful"},
                 {"cmd": "scale", "group": "job", "count": 0}, {"cmd": "op_status", "op": 3},
+                {"cmd": "op_status", "op": 3, "wait": 2.5},
                 {"cmd": "logs", "since": 5, "group": "job.1", "limit": 1, "wait": 1.5}):
         assert decode_request(msgpack.packb({"v": 1, "id": 7, **req}))["cmd"] == req["cmd"]
 
