@@ -137,7 +137,7 @@ def hosts(tmp: Path, h: int, per: int, rounds: int) -> dict[str, float]:
             t0 = time.monotonic()
             parent, _ = stack.enter_context(supervisor(multibus("run",
                                                                 str(tmp / "parent.toml"))))
-            procs = []
+            procs, outs = [], []
             for i, hn in enumerate(names):
                 f = tmp / f"{hn}.toml"
                 f.write_text(f'[supervisor]\nname = "{hn}"\npythonpath = ["{ROOT / "tests"}"]\n'
@@ -145,10 +145,16 @@ def hosts(tmp: Path, h: int, per: int, rounds: int) -> dict[str, float]:
                              f'server_key = "keys/parent.key"\n'
                              f'[groups.job]\ntarget = "targets.hostjobs:job"\ncount = {per}\n')
                 join = f"tcp://{ns.parent_ip(i)}:{port}"
-                proc, _ = stack.enter_context(supervisor(ns.argv(i, multibus(
+                proc, out = stack.enter_context(supervisor(ns.argv(i, multibus(
                     "run", str(f), "--join", join))))
                 procs.append(proc)
-            wait_started(name, h * per)
+                outs.append(out)
+            try:
+                wait_started(name, h * per)
+            except RuntimeError:  # say what the hosts said
+                for hn, out in zip(names, outs, strict=True):
+                    print(f"--- {hn}:\n" + "".join(out.read_text().splitlines(True)[-15:]))
+                raise
             res = {"ready": time.monotonic() - t0, **measure(name, h * per, rounds)}
             res["cpu_parent"] = sum(cpu(parent.pid))
             children = [cpu(p.pid) for p in procs]
