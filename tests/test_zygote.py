@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -301,6 +302,26 @@ def test_group_whose_env_changes_the_interpreter_is_execd_and_status_says_why(fl
     text = format_status(st).splitlines()
     assert text[1].split()[-1] == "LAUNCH" and text[2].endswith(why)
     _stop_ok(f)
+
+
+def test_what_a_preload_did_to_signals_is_undone_in_a_worker_and_only_that():
+    """The zygote notes once, after its preloads, which dispositions and whether the mask
+    changed; a worker restores exactly those."""
+    script = """
+import signal, json
+from multibus import zygote
+zygote._record_inherited()
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # what a preload might do
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR2])
+zygote._note_signal_changes()
+noted = [int(s) for s, _ in zygote.INHERITED["restore"]], zygote.INHERITED["restore_mask"]
+zygote._restore_signals()
+print(json.dumps([noted, signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL,
+                  sorted(map(int, signal.pthread_sigmask(signal.SIG_BLOCK, [])))]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    assert json.loads(out) == [[[int(signal.SIGUSR1)], True], True, []]
 
 
 def test_exec_reason_names_the_start_up_variables():
