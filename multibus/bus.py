@@ -33,7 +33,6 @@ import signal
 import sys
 import threading
 import time
-import traceback as _traceback
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -312,7 +311,9 @@ class Bus:
     def log(self, msg: str = "", level: int = 20, traceback: bool = False) -> None:
         """Publish ``(msg, level)`` on 'log', with the current traceback appended if asked."""
         if traceback:
-            msg += "\n" + "".join(_traceback.format_exception(*sys.exc_info()))
+            import traceback as tb  # only on an error: a worker starts without it
+
+            msg += "\n" + "".join(tb.format_exception(*sys.exc_info()))
         self.publish("log", msg, level)
 
     def log_lines(self, source: str, texts: Sequence[str], level: int = 20) -> None:

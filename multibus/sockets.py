@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import stat
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # socket is imported where it is used: a worker that only adopt()s
+    import socket  # starts without it
 
 __all__ = ["BindError", "FDS_ENV", "LISTEN_VARS", "adopt", "bind", "bind_all",
            "bound_address", "clear_listen_env", "close_all", "inherited_sockets", "listen_env",
@@ -40,6 +42,8 @@ class BindError(ValueError):
 
 def parse_address(address: str) -> tuple[int, str | tuple[str, int]]:
     """('127.0.0.1:8080' | '[::1]:8080' | 'unix:/path') -> (family, sockaddr)."""
+    import socket
+
     if not isinstance(address, str) or not address:
         raise ValueError("expected 'host:port', '[::1]:port' or 'unix:/path'")
     if address.startswith("unix:"):
@@ -60,6 +64,8 @@ def parse_address(address: str) -> tuple[int, str | tuple[str, int]]:
 
 def _unix_in_use(path: str) -> bool:
     """A live server answers on ``path``; a stale file (its server died) does not."""
+    import socket
+
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -74,6 +80,8 @@ def bind(spec: Any) -> socket.socket:
     """Bind and listen on ``spec`` (a :class:`~multibus.specs.SocketSpec`: name, address,
     backlog, mode), close-on-exec as every descriptor of ours (the spawner hands it to each
     worker). BindError: one line naming the socket and the fix."""
+    import socket
+
     family, addr = parse_address(spec.address)
     where = f"sockets.{spec.name}"
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -121,6 +129,8 @@ def bind_all(specs: Iterable[Any]) -> dict[str, socket.socket]:
 
 def bound_address(sock: socket.socket) -> str:
     """What ``sock`` listens on, as a fleet file writes it (the real port for port 0)."""
+    import socket
+
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return f"unix:{name}"
@@ -180,6 +190,8 @@ def inherited_sockets() -> dict[str, socket.socket]:
     (``LISTEN_FDNAMES``; unnamed ones are ``fd3``, ``fd4``...): in a multibus worker those of
     its group's ``sockets``. Each call returns new socket objects on duplicated descriptors:
     closing them leaves fd 3... open for other servers. Empty when LISTEN_PID is not ours."""
+    import socket
+
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return {}
     try:
@@ -197,6 +209,8 @@ def inherited_sockets() -> dict[str, socket.socket]:
 
 def close_all(socks: Iterable[socket.socket]) -> None:
     """Close the supervisor's sockets and remove the files of unix ones it created."""
+    import socket
+
     for sock in list(socks):
         if sock.fileno() < 0:
             continue  # closed already

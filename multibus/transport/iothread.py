@@ -25,7 +25,6 @@ import functools
 import struct
 import threading
 import time
-import traceback
 from typing import Any
 
 import zmq
@@ -158,6 +157,8 @@ class IOThread:
 
     def internal_error(self, what: str) -> None:
         """(in an except block) A bug: count it and log it with its traceback, every time."""
+        import traceback  # only on a bug: a worker starts without it
+
         self.stats.internal_errors += 1
         self.emit("log", f"multibus bridge {self.cfg.name!r}: {what}\n"
                   f"{traceback.format_exc()}", 40)
