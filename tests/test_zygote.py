@@ -289,6 +289,50 @@ def test_forked_worker_has_the_exec_semantics_of_an_execd_worker(fleets, tmp_pat
 
 
 @pytest.mark.timeout(60)
+def test_a_module_written_after_the_zygote_listed_its_directory_is_found(fleets, tmp_path):
+    """As by a fresh exec: a worker forked after a module was added sees it, even where the
+    directory's mtime does not tell (the zygote drops its import caches before it forks)."""
+    code, out = tmp_path / "code", tmp_path / "out"
+    code.mkdir()
+    out.mkdir()
+    (code / "lateprobe.py").write_text(
+        "import os\n"
+        "def run(bus):\n"
+        "    try:\n"
+        "        import late_mod  # noqa: F401\n"
+        "        seen = 'found'\n"
+        "    except ImportError:\n"
+        "        seen = 'missing'\n"
+        "    path = os.path.join(os.environ['MB_PROBE_DIR'], f'{os.getpid()}.txt')\n"
+        "    with open(path + '.tmp', 'w') as f:\n"
+        "        f.write(seen)\n"
+        "    os.rename(path + '.tmp', path)\n")
+    f = fleets[1]("--target", "lateprobe:run", "--zygote-preload", "lateprobe",
+                  "--env", f"PYTHONPATH={code}", "--env", f"MB_PROBE_DIR={out}", n=1)
+    f.wait_line("^FLEET STARTED", 30)
+    first = f.table()[0]["pid"]
+    assert (_wait_file_text(out / f"{first}.txt")) == "missing"
+    listed = os.stat(code).st_mtime_ns
+    (code / "late_mod.py").write_text("")
+    os.utime(code, ns=(listed, listed))  # as if written within the same clock tick
+    os.kill(first, signal.SIGKILL)  # its replacement is forked now
+    deadline = time.monotonic() + 20
+    while (pid := f.table()[0]["pid"]) in (first, None) or not (out / f"{pid}.txt").exists():
+        assert time.monotonic() < deadline, "no replacement worker reported"
+        time.sleep(0.02)
+    assert (out / f"{pid}.txt").read_text() == "found"
+    _stop_ok(f)
+
+
+def _wait_file_text(path, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} was never written"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+@pytest.mark.timeout(60)
 def test_group_whose_env_changes_the_interpreter_is_execd_and_status_says_why(fleets):
     from multibus.commands import format_status
     from multibus.control import ControlClient, resolve_name
