@@ -210,15 +210,27 @@ def worker_sys_path(env: dict[str, str], tail: list[str]) -> list[str]:
     return [os.getcwd(), *_abs_unique([*env.get("PYTHONPATH", "").split(os.pathsep), *tail])]
 
 
+def _note_signal_changes() -> None:
+    """After the preloads: which dispositions, and whether the mask, differ from those this
+    process was exec'd with; a worker restores only those (going through all of them in
+    each worker touched ~35 shared pages, copied on write)."""
+    import signal
+
+    INHERITED["restore"] = [(sig, handler) for sig, handler in INHERITED["signals"].items()
+                            if handler is not None and signal.getsignal(sig) is not handler]
+    INHERITED["restore_mask"] = (signal.pthread_sigmask(signal.SIG_BLOCK, [])
+                                 != INHERITED["mask"])
+
+
 def _restore_signals() -> None:
     """The dispositions and mask this process was exec'd with (a fresh exec gets the same):
     whatever a preloaded module changed is undone."""
     import signal
 
-    for sig, handler in INHERITED["signals"].items():
-        if handler is not None and signal.getsignal(sig) is not handler:
-            signal.signal(sig, handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, INHERITED["mask"])
+    for sig, handler in INHERITED["restore"]:
+        signal.signal(sig, handler)
+    if INHERITED["restore_mask"]:
+        signal.pthread_sigmask(signal.SIG_SETMASK, INHERITED["mask"])
 
 
 def _set_environ(env: dict[str, str]) -> None:
@@ -477,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     preload(opts.get("--preload", []))
     for p in added:
         sys.path.remove(p)
+    _note_signal_changes()
     _shrink()
     code = serve(sock)
     sys.stdout.flush()
