@@ -325,6 +325,8 @@ class Supervisor:
         if getattr(self.bus, "exiting", False):
             done, action = EXIT_DONE, "exit"
             self._exit_sent = True
+            if self.containment is not None:
+                self.containment.leave_early()
         if self.groupops.stop_waves() is None:  # no 'after': all at once
             self.tell(action)
             if action == "exit":
