@@ -24,7 +24,8 @@ A forked worker has what an exec'd one of the same spec would have (``tests/test
 compares them): its environment (``os.environ``, and ``sys.path`` rebuilt as ``python -m`` with
 its PYTHONPATH builds it), cwd, the supervisor's current umask and rlimits (sent with each
 request), the signal dispositions and mask a fresh exec gets (recorded when the zygote
-started), its own title (``multibus.worker`` sets it, as for an exec'd worker), ``sys.argv``.
+started), its own title (``multibus.worker`` sets it, as for an exec'd worker), ``sys.argv``,
+and what is on disk for its imports (the zygote drops its import caches before each fork).
 What a fork cannot give is decided by the supervisor before asking (:func:`exec_reason`):
 
 - environment variables that act while an interpreter or libc starts (:data:`STARTUP_VARS`,
