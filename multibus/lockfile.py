@@ -13,7 +13,14 @@ open is written once, here:
 * after locking, the locked inode must still be the one at the path (an exiting holder
   unlinks it between our open and our lock); if not, we open the new file and try again;
 * a holder removes the file while still holding the lock, so a newcomer cannot lock a dead
-  inode.
+  inode;
+* a lock held without a live owner's record (none yet, or a dead process's) is not an
+  owner's: an owner writes its record as soon as it holds the lock, so the holder is one
+  that lets go in a moment -- a sweep (``multibus.rundir.sweep_stale``) that found the file
+  unheld (a stale one, or one its new owner has just created and not locked yet) and holds it
+  only to remove it, a :func:`probe`, or an owner between its lock and its record. That is
+  waited out (up to ``settle`` seconds), never taken for "in use": several supervisors
+  started at once each sweep the runtime dir while the others take their files.
 
 Readers get the content as text and parse it with :func:`parse_record` (``"<pid>
 [<create_time>]"``), which never raises: the content may be left by a dead holder, be
@@ -33,6 +40,9 @@ __all__ = ["LockBusy", "LockError", "LockReplaced", "LockUnsafe", "LockedFile", 
 _READ_MAX = 256
 _TRIES = 20  # opens of a file that keeps being replaced before we give up
 _BUSY_POLL = 0.005
+# seconds a lock held without a live owner's record is waited for at most (a sweep or a
+# probe holds it for an instant; this bounds only a holder that is stopped or starved)
+_SETTLE = 5.0
 
 
 class LockError(Exception):
@@ -72,6 +82,22 @@ def _unsafe(st: os.stat_result) -> str | None:
 
 def _read(fd: int) -> str:
     return os.pread(fd, _READ_MAX, 0).decode("ascii", "replace")
+
+
+def _owned(text: str) -> bool:
+    """Whether ``text``, a busy lock file's content, is the record of a live process: what
+    an owner writes as soon as it holds the lock. Empty (not written yet), garbage or a dead
+    pid: the holder is not an owner but a sweep, a probe, or an owner about to write."""
+    pid = parse_record(text)[0]
+    if pid is None or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # alive, another user's
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
 
 
 def parse_record(text: str) -> tuple[int | None, float | None]:
@@ -137,19 +163,24 @@ class LockedFile:
 
 
 def acquire(
-    path: str | os.PathLike[str], create: bool = True, wait: float = 0.0, tries: int = _TRIES
+    path: str | os.PathLike[str], create: bool = True, wait: float = 0.0, tries: int = _TRIES,
+    settle: float = _SETTLE,
 ) -> LockedFile:
-    """Open and lock ``path``. A lock held by someone else is retried for ``wait`` seconds,
-    then raises :class:`LockBusy` carrying the holder's record. Raises :class:`LockReplaced`
-    after ``tries`` opens that each found another file at the path once locked,
-    :class:`LockUnsafe` when the path is not a plain file of ours, and ``OSError`` when the
-    file cannot be opened (``ELOOP`` for a symlink; ``FileNotFoundError`` when it is missing and
-    ``create`` is false)."""
+    """Open and lock ``path``. A lock held by a live owner (its record names a live process)
+    is retried for ``wait`` seconds, then raises :class:`LockBusy` carrying the holder's
+    record; one held without such a record (a sweep, a probe, an owner about to write: see
+    the module docstring) is retried until it is let go, for ``settle`` seconds at most
+    (0: a sweep's own look, which takes nothing busy). Raises :class:`LockReplaced` after
+    ``tries`` opens that each found another file at the path once locked (or, busy, already
+    gone from it), :class:`LockUnsafe` when the path is not a plain file of ours, and
+    ``OSError`` when the file cannot be opened (``ELOOP`` for a symlink;
+    ``FileNotFoundError`` when it is missing and ``create`` is false)."""
     path = os.fspath(path)
     flags = (os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
              | (os.O_CREAT if create else 0))
-    deadline = time.monotonic() + wait
-    for _ in range(tries):
+    start = time.monotonic()
+    opens = 0
+    while opens < tries:
         fd = os.open(path, flags, 0o600)
         try:
             why = _unsafe(os.fstat(fd))
@@ -158,8 +189,13 @@ def acquire(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             text = _read(fd)
+            gone = not LockedFile(path, fd).is_current()  # its holder removed it: a sweep
             os.close(fd)
-            if time.monotonic() < deadline:
+            if gone:
+                opens += 1
+                continue  # open the path again: a new file, or nothing (create=False)
+            waited = time.monotonic() - start
+            if waited < wait or (waited < settle and not _owned(text)):
                 time.sleep(_BUSY_POLL)  # a back-off between lock attempts, nothing to wait on
                 continue
             raise LockBusy(path, text) from None
@@ -170,6 +206,7 @@ def acquire(
         if held.is_current():
             return held
         os.close(fd)  # unlinked or replaced between open and lock: try the new one
+        opens += 1
     raise LockReplaced(path)
 
 

@@ -322,7 +322,7 @@ def sweep_stale(directory: str | os.PathLike[str] | None = None) -> int:
         if str(lock) in held:
             continue
         try:
-            stale = lockfile.acquire(lock, create=False, tries=1)
+            stale = lockfile.acquire(lock, create=False, tries=1, settle=0)
         except (lockfile.LockError, OSError):  # a live owner, replaced meanwhile, or gone
             continue
         base = str(lock).removesuffix(".lock")
@@ -339,7 +339,7 @@ def sweep_stale(directory: str | os.PathLike[str] | None = None) -> int:
             removed += release(base, [ctl])
     for pid in directory.glob("*.pid"):
         try:
-            stale = lockfile.acquire(pid, create=False, tries=1)
+            stale = lockfile.acquire(pid, create=False, tries=1, settle=0)
         except (lockfile.LockError, OSError):  # held by its live owner (maybe us), or unsafe
             continue
         removed += stale.close(unlink=True)

@@ -100,7 +100,8 @@ def _refusal(name: str, error: Exception, pidfile: Any) -> str:
     if not by_name:
         return f"cannot start supervisor {name!r}: {error}"
     pid = getattr(error, "pid", None)
-    who = f"pid {pid}" if pid else "another process"
+    # no live pid to name: say what was found (which file, what it held), not just "in use"
+    who = f"pid {pid}" if pid else f"another process ({error})"
     return (f"cannot start supervisor {name!r}: that name is in use by {who}; run this one "
             f"with --name OTHER, or stop that one first (multibus exit --name {name})")
 

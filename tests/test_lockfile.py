@@ -53,11 +53,12 @@ def test_a_held_lock_is_busy_for_another_open_and_shows_the_holders_record(tmp_p
     path = tmp_path / "x.lock"
     held = acquire(path)
     try:
-        held.write("42 1.5\n")
-        assert probe(path) == "42 1.5\n"
+        record = f"{os.getpid()} 1.5\n"  # a live owner's record: busy at once
+        held.write(record)
+        assert probe(path) == record
         with pytest.raises(LockBusy) as err:
             acquire(path)
-        assert err.value.text == "42 1.5\n" and err.value.path == str(path)
+        assert err.value.text == record and err.value.path == str(path)
         with pytest.raises(LockBusy):
             acquire(path, wait=0.02)  # retried for a moment, then still busy
     finally:
