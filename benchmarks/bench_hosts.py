@@ -5,12 +5,14 @@ same 200 workers under one local supervisor.
 
 Measures, for each set-up: cold ready (supervisors launched -> every worker STARTED, as the
 parent's status shows), and through the control socket: ``stop``, ``start`` (ready again,
-fleet-wide) and ``graceful`` (each op until done, median of ``--rounds``), and ``status``
-latency (median of 20). Prints a table with the ratio hosts/local (target: <= 1.5), then
-the CPU time each role used over the whole run (supervisors; workers, with what they
-reaped), read just before the fleet stops. multibus's bytecode is compiled first
-(``compileall``), as an installed package has it: with PYTHONDONTWRITEBYTECODE set, every
-supervisor and worker would compile it from source at each start.
+fleet-wide) and ``graceful`` (each op until done, median of ``--rounds``; each on a fleet
+settled for SETTLE s after the one before: a host's log lines of the last op may still be on
+their way when its state is reported), and ``status`` latency (median of 20). Prints a
+table with the ratio hosts/local (target: <= 1.5), then the CPU time each role used over the
+whole run (supervisors; workers, with what they reaped), read just before the fleet stops.
+multibus's bytecode is compiled first (``compileall``), as an installed package has it: with
+PYTHONDONTWRITEBYTECODE set, every supervisor and worker would compile it from source at
+each start.
 Root only (network namespaces, see tests/netns.py).
 """
 
@@ -63,12 +65,18 @@ def op_time(name: str, action: str) -> float:
     return time.monotonic() - t0
 
 
+SETTLE = 0.5  # s between ops: each is timed on a fleet done with the one before (its logs)
+
+
 def measure(name: str, n: int, rounds: int) -> dict[str, float]:
     out: dict[str, list[float]] = {"stop": [], "start": [], "graceful": []}
     for _ in range(rounds):
+        time.sleep(SETTLE)
         out["stop"].append(op_time(name, "stop"))
+        time.sleep(SETTLE)
         out["start"].append(op_time(name, "start"))
         wait_started(name, n)
+        time.sleep(SETTLE)
         out["graceful"].append(op_time(name, "graceful"))
     client = ControlClient(name)
     lat = []

@@ -115,17 +115,20 @@ class Keeper:
 
     def changed(self, *slots: WorkerSlot) -> None:
         """Something changed (in ``slots``; none named: anything): wake the waiters, each
-        told what to look at again (:meth:`watch`), and publish the table on 'workers'."""
+        told what to look at again (:meth:`watch`), publish 'workers.changed' (no payload:
+        for whoever only needs to know, e.g. a host's report to its parent) and the table
+        on 'workers'."""
         with self.cond:
             for touched in self._watches:
                 touched.update(slots or (None,))
             self.cond.notify_all()
-            if not self.bus.listeners.get("workers"):
-                return  # nobody listens: a 50-row table per change is a fleet stop's main cost
-            rows = self.table()
-        try:
-            self.bus.publish("workers", rows)
-        except Exception:  # noqa: BLE001 - a bad 'workers' listener must not break us
+            rows = self.table() if self.bus.listeners.get("workers") else None
+        try:  # (a table per change, built for nobody, was a fleet stop's main cost)
+            if self.bus.listeners.get("workers.changed"):
+                self.bus.publish("workers.changed")
+            if rows is not None:
+                self.bus.publish("workers", rows)
+        except Exception:  # noqa: BLE001 - a bad listener must not break us
             pass
 
     @contextmanager

@@ -105,7 +105,7 @@ class Upstream:
         bus = self.bus
         bus.subscribe("start", self._first_started, 101)  # after the Supervisor's (75)
         bus.subscribe("stop", self._first_stopped, 1)  # the first start failed
-        bus.subscribe("workers", self._on_workers, 50)
+        bus.subscribe("workers.changed", self._on_workers, 50)
         bus.subscribe("log", self._on_log, 3)
         bus.subscribe("exit", self._on_exit, 20)  # after the Supervisor's: workers are gone
         self._held_at = time.monotonic()
@@ -278,8 +278,9 @@ class Upstream:
 
     def _on_workers(self, *args: Any) -> None:
         with self._lock:
-            self._changed = True
-            self._wake.notify_all()
+            if not self._changed:  # the reporter wakes once per report, not per change
+                self._changed = True
+                self._wake.notify_all()
 
     def _on_log(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
         if msg in SETTLED:  # this fleet got there: the parent hears it now, not REPORT_MIN on
