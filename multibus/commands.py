@@ -31,6 +31,7 @@ from multibus.actions import (
     _targets,
     state_of,
 )
+from multibus.controlclient import MAX_WAIT
 from multibus.names import valid_group, valid_host, valid_name
 from multibus.statustext import format_status
 from multibus.targets import (
@@ -49,7 +50,6 @@ __all__ = ["ACTIONS", "COMMANDS", "Action", "Command", "ControlError", "NotRunni
 PROG = "multibus"
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 MAX_FOLLOWERS = 64  # requests held at once: 'logs' waiting for records, 'op_status' for an end
-MAX_WAIT = 5.0  # the longest a request may ask to be held (s)
 LOG_REPLY_BYTES = 1 << 20  # a logs reply stops adding records past this
 
 Check = Callable[[Any], bool]
@@ -327,10 +327,11 @@ class OpStatus(Command):
         found = ctl.op(req["op"])
         if found is None:
             raise ControlError(f"no operation {req['op']} (finished long ago?)")
-        if found.ended.is_set() or req.get("wait", 0) <= 0 or not ctl.follow(
-                ident, req, MAX_FOLLOWERS):  # held: answered by later()
+        if found.ended.is_set() or req.get("wait", 0) <= 0:
             return {"ok": True, **found.as_dict()}
-        return None
+        if ctl.follow(ident, req, MAX_FOLLOWERS):
+            return None  # held: answered by later()
+        return {"ok": True, **found.as_dict()}  # too many held: the client polls
 
     def later(self, ctl: Any, req: dict[str, Any], final: bool) -> dict[str, Any] | None:
         found = ctl.op(req["op"])

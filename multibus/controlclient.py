@@ -18,15 +18,15 @@ import msgpack
 import zmq
 
 from multibus.actions import ControlError, NotRunning
-from multibus.commands import MAX_WAIT
 from multibus.logview import Record
 from multibus.rundir import control_path, running_supervisors
 from multibus.rundir import name_owner as _owner
 
-__all__ = ["MAX_REPLY", "PROTOCOL", "ControlClient", "resolve_name"]
+__all__ = ["MAX_REPLY", "MAX_WAIT", "PROTOCOL", "ControlClient", "resolve_name"]
 
 PROTOCOL = 1
 MAX_REPLY = 4 << 20
+MAX_WAIT = 5.0  # the longest a request ('logs', 'op_status') may ask to be held, in seconds
 
 
 def refuse_ext(code: int, data: bytes) -> Any:
@@ -141,8 +141,8 @@ class ControlClient:
             if time.monotonic() >= deadline:
                 raise ControlError(f"{reply['action']} is still {reply['state']} after "
                                    f"{timeout:g}s (it stays queued; check `multibus status`)")
-            if time.monotonic() - asked < min(wait, 0.05) or not wait:
-                time.sleep(0.05)  # answered without waiting: do not spin
+            if time.monotonic() - asked < wait or not wait:
+                time.sleep(0.05)  # answered without being held: do not spin
 
     def logs(self, since: int = 0, group: str | None = None, limit: int = 1000,
              wait: float = 0.0) -> tuple[list[Record], int]:

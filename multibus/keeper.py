@@ -124,8 +124,7 @@ class Keeper:
             self.cond.notify_all()
             rows = self.table() if self.bus.listeners.get("workers") else None
         try:  # (a table per change, built for nobody, was a fleet stop's main cost)
-            if self.bus.listeners.get("workers.changed"):
-                self.bus.publish("workers.changed")
+            self.bus.publish("workers.changed")
             if rows is not None:
                 self.bus.publish("workers", rows)
         except Exception:  # noqa: BLE001 - a bad listener must not break us
