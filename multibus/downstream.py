@@ -3,7 +3,9 @@
 The parent binds a hub-role :class:`~multibus.transport.Bridge` on ``listen`` (tcp, CURVE,
 a ZAP allow-list of the hosts' public keys, each bound to its host's name: a host can join
 only under its own) next to its local workers' hub; each child
-supervisor joins it as a peer named by its host (:mod:`multibus.upstream`). Fleet-wide
+supervisor joins it as a peer named by its host (:mod:`multibus.upstream`). Hosts hear only
+the parent: what one publishes is not relayed to the others (``relay=False``), and the
+parent takes a host's status reports and answers only from that host itself. Fleet-wide
 lifecycle is the bridge's desired state: the parent bus's ``start``, ``stop`` and ``exit``
 command every host (and every host that joins later) and wait until each connected host's
 link reports the state, i.e. until its fleet got there. ``graceful`` is a bridge command too
@@ -78,7 +80,7 @@ class Downstream:
         timeout = self.cfg.timeout
         self.bridge = Bridge(self.bus, role="hub", name=self.name, endpoints=self.cfg.listen,
                              channels=CHANNELS, curve=self.cfg.curve, heartbeat=timeout / 4,
-                             peer_timeout=timeout).subscribe()
+                             peer_timeout=timeout, relay=False).subscribe()
         for channel, cb, prio in (
             ("start", self._on_start, 80), ("stop", self._on_stop, 35),
             ("graceful", self._on_graceful, 50), ("exit", self._on_exit, 5),
@@ -139,8 +141,13 @@ class Downstream:
         if state is None:  # nobody waits for a graceful's end: say it now
             self.bus.log(f"downstream: graceful failed on {name}: {error}", 40)
 
+    def _from(self, name: str) -> bool:
+        """Whether the publish being delivered came from host ``name`` itself (a host may
+        report only its own status and answers)."""
+        return self.bridge is not None and self.bridge.origin() == name
+
     def _status(self, name: str, doc: Any = None, *args: Any) -> None:
-        if isinstance(doc, dict):
+        if isinstance(doc, dict) and self._from(name):
             with self._cond:
                 host = self._host(name, new=True)
                 if host is not None:
@@ -150,7 +157,7 @@ class Downstream:
     def _op_done(self, name: str, op_id: int, state: str, error: Any = None,
                  note: Any = None, *args: Any) -> None:
         with self._cond:
-            if self._asked.get(op_id) == name:
+            if self._asked.get(op_id) == name and self._from(name):
                 self._done[op_id] = (state, error, note)
                 self._cond.notify_all()
 

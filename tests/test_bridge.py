@@ -88,6 +88,40 @@ def test_mirror_both_ways_with_kwargs_no_echo(pair):
     assert hub.stats()["received"] == 2 and peer.stats()["received"] == 1
 
 
+@pytest.mark.parametrize("relay", [True, False])
+def test_relay_off_keeps_peers_publishes_on_the_hub_and_origin_names_the_sender(relay):
+    """A hub relays a peer's publishes to the other peers, unless made with relay=False
+    (a parent's hosts: they hear the parent only). Either way its own publishes reach every
+    peer, and a hub listener learns the sender from Bridge.origin()."""
+    hub_bus, bus1, bus2 = Bus(), Bus(), Bus()
+    seen_by_hub: list[tuple] = []
+    hub = Bridge(hub_bus, role="hub", name=unique("h"), channels=["order"], heartbeat=None,
+                 relay=relay)
+    hub_bus.subscribe("order", lambda *a: seen_by_hub.append((a, hub.origin())))
+    hub.subscribe()
+    rec2 = Recorder(bus2, "order")
+    peers = [Bridge(b, role="peer", name=n, endpoints=hub.endpoints, channels=["order"],
+                    heartbeat=None) for b, n in ((bus1, "w1"), (bus2, "w2"))]
+    try:
+        for p in peers:
+            p.subscribe()
+        assert wait_for(lambda: all(v["joined"] for v in hub.peers().values())
+                        and len(hub.peers()) == 2, what="both peers joined")
+        bus1.publish("order", "BUY", 1)
+        assert wait_for(lambda: seen_by_hub, what="the hub got w1's publish")
+        assert seen_by_hub == [(("BUY", 1), "w1")]
+        assert hub.origin() is None  # outside a delivery
+        # what the hub publishes now reaches w2 after anything relayed before it
+        hub_bus.publish("order", "MARK", 0)
+        assert wait_for(lambda: (("MARK", 0), {}) in rec2.of("order"), what="the hub's mark")
+        got = rec2.of("order")
+        assert got == ([(("BUY", 1), {}), (("MARK", 0), {})] if relay else [(("MARK", 0), {})])
+        assert hub.stats()["relayed"] == (1 if relay else 0)
+    finally:
+        for b in (bus1, bus2, hub_bus):
+            b.exit()
+
+
 def test_publish_of_unmirrorable_value_raises_in_publisher(pair):
     hub, _, _, _ = pair
     with pytest.raises(ChannelFailures, match="cannot mirror publish on 'order'"):

@@ -111,7 +111,7 @@ def test_dispatch_counts_listener_failures_but_not_system_exit():
     exiting = _Failing(SystemExit(3))
     try:
         bus.subscribe("order", _Failing(ValueError("listener bug")))
-        disp.put(("pub", [["order", False, [[1], [2]]]]))
+        disp.put(("pub", [["order", False, [[1], [2]]]], "w1"))
         assert wait_for(lambda: disp.done == 1)
         assert stats.snapshot()["dispatch_errors"] == 2
         assert stats.snapshot()["dispatched"] == 2
@@ -137,7 +137,7 @@ def test_dispatch_thread_bug_is_logged_with_traceback_every_time():
     disp = _dispatcher(bus, stats)
     try:
         for _ in range(5):
-            disp.put(("pub", [["order", False, None]]))  # not a list of entries: a bug here
+            disp.put(("pub", [["order", False, None]], "w1"))  # not a list of entries: a bug here
         assert wait_for(lambda: disp.done == 5)
     finally:
         disp.stop()

@@ -6,7 +6,8 @@ Two separate jobs:
 * **Mirroring.** A publish on a mirrored channel is delivered to that channel's listeners in
   every other connected process, in publish order per sender, never echoed to its origin: a
   peer's publishes go up to the hub, which dispatches them on its own bus and relays the same
-  frame down to every peer (peers drop frames of their own origin).
+  frame down to every peer (peers drop frames of their own origin). A hub made with
+  ``relay=False`` keeps the peers' publishes to itself: its peers hear only the hub.
 * **Lifecycle.** The hub commands a peer's bus to start, stop, graceful or exit; the peer
   reports each state change of its own bus and its 'log' records, which the hub re-publishes.
 
@@ -123,7 +124,9 @@ class Bridge:
     some thread of the caller's choosing, in call order (a worker passes ``bus.defer``: its
     main thread idles in ``block()`` anyway, and a thread less is quicker to start and exit).
     ``secret`` (peer): the secret whoever spawned this process gave it, proved in its hello
-    to a hub told to :meth:`expect` it.
+    to a hub told to :meth:`expect` it. ``relay`` (hub): False keeps each peer's publishes
+    on the hub (dispatched there, not relayed to the other peers), for peers that talk to
+    the hub alone: they neither read nor can publish to each other.
     """
 
     def __init__(
@@ -142,6 +145,7 @@ class Bridge:
         max_queue: int = 100_000,
         apply_via: Callable[[Callable[[], None]], None] | None = None,
         secret: str | None = None,
+        relay: bool = True,
     ) -> None:
         if role not in ("hub", "peer"):
             raise ValueError(f"Bridge role must be 'hub' or 'peer', not {role!r}")
@@ -183,6 +187,7 @@ class Bridge:
         self.max_message = int(max_message)
         self.send_timeout = float(send_timeout)
         self.max_queue = int(max_queue)
+        self.relay = bool(relay)
         self.secret = secret  # (peer) proves in its hello that it is the process spawned as name
         self.endpoints: Endpoints | None = (
             None if endpoints is None else Endpoints.parse(endpoints)
@@ -197,7 +202,7 @@ class Bridge:
         self._holding_logs = False
 
         # the parts (no thread runs before subscribe())
-        tls = ThreadState()
+        self._tls = tls = ThreadState()
         self._stats = stats = BridgeStats()
         self._dispatch = Dispatcher(bus, name, chans, tls, stats, wake_io=self._wake,
                                     apply_via=None if self._hub else apply_via)
@@ -382,6 +387,13 @@ class Bridge:
         done.acquire()
         self._io.call(session.command, action, names, done)
         return done.acquire(timeout=max(0.0, wait))
+
+    def origin(self) -> str | None:
+        """The process whose mirrored publish the calling thread is delivering now (a
+        listener called by this bridge's dispatch thread), else None: a listener that must
+        trust only a publish's sender checks it (the ZAP allow-list binds a peer's name to
+        its key, and the hub takes a frame only from its origin's connection)."""
+        return self._tls.origin
 
     def peers(self) -> dict[str, dict[str, Any]]:
         """(hub) name -> {'pid', 'state', 'desired', 'connected', 'joined', 'last_seen'}."""

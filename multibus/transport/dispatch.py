@@ -114,7 +114,7 @@ class Dispatcher:
             try:
                 kind = item[0]
                 if kind == "pub":
-                    self.deliver(item[1])
+                    self.deliver(item[1], item[2])
                 elif kind == "event":
                     self.publish_event(item[1], item[2])
                 elif kind == "logs":
@@ -160,14 +160,16 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - logged by the bus; counted
             self.stats.report("dispatch_errors")
 
-    def deliver(self, runs: list[list[Any]]) -> None:
-        """Publish received messages on the local bus. ``tls.remote`` tells our own mirror
-        listener not to send them back (a listener publishing on the *same* channel from in
-        here is therefore not mirrored either; other channels are)."""
+    def deliver(self, runs: list[list[Any]], origin: str) -> None:
+        """Publish received messages (of process ``origin``) on the local bus. ``tls.remote``
+        tells our own mirror listener not to send them back (a listener publishing on the
+        *same* channel from in here is therefore not mirrored either; other channels are);
+        ``tls.origin`` tells a listener who published (:meth:`Bridge.origin`)."""
         publish = self.bus.publish
         tls = self.tls
         mirrored = self.channels
         ignored = failed = total = 0
+        tls.origin = origin
         try:
             for ch, haskw, entries in runs:
                 total += len(entries)
@@ -188,7 +190,7 @@ class Dispatcher:
                         except Exception:  # noqa: BLE001 - logged by the bus; counted
                             failed += 1
         finally:
-            tls.remote = None
+            tls.remote = tls.origin = None
             report = self.stats.report
             report("dispatched", total - ignored)
             if ignored:

@@ -330,7 +330,10 @@ class HubSession:
             self.io.next_tick = now
 
     def relay_needed(self, origin: str) -> bool:
-        """Relay a peer's batch down unless the origin is the only peer connected."""
+        """Relay a peer's batch down unless relaying is off or the origin is the only peer
+        connected."""
+        if not self.cfg.relay:
+            return False
         with self.lock:
             for link in self.links.values():
                 if link.connected and link.name != origin:

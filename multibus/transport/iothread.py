@@ -420,7 +420,7 @@ class IOThread:
         if self._hub and self.session.relay_needed(origin):
             self.outbox.pending.append((frame, n))  # relay as is to the other peers
             st.relayed += n
-        self.dispatcher.put(("pub", runs))
+        self.dispatcher.put(("pub", runs, origin))
 
     def _recv_monitor(self, mon: zmq.Socket) -> None:
         label = self._monitors[mon]

@@ -37,6 +37,7 @@ class ThreadState(threading.local):
     """Per-thread state shared by the mirror listeners and the dispatch thread."""
 
     remote: str | None = None  # channel this thread is dispatching from the wire (no echo)
+    origin: str | None = None  # ... and the process that published it
     packer: msgpack.Packer | None = None
 
 
