@@ -200,6 +200,8 @@ class Outbox:
             if now - self._last_batch < STREAM_GAP:
                 self.streaming_until = now + STREAM_GAP
             self._last_batch = now
+        elif self.streaming_until:
+            self.streaming_until = 0.0  # a poll found nothing new: the stream paused
         pending = self.pending
         if not pending:
             return
