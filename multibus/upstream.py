@@ -11,9 +11,11 @@ graceful that failed here is reported to the parent (the bridge's ``failed``). T
 ``scale`` and ``reload`` come as requests on the mirrored ``hosts.op`` channel and are
 answered on ``hosts.done``.
 
-Upstream this host sends its status (on the ``hosts.status`` channel: at each change of its
-state table, at most 10 times a second, at once when its fleet got STARTED or STOPPED, and
-every ``REPORT_EVERY`` s) and its log records
+Upstream this host sends its status (on the ``hosts.status`` channel: ``REPORT_MIN`` s after
+a change of its state table, gathering the changes that follow; at once when it joined,
+when its fleet got STARTED or STOPPED and when it answered a request; and every
+``REPORT_EVERY`` s) and its log records, in batches ``LOG_BATCH`` s apart (a fleet's start or
+stop logs a few lines per worker: sent one by one, each woke the link's I/O thread)
 (at most ``LOG_RATE`` a second while joined, none while the parent is lost: the excess is
 dropped and counted, and the count said once the link is back), so its backlog is bounded.
 
@@ -27,6 +29,7 @@ returning child converges to the parent's desired state.
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -42,8 +45,9 @@ __all__ = ["CHANNELS", "LOG_RATE", "REPORT_EVERY", "Upstream"]
 #: The mirrored channels between a parent and its hosts (see multibus.downstream).
 CHANNELS = ("hosts.status", "hosts.op", "hosts.done")
 REPORT_EVERY = 2.0  # seconds between status reports when nothing changes
-REPORT_MIN = 0.1  # ... and at least this long between two
+REPORT_MIN = 0.1  # ... and this long after a change (and after the last report) at the soonest
 LOG_RATE = 5000  # log records forwarded per second at most
+LOG_BATCH = 0.02  # s from a log record to its batch going up
 OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
 SETTLED = ("Bus STARTED", "Bus STOPPED")  # the bus's lines once it is in that state
 # seconds the link is held STARTING at most before it joins again (the bridge's applier
@@ -87,11 +91,14 @@ class Upstream:
         self._wake = threading.Condition(self._lock)
         self._lost_at: float | None = None  # policy due at this monotonic time
         self._changed = True
-        self._urgent = False  # report now: the fleet just got STARTED or STOPPED
+        self._changed_at = 0.0  # when _changed was set
+        self._urgent = False  # report now: joined, fleet STARTED or STOPPED, request answered
         self._held_at = 0.0  # when the link opened, held STARTING (the first start)
         self._closing = False
         self._gone = threading.Event()  # this fleet's workers have all exited
         self._window = (0.0, 0)  # (second, records forwarded in it)
+        self._logs: collections.deque[tuple[Any, Any]] = collections.deque()  # to send up
+        self._logs_due = 0.0  # when the oldest of them goes up
         self._thread: threading.Thread | None = None
 
     # -- plugin -----------------------------------------------------------------------
@@ -143,9 +150,9 @@ class Upstream:
         with self._lock:
             self._closing = True
             self._wake.notify_all()
-        self._close_link()
         if self._thread is not None:
-            self._thread.join(5)
+            self._thread.join(5)  # it sends the last log records up
+        self._close_link()
 
     # -- the link ---------------------------------------------------------------------
 
@@ -184,7 +191,7 @@ class Upstream:
         with self._lock:
             self.joined = self._ever_joined = True
             self._lost_at = None
-            self._changed = True
+            self._changed = self._urgent = True
             dropped, self.dropped_logs = self.dropped_logs, 0
             self._wake.notify_all()
         self.bus.log(f"upstream: joined {parent or 'the parent'} at {self.cfg.address} as "
@@ -269,9 +276,9 @@ class Upstream:
             state, error, note = op.state, op.error, op.note
         except Exception as e:  # noqa: BLE001 - a refusal (queue full): said upstream
             state, error, note = "failed", str(e), None
+        self._report_now()
         lb = self.link_bus
         if lb is not None:
-            self._changed = True
             lb.publish("hosts.done", self.host, op_id, state, error, note)
 
     # -- upstream: status and logs ------------------------------------------------------
@@ -279,14 +286,17 @@ class Upstream:
     def _on_workers(self, *args: Any) -> None:
         with self._lock:
             if not self._changed:  # the reporter wakes once per report, not per change
-                self._changed = True
+                self._changed, self._changed_at = True, time.monotonic()
                 self._wake.notify_all()
+
+    def _report_now(self) -> None:
+        with self._lock:
+            self._changed = self._urgent = True
+            self._wake.notify_all()
 
     def _on_log(self, msg: Any = "", level: Any = 20, *args: Any) -> None:
         if msg in SETTLED:  # this fleet got there: the parent hears it now, not REPORT_MIN on
-            with self._lock:
-                self._changed = self._urgent = True
-                self._wake.notify_all()
+            self._report_now()
         lb = self.link_bus
         if lb is None or not self.joined:
             self.dropped_logs += self._ever_joined  # before the first join: not news
@@ -299,7 +309,20 @@ class Upstream:
             self.dropped_logs += 1
             return
         self._window = (start, n + 1)
-        lb.publish("log", msg, level)  # the link's bridge sends its 'log' records up
+        with self._lock:
+            self._logs.append((msg, level))
+            if len(self._logs) == 1:  # a batch begins: the reporter sends it LOG_BATCH on
+                self._logs_due = time.monotonic() + LOG_BATCH
+                self._wake.notify_all()
+
+    def _send_logs(self) -> None:
+        """(upstream thread) Send the queued log records up, on the link bus's 'log' (its
+        bridge forwards them)."""
+        logs, lb = self._logs, self.link_bus
+        while logs:
+            msg, level = logs.popleft()
+            if lb is not None:
+                lb.publish("log", msg, level)
 
     def status(self) -> dict[str, Any]:
         """What the parent shows of this host: this supervisor's status document, without
@@ -317,25 +340,32 @@ class Upstream:
             with self._lock:
                 now = time.monotonic()
                 due = [last + REPORT_EVERY]
+                soonest = max(last, self._changed_at) + REPORT_MIN
                 if self._urgent:
                     due.append(now)
                 elif self._changed:
-                    due.append(last + REPORT_MIN)
+                    due.append(soonest)
                 if self._lost_at is not None:
                     due.append(self._lost_at)
+                if self._logs:
+                    due.append(self._logs_due)
                 wait = min(due) - now
                 if wait > 0 and not self._closing:
                     self._wake.wait(wait)
                 if self._closing:
-                    return
+                    break
                 now = time.monotonic()
+                soonest = max(last, self._changed_at) + REPORT_MIN  # woken by a change
                 policy = self._lost_at is not None and now >= self._lost_at
                 if policy:
                     self._lost_at = None
                 report = self.joined and (now >= last + REPORT_EVERY or self._urgent or (
-                    self._changed and now >= last + REPORT_MIN))
+                    self._changed and now >= soonest))
                 if report:
                     self._urgent = False
+                send = bool(self._logs) and now >= self._logs_due
+            if send:
+                self._send_logs()
             if policy:
                 self._apply_policy()
             if report:
@@ -349,3 +379,4 @@ class Upstream:
                     self.bus.log(f"upstream: status report failed: {e}", 30)
             elif not self.joined:
                 last = now
+        self._send_logs()  # closing: the last records go up before the link closes
