@@ -47,7 +47,7 @@ CHANNELS = ("hosts.status", "hosts.op", "hosts.done")
 REPORT_EVERY = 2.0  # seconds between status reports when nothing changes
 REPORT_MIN = 0.1  # ... and this long after a change (and after the last report) at the soonest
 LOG_RATE = 5000  # log records forwarded per second at most
-LOG_BATCH = 0.02  # s from a log record to its batch going up
+LOG_BATCH = 0.05  # s from a log record to its batch going up
 OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
 SETTLED = ("Bus STARTED", "Bus STOPPED")  # the bus's lines once it is in that state
 # seconds the link is held STARTING at most before it joins again (the bridge's applier
