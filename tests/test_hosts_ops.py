@@ -83,6 +83,38 @@ def test_a_graceful_that_failed_on_a_host_is_logged():
     assert len(said) == 1
 
 
+def test_a_host_may_report_only_its_own_status_and_answers():
+    """The parent takes a host's 'hosts.status' and 'hosts.done' only from that host's own
+    connection (Bridge.origin()); one host cannot pass off another's status or end a
+    request made of another."""
+
+    class Bridge:
+        sender: str | None = None
+
+        def origin(self) -> str | None:
+            return self.sender
+
+        def peers(self) -> dict:
+            return {"host-a": {}, "host-b": {}}
+
+    hosts = Downstream(Bus(), cfg=None, name="par")
+    hosts.bridge = bridge = Bridge()  # type: ignore[assignment]
+    doc = {"state": "STARTED", "groups": [], "workers": []}
+    bridge.sender = "host-a"
+    hosts._status("host-b", doc)  # host-a posing as host-b
+    assert "host-b" not in hosts.hosts
+    bridge.sender = "host-b"
+    hosts._status("host-b", doc)
+    assert hosts.hosts["host-b"].doc == doc
+    hosts._asked[7] = "host-b"
+    bridge.sender = "host-a"
+    hosts._op_done("host-b", 7, "done")
+    assert 7 not in hosts._done
+    bridge.sender = "host-b"
+    hosts._op_done("host-b", 7, "done")
+    assert hosts._done[7] == ("done", None, None)
+
+
 @pytest.mark.timeout(150)
 def test_reload_and_signal_reach_the_named_hosts_workers_only(tmp_path):
     name, parent, (h0, h1), files, join = children(tmp_path, 2, 2)
