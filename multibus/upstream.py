@@ -14,10 +14,11 @@ answered on ``hosts.done``.
 Upstream this host sends its status (on the ``hosts.status`` channel: ``REPORT_MIN`` s after
 a change of its state table, gathering the changes that follow; at once when it joined,
 when its fleet got STARTED or STOPPED and when it answered a request; and every
-``REPORT_EVERY`` s) and its log records, in batches ``LOG_BATCH`` s apart (a fleet's start or
-stop logs a few lines per worker: sent one by one, each woke the link's I/O thread)
-(at most ``LOG_RATE`` a second while joined, none while the parent is lost: the excess is
-dropped and counted, and the count said once the link is back), so its backlog is bounded.
+``REPORT_EVERY`` s) and its log records: at most ``LOG_RATE`` a second while joined, none
+while the parent is lost (the excess is dropped and counted, and the count said once the
+link is back), so its backlog is bounded. They go up from the reporter thread in batches,
+``LOG_BATCH`` s after the first of each: a fleet's start or stop logs a few lines per worker,
+and sent one by one each line woke the link's I/O thread.
 
 Partitions: the bridge publishes ``hub.lost`` after ``timeout`` seconds of silence (or at
 once on a disconnect, which is then given ``timeout`` to heal). ``on_upstream_lost="stop"``
@@ -47,7 +48,7 @@ CHANNELS = ("hosts.status", "hosts.op", "hosts.done")
 REPORT_EVERY = 2.0  # seconds between status reports when nothing changes
 REPORT_MIN = 0.1  # ... and this long after a change (and after the last report) at the soonest
 LOG_RATE = 5000  # log records forwarded per second at most
-LOG_BATCH = 0.05  # s from a log record to its batch going up
+LOG_BATCH = 0.05  # s from the first log record of a batch to its sending
 OP_TIMEOUT = 600.0  # seconds a commanded operation may take here
 SETTLED = ("Bus STARTED", "Bus STOPPED")  # the bus's lines once it is in that state
 # seconds the link is held STARTING at most before it joins again (the bridge's applier
