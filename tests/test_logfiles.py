@@ -111,6 +111,8 @@ def test_sigusr1_reopens_the_files_after_logrotate_moved_them(tmp_path):
         assert mb("graceful", "--name", name).returncode == 0
         wait_for(lambda: has(tmp_path / "fleet.log.old", "supervisor | Bus graceful"), 10,
                  "records still going to the moved file before the signal")
+        wait_for(lambda: has(tmp_path / "w.log.old", "w.0  | Bus graceful"), 10,
+                 "the worker's record in its moved file before the signal")
         assert not fleet_log.exists()
         proc.send_signal(signal.SIGUSR1)  # kill -USR1 $(cat fleet.pid)
         wait_for(lambda: has(fleet_log, "log files reopened"), 10, "a new fleet.log")
