@@ -14,6 +14,12 @@ whole run (supervisors; workers, with what they reaped), read just before the fl
 multibus's bytecode is compiled first (``compileall``), as an installed package has it: with
 PYTHONDONTWRITEBYTECODE set, every supervisor and worker would compile it from source at
 each start.
+
+The namespaces share this machine's CPUs. Each host's own start-up (a supervisor and a
+zygote interpreter, their imports, its CURVE link) is paid on the same CPUs, where separate
+hosts would pay it in parallel. Cold ready is CPU-bound (every CPU busy from launch to
+ready), so with more hosts than CPUs the ratio measures that sharing as much as the fleet
+layer; ``--hosts N --workers 200/N`` with N CPUs gives each host a CPU of its own.
 Root only (network namespaces, see tests/netns.py).
 """
 
@@ -231,6 +237,10 @@ def main() -> int:
           f"workers {hi['cpu_workers']:.2f}")
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"load average at the end: {' '.join(load)} (on {os.cpu_count()} CPUs)")
+    cpus = os.cpu_count() or 1
+    if args.hosts > cpus:
+        print(f"{args.hosts} hosts share {cpus} CPUs: each host's start-up runs on the same "
+              f"CPUs (--hosts {cpus} --workers {n // cpus}: one CPU per host)")
     return 0
 
 
