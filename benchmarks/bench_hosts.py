@@ -205,6 +205,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7, help="of each op, on the last launch")
     ap.add_argument("--launches", type=int, default=3, help="cold starts of each set-up")
     args = ap.parse_args()
+    for opt in ("hosts", "workers", "rounds", "launches"):
+        if getattr(args, opt) < 1:
+            ap.error(f"--{opt} must be at least 1")
     why = skip_reason()
     if why:
         print(f"bench_hosts: {why}", file=sys.stderr)
