@@ -15,6 +15,7 @@ from multibus.transport.bridge import Bridge
 
 BIG = 60_000  # bytes per message: with max_message 64 KiB, one message per frame
 SMALL_FRAMES = 65_536
+WINDOW = 200  # messages (12 MB) a publisher runs ahead of a reading peer, at most
 
 
 @pytest.fixture
@@ -47,9 +48,15 @@ def hub():
         bus.exit()
 
 
-def publish(bus: Bus, n: int, start: int = 0) -> None:
+def publish(bus: Bus, n: int, start: int = 0, keep_up: Bus | None = None) -> None:
+    """Publish ``n`` BIG messages; with ``keep_up`` (a peer's bus), never more than WINDOW
+    ahead of what it got: a burst of over QUEUE_BYTES makes even a reading peer slow when
+    the machine is busy (by design), and this test is about the peers that do not read."""
     data = b"x" * BIG
+    got = None if keep_up is None else keep_up.got  # type: ignore[attr-defined]
     for i in range(start, start + n):
+        if got is not None and i - len(got) > WINDOW:
+            assert wait_for(lambda i=i: i - len(got) <= WINDOW, 20), len(got)
         bus.publish("order", i, data)
 
 
@@ -60,7 +67,7 @@ def test_a_peer_that_never_reads_blocks_nobody(hub):
     healthy = hub.peer("healthy")
     hub.peer("stuck", lambda i, data: release.wait(30))  # its dispatch thread never returns
     try:
-        publish(hub.bus, 2000)  # 120 MB: far more than the stuck peer's pipes hold
+        publish(hub.bus, 2000, keep_up=healthy)  # 120 MB: far more than the stuck one holds
         assert wait_for(lambda: len(healthy.got) == 2000, 20), len(healthy.got)
         assert healthy.got == list(range(2000))
         assert wait_for(lambda: slow, 10)
@@ -72,10 +79,27 @@ def test_a_peer_that_never_reads_blocks_nobody(hub):
         # commands and new joins do not wait behind it either
         assert hub.command("stop", ["healthy", "stuck"], wait=2)
         late = hub.peer("late")
-        publish(hub.bus, 100, start=2000)
+        publish(hub.bus, 100, start=2000, keep_up=healthy)
         assert wait_for(lambda: len(late.got) == 100 and len(healthy.got) == 2100, 10)
     finally:
         release.set()
+
+
+@pytest.mark.timeout(60)
+def test_frames_queued_for_a_peer_when_the_stream_ends_still_reach_it(hub):
+    """An idle hub (no heartbeat) still retries a peer's queue: the retry timer used to be
+    overwritten by the next tick, so what waited when the publisher stopped stayed queued."""
+    gate = threading.Event()
+    lagging = hub.peer("lagging", lambda i, data: gate.wait(30) and lagging.got.append(i))
+    try:
+        publish(hub.bus, 400)  # 24 MB: more than its pipes hold, less than QUEUE_BYTES
+        # the stream is over once the I/O thread sleeps (polls with a timeout, not every 1 ms)
+        assert wait_for(lambda: hub.peers()["lagging"]["queued"] and hub._io.sleeping, 10)
+        gate.set()
+        assert wait_for(lambda: len(lagging.got) == 400, 10), (len(lagging.got), hub.peers())
+        assert lagging.got == list(range(400)) and not hub.peers()["lagging"]["dropped"]
+    finally:
+        gate.set()
 
 
 @pytest.mark.timeout(60)
@@ -113,8 +137,8 @@ def test_strangers_on_the_down_endpoint_stall_nothing(hub):
             s.connect(hub.endpoints.down)
             socks.append(s)
         healthy = hub.peer("healthy")
-        publish(hub.bus, 1000)
-        assert wait_for(lambda: len(healthy.got) == 1000, 20), len(healthy.got)
+        publish(hub.bus, 1000, keep_up=healthy)
+        assert wait_for(lambda: len(healthy.got) == 1000, 20), (len(healthy.got), hub.peers())
         late = hub.peer("late")  # its sync probe is not stuck behind anyone
         publish(hub.bus, 10, start=1000)
         assert wait_for(lambda: len(late.got) == 10, 10)

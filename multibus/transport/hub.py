@@ -536,8 +536,9 @@ class HubSession:
     # ---------------------------------------------------------------- timers
 
     def tick(self, now: float) -> None:
-        """Heartbeats, timeouts, command resends, sync probes, disconnect probes. With
-        ``heartbeat=None`` only what is pending sets a timer: an idle hub sleeps."""
+        """Heartbeats, timeouts, command resends, sync probes, disconnect probes, and the
+        retry of a peer's blocked queue (:class:`Fanout`). With ``heartbeat=None`` only what
+        is pending sets a timer: an idle hub sleeps."""
         io = self.io
         hb_ivl = self.cfg.heartbeat
         if hb_ivl is None:
@@ -589,4 +590,7 @@ class HubSession:
                 self._sync(link)
         if syncing:
             next_tick = min(next_tick, now + SYNC_INTERVAL)
+        fanout = self.fanout
+        if fanout is not None and fanout.blocked:  # a queue's retry (before_flush set it)
+            next_tick = min(next_tick, fanout.next_retry)
         io.next_tick = min(next_tick, self._next_hb)
