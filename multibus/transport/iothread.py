@@ -167,7 +167,9 @@ class IOThread:
         self.internal_error(f"I/O thread error in {func!r}: {type(exc).__name__}: {exc}")
 
     def timer_at(self, t: float) -> None:
-        """Make sure the loop looks at the timers (``session.tick``) by ``t``."""
+        """Make sure the loop looks at the timers (``session.tick``) by ``t``. The tick then
+        sets ``next_tick`` afresh from what is pending: a timer set here must be one that the
+        session's ``tick`` counts too, or it is forgotten after one tick."""
         if t < self.next_tick:
             self.next_tick = t
 
